@@ -1,0 +1,374 @@
+"""The training-time reader: pre-packed MDS sequences -> fixed-shape varlen chunks -> training steps.
+
+Streaming (one or several streams) yields packed sequences; `collate_chunk` joins `microbatch_seqs`
+of them into one chunk of `microbatch_seqs * max_seq_len` tokens; `StepBatcher` stacks `k` chunks
+per step (batch-size warmup) and resumes exactly through Streaming's own sample-count resumption.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from streaming import Stream, StreamingDataset
+from streaming.base.world import World
+from torch.utils.data import DataLoader
+
+from modernbert_train.data.masking import IGNORE_INDEX, MaskingConfig, MLMMasker
+
+log = logging.getLogger(__name__)
+
+try:  # schema.py is the writer/reader contract; these literals are its documented column names.
+    from modernbert_train.data.schema import DOC_IDS_COLUMN, DOC_LENS_COLUMN, INPUT_IDS_COLUMN
+except ImportError:  # pragma: no cover - only while schema.py is being written
+    INPUT_IDS_COLUMN, DOC_LENS_COLUMN, DOC_IDS_COLUMN = "input_ids", "doc_lens", "doc_ids"
+
+MIN_DOC_TOKENS = 2  # every document piece is at least [CLS][SEP]
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    local: str
+    remote: str | None = None
+    proportion: float | None = None  # relative weight when mixing streams; None = natural size
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    streams: tuple[StreamConfig, ...]
+    split: str | None
+    max_seq_len: int
+    microbatch_seqs: int  # packed sequences per chunk (one chunk = one microbatch)
+    mask_rate: float
+    seed: int  # shuffle seed and masking seed
+    shuffle: bool = True
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    predownload: int | None = None
+    shuffle_algo: str = "py1e"
+    shuffle_block_size: int | None = None
+    num_canonical_nodes: int | None = None
+    download_timeout_s: float = 60
+    persistent_workers: bool = False
+
+
+class SpecialTokenIds(Protocol):
+    """What the loader needs from `tokenizer.SpecialIds`."""
+
+    cls: int
+    sep: int
+    mask: int
+    pad: int
+
+
+def max_docs_per_chunk(*, max_seq_len: int, microbatch_seqs: int) -> int:
+    """Fixed document capacity of a chunk: the most documents that can ever occur, plus the pad tail.
+
+    A document piece is at least MIN_DOC_TOKENS long, so a packed sequence holds at most
+    max_seq_len // 2 of them. The bound is guaranteed rather than tuned, so no chunk can overflow
+    and `cu_seqlens` has one shape for the whole run (compiled graphs never recompile).
+    """
+    return microbatch_seqs * (max_seq_len // MIN_DOC_TOKENS) + 1
+
+
+class PackedSequenceDataset(StreamingDataset):
+    """StreamingDataset of packed sequences; each sample also carries its global `sample_idx`
+    and the `epoch` being iterated (the masking key), and its token ids are checked against the vocab.
+    """
+
+    def __init__(self, *, vocab_size: int, **kwargs: Any) -> None:
+        try:
+            super().__init__(**kwargs)
+        except RuntimeError as err:
+            if "no samples" in str(err):
+                raise ValueError(f"empty stream, nothing to train on: {err}") from err
+            raise
+        self.vocab_size = int(vocab_size)
+        self._iter_epoch: int | None = None  # set in each worker when its iteration starts
+
+    def _resume_incr_epoch(self) -> tuple[int, int]:
+        # The one place where a worker learns which epoch it iterates; recorded here because the
+        # shared next_epoch counter is only updated by the local leader, after a barrier (racy).
+        epoch, sample_in_epoch = super()._resume_incr_epoch()
+        self._iter_epoch = epoch
+        return epoch, sample_in_epoch
+
+    def _describe_sample(self, idx: int) -> str:
+        shard_id, shard_sample_id = self.spanner[idx]
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        shard = self.shards[shard_id]
+        shard_name = shard.file_pairs[0][0].basename if shard.file_pairs else f"#{shard_id}"
+        return (f"sample {idx} (row {shard_sample_id} of shard {shard_name}, stream "
+                f"remote={stream.remote!r} local={stream.local!r})")
+
+    def get_item(self, idx: int, retry: int = 7) -> dict[str, Any]:
+        sample = super().get_item(idx, retry)
+        input_ids = sample[INPUT_IDS_COLUMN]
+        if input_ids.size and int(input_ids.max()) >= self.vocab_size:
+            raise ValueError(
+                f"token id {int(input_ids.max())} >= vocab_size {self.vocab_size} in "
+                f"{self._describe_sample(idx)}: shards and tokenizer do not match"
+            )
+        return {**sample, "sample_idx": idx, "epoch": self._iter_epoch}
+
+
+def collate_chunk(
+    samples: Sequence[dict[str, Any]],
+    *,
+    max_seq_len: int,
+    microbatch_seqs: int,
+    pad_id: int,
+    masker: MLMMasker,
+    epoch: int,
+) -> dict[str, Any]:
+    """Join up to `microbatch_seqs` packed sequences into one varlen chunk (DESIGN.md layout).
+
+    Each sequence is masked on its own with key (epoch, sample_idx), so the mask is the same in
+    any worker, process or resumed run. Extra field `doc_ids` (int64, (D_max,), -1 padded) gives
+    provenance of each document in `cu_seqlens` order.
+    """
+    if not 1 <= len(samples) <= microbatch_seqs:
+        raise ValueError(f"a chunk takes 1..{microbatch_seqs} sequences, got {len(samples)}")
+    chunk_tokens = microbatch_seqs * max_seq_len
+    max_docs = max_docs_per_chunk(max_seq_len=max_seq_len, microbatch_seqs=microbatch_seqs)
+
+    input_ids = np.full(chunk_tokens, pad_id, dtype=np.int64)
+    labels = np.full(chunk_tokens, IGNORE_INDEX, dtype=np.int64)
+    sample_idx = np.empty(len(samples), dtype=np.int64)
+    doc_lens_parts, doc_ids_parts = [], []
+    offset = 0
+    for i, sample in enumerate(samples):
+        ids = sample[INPUT_IDS_COLUMN]
+        lens = sample[DOC_LENS_COLUMN]
+        sample_idx[i] = sample["sample_idx"]
+        n = ids.shape[0]
+        if n > max_seq_len or int(lens.sum()) != n or (lens.size and int(lens.min()) < MIN_DOC_TOKENS):
+            raise ValueError(
+                f"malformed packed sequence (sample_idx {sample_idx[i]}): {n} tokens "
+                f"(max_seq_len {max_seq_len}), doc_lens sum {int(lens.sum())}, "
+                f"shortest document {int(lens.min()) if lens.size else None} (min {MIN_DOC_TOKENS})"
+            )
+        input_ids[offset:offset + n], labels[offset:offset + n] = masker(ids, (epoch, int(sample_idx[i])))
+        doc_lens_parts.append(lens)
+        doc_ids_parts.append(sample[DOC_IDS_COLUMN])
+        offset += n
+
+    doc_lens = np.concatenate(doc_lens_parts).astype(np.int64)
+    doc_ids = np.full(max_docs, -1, dtype=np.int64)
+    doc_ids[:doc_lens.size] = np.concatenate(doc_ids_parts)
+    if offset < chunk_tokens:  # the pad tail is its own document so no real token attends to it
+        doc_lens = np.append(doc_lens, chunk_tokens - offset)
+    starts = np.zeros(doc_lens.size + 1, dtype=np.int64)
+    np.cumsum(doc_lens, out=starts[1:])
+    cu_seqlens = np.full(max_docs + 1, chunk_tokens, dtype=np.int32)  # repeated last = empty docs
+    cu_seqlens[:starts.size] = starts
+    position_ids = np.arange(chunk_tokens, dtype=np.int64) - np.repeat(starts[:-1], doc_lens)
+
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "cu_seqlens": torch.from_numpy(cu_seqlens),
+        "position_ids": torch.from_numpy(position_ids),
+        "max_seqlen": max_seq_len,
+        "num_tokens": torch.tensor(offset, dtype=torch.int64),
+        "sample_idx": torch.from_numpy(sample_idx),
+        "doc_ids": torch.from_numpy(doc_ids),
+    }
+
+
+@dataclass(frozen=True)
+class ChunkCollator:
+    """DataLoader collate_fn: the masking epoch comes from the samples (the worker's Streaming epoch)."""
+
+    max_seq_len: int
+    microbatch_seqs: int
+    pad_id: int
+    masker: MLMMasker
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        epoch = samples[0]["epoch"]
+        if epoch is None:
+            raise RuntimeError("samples carry no epoch: iterate PackedSequenceDataset, not index it")
+        return collate_chunk(samples, max_seq_len=self.max_seq_len, microbatch_seqs=self.microbatch_seqs,
+                             pad_id=self.pad_id, masker=self.masker, epoch=epoch)
+
+
+def build_packed_dataset(cfg: LoaderConfig, *, vocab_size: int) -> PackedSequenceDataset:
+    if not cfg.streams:
+        raise ValueError("LoaderConfig.streams is empty: give at least one stream")
+    streams = [
+        Stream(local=s.local, remote=s.remote, split=cfg.split, proportion=s.proportion,
+               download_timeout=cfg.download_timeout_s)
+        for s in cfg.streams
+    ]
+    return PackedSequenceDataset(
+        vocab_size=vocab_size,
+        streams=streams,
+        # Streaming partitions work per (rank, worker, batch): the same batch_size as the
+        # DataLoader keeps that partition, and therefore resumption, deterministic.
+        batch_size=cfg.microbatch_seqs,
+        shuffle=cfg.shuffle,
+        shuffle_seed=cfg.seed,
+        shuffle_algo=cfg.shuffle_algo,
+        shuffle_block_size=cfg.shuffle_block_size,
+        num_canonical_nodes=cfg.num_canonical_nodes,
+        predownload=cfg.predownload,
+        download_timeout=cfg.download_timeout_s,
+    )
+
+
+def build_chunk_dataloader(
+    cfg: LoaderConfig,
+    *,
+    special: SpecialTokenIds,
+    special_ids: Sequence[int],
+    vocab_size: int,
+) -> DataLoader:
+    """A DataLoader whose every item is one chunk (see `collate_chunk`) of `cfg.microbatch_seqs` sequences.
+
+    `vocab_size` is the tokenizer's real size (not the padded embedding size): ids at or above it
+    are rejected, and random replacement ids are drawn below it.
+    """
+    dataset = build_packed_dataset(cfg, vocab_size=vocab_size)
+    masker = MLMMasker(MaskingConfig(mask_rate=cfg.mask_rate), mask_id=special.mask,
+                       special_ids=special_ids, vocab_size=vocab_size, pad_id=special.pad, seed=cfg.seed)
+    collate = ChunkCollator(max_seq_len=cfg.max_seq_len, microbatch_seqs=cfg.microbatch_seqs,
+                            pad_id=special.pad, masker=masker)
+    workers = cfg.num_workers > 0
+    return DataLoader(
+        dataset,
+        batch_size=cfg.microbatch_seqs,
+        collate_fn=collate,
+        drop_last=True,  # a chunk always holds exactly microbatch_seqs sequences: exact sample counts
+        num_workers=cfg.num_workers,
+        prefetch_factor=cfg.prefetch_factor if workers else None,
+        persistent_workers=cfg.persistent_workers and workers,
+        # A hung download or worker becomes an error instead of a silent stall. Twice Streaming's own
+        # per-shard timeout, so Streaming's more specific error (naming the shard) wins when it fires.
+        timeout=2 * cfg.download_timeout_s if workers else 0,
+    )
+
+
+def num_samples_in_batch(batch: dict[str, Any]) -> int:
+    """Packed sequences in a step batch (k, ...) or in one chunk."""
+    return int(batch["sample_idx"].numel())
+
+
+def num_tokens_in_batch(batch: dict[str, Any]) -> int:
+    """Real (non-pad) tokens in a step batch or chunk."""
+    return int(batch["num_tokens"].sum())
+
+
+def split_batch(batch: dict[str, Any], microbatch_size: int) -> list[dict[str, Any]]:
+    """Split a step batch (k stacked chunks) into k one-chunk microbatches with the chunk layout.
+
+    The chunk is the only microbatch shape of the packed layout, so `microbatch_size` (Composer's
+    device_train_microbatch_size, counted in samples like `num_samples_in_batch`) must equal the
+    sequences per chunk.
+    """
+    if batch["input_ids"].ndim == 1:
+        return [batch]
+    samples_per_chunk = batch["sample_idx"].shape[-1]
+    if microbatch_size != samples_per_chunk:
+        raise ValueError(f"microbatch_size must be the {samples_per_chunk} sequences of one chunk "
+                         f"(set device_train_microbatch_size to microbatch_seqs), got {microbatch_size}")
+    k = batch["input_ids"].shape[0]
+    return [{key: (value if isinstance(value, int) else value[i]) for key, value in batch.items()}
+            for i in range(k)]
+
+
+@dataclass(frozen=True)
+class StepBatcherState:
+    epoch: int
+    samples_in_epoch: int  # global (all ranks) samples consumed in `epoch`
+    samples_seen: int  # global samples consumed since the start of training (batch warmup input)
+
+
+class StepBatcher:
+    """Iterates training steps forever; each step stacks k = chunks_per_step(samples_seen) chunks.
+
+    Counters advance only for chunks the trainer actually received, so `state_dict` is exact with
+    any number of workers and any prefetch: resumption hands Streaming the global sample count of
+    the current epoch and Streaming drops exactly those samples on every rank.
+    """
+
+    def __init__(self, loader: DataLoader, *, chunks_per_step: Callable[[int], int],
+                 world_size: int | None = None, stream_names: Sequence[str] = ()) -> None:
+        if not isinstance(loader.dataset, PackedSequenceDataset) or loader.batch_size is None:
+            raise TypeError("StepBatcher needs a DataLoader from build_chunk_dataloader")
+        self.loader = loader
+        self.dataset: PackedSequenceDataset = loader.dataset
+        self.chunks_per_step = chunks_per_step
+        self.microbatch_seqs = int(loader.batch_size)
+        self.world_size = World.detect().num_ranks if world_size is None else world_size
+        self.stream_names = list(stream_names) or [
+            s.remote or s.local for s in self.dataset.streams
+        ]
+        self.state = StepBatcherState(epoch=0, samples_in_epoch=0, samples_seen=0)
+        self._iterator: Iterator[dict[str, Any]] | None = None
+
+    def __iter__(self) -> StepBatcher:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        k = int(self.chunks_per_step(self.state.samples_seen))
+        if k < 1:
+            raise ValueError(f"chunks_per_step({self.state.samples_seen}) = {k}, need >= 1")
+        chunks = [self._next_chunk() for _ in range(k)]
+        batch = {key: torch.stack([c[key] for c in chunks]) for key in chunks[0] if key != "max_seqlen"}
+        batch["max_seqlen"] = chunks[0]["max_seqlen"]
+        return batch
+
+    def _next_chunk(self) -> dict[str, Any]:
+        fresh_epochs_without_data = 0
+        while True:
+            if self._iterator is None:
+                # Streaming starts its next epoch (or resumes mid-epoch) on each new iter().
+                self._iterator = iter(self.loader)
+            try:
+                chunk = next(self._iterator)
+            except StopIteration:
+                s = self.state
+                if s.samples_in_epoch == 0:
+                    fresh_epochs_without_data += 1
+                    if fresh_epochs_without_data > 1:
+                        raise RuntimeError(
+                            f"streams {self.stream_names} yield no full chunk per rank: need at "
+                            f"least {self.microbatch_seqs * self.world_size} sequences") from None
+                self._iterator = None
+                self.state = StepBatcherState(s.epoch + 1, 0, s.samples_seen)
+                continue
+            except RuntimeError as err:  # DataLoader timeout, dead worker, failed download
+                raise RuntimeError(
+                    f"reading streams {self.stream_names} failed or stalled (epoch "
+                    f"{self.state.epoch}, sample {self.state.samples_in_epoch}): {err}") from err
+            n = self.microbatch_seqs * self.world_size
+            s = self.state
+            self.state = StepBatcherState(s.epoch, s.samples_in_epoch + n, s.samples_seen + n)
+            return chunk
+
+    def state_dict(self) -> dict[str, Any]:
+        s = self.state
+        dataset_state = self.dataset.state_dict(num_samples=s.samples_in_epoch, from_beginning=True)
+        # Our epoch counter is authoritative: between the end of an epoch and the next iter(),
+        # Streaming's own counter still points at the finished epoch.
+        dataset_state.update(epoch=s.epoch, sample_in_epoch=s.samples_in_epoch)
+        return {"dataset": dataset_state, "epoch": s.epoch, "samples_in_epoch": s.samples_in_epoch,
+                "samples_seen": s.samples_seen, "world_size": self.world_size,
+                "microbatch_seqs": self.microbatch_seqs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The next step continues right after the last step consumed before `state_dict()`."""
+        self.state = StepBatcherState(int(state["epoch"]), int(state["samples_in_epoch"]),
+                                      int(state["samples_seen"]))
+        self._iterator = None  # drop any live iterator (and its prefetched chunks)
+        # Streaming ignores a resume state older than its own epoch counter; rewind the counter so
+        # reloading into an already used dataset behaves like a fresh process.
+        self.dataset.next_epoch = self.state.epoch
+        self.dataset.load_state_dict(state["dataset"])
+        if state.get("microbatch_seqs") not in (None, self.microbatch_seqs):
+            log.warning("resuming with microbatch_seqs %d (checkpoint had %s); the sample count stays "
+                        "exact, masking keys are per sequence", self.microbatch_seqs, state["microbatch_seqs"])

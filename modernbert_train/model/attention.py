@@ -1,0 +1,221 @@
+"""Attention backends behind one seam: packed q/k/v + document boundaries + optional window.
+
+Every backend computes the same thing. For packed tokens laid out as documents back to back
+(boundaries in `cu_seqlens`), token i attends to token j iff both lie in the same document and,
+when `window` is set, |i - j| <= window // 2 (inclusive; ModernBERT's 128-token window sees 64 on
+either side). No token attends across a document boundary. Shapes: q, k, v and the output are
+(total_tokens, heads, head_dim).
+
+`cache` is a dict that lives for one forward pass: a backend may keep per-batch structures there
+(the FlexAttention block masks) so that 22 layers share one build.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+def token_document_ids(cu_seqlens: torch.Tensor, total_tokens: int) -> torch.Tensor:
+    """(total_tokens,) index of the document each token belongs to."""
+    positions = torch.arange(total_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+
+
+def _window_half(window: Optional[int]) -> Optional[int]:
+    return None if window is None else window // 2
+
+
+# --- sdpa: the reference -------------------------------------------------------------------------
+
+def dense_allowed_mask(cu_seqlens: torch.Tensor, total_tokens: int,
+                       window: Optional[int]) -> torch.Tensor:
+    """(T, T) bool: the definition of who may attend to whom, materialised. Reference only."""
+    doc = token_document_ids(cu_seqlens, total_tokens)
+    allowed = doc[:, None] == doc[None, :]
+    half = _window_half(window)
+    if half is not None:
+        idx = torch.arange(total_tokens, device=cu_seqlens.device)
+        allowed &= (idx[:, None] - idx[None, :]).abs() <= half
+    return allowed
+
+
+def sdpa_attention(q, k, v, *, cu_seqlens, max_seqlen, window, cache, scale=None):
+    """Reference backend: SDPA with a dense (T, T) document/window mask. CPU and small chunks."""
+    total = q.shape[0]
+    key = ("sdpa_mask", window)
+    if key not in cache:
+        cache[key] = dense_allowed_mask(cu_seqlens, total, window)
+    # (T, H, D) -> (1, H, T, D)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                         v.transpose(0, 1).unsqueeze(0), attn_mask=cache[key],
+                                         scale=scale)
+    return out.squeeze(0).transpose(0, 1)
+
+
+# --- flex: FlexAttention with a block mask built at block level -------------------------------------
+
+FLEX_BLOCK_SIZE = 128
+
+
+def flex_block_mask(cu_seqlens: torch.Tensor, total_tokens: int, window: Optional[int],
+                    block_size: int = FLEX_BLOCK_SIZE):
+    """A FlexAttention BlockMask for documents AND window, without a dense (T, T) intermediate.
+
+    Block-level structure comes from each block's first/last document and token index, so the
+    cost is (T / block)^2, not T^2; the exact token-level rule is the mask_mod applied inside the
+    blocks marked partial.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    device = cu_seqlens.device
+    doc = token_document_ids(cu_seqlens, total_tokens)
+    half = _window_half(window)
+    n_blocks = -(-total_tokens // block_size)
+    starts = torch.arange(n_blocks, device=device) * block_size
+    ends = torch.clamp(starts + block_size, max=total_tokens) - 1  # inclusive last token
+    doc_lo, doc_hi = doc[starts], doc[ends]
+    # Documents are contiguous, so two blocks share a document iff their ranges overlap.
+    share = (doc_lo[:, None] <= doc_hi[None, :]) & (doc_lo[None, :] <= doc_hi[:, None])
+    single = (doc_lo == doc_hi)
+    same_single = single[:, None] & single[None, :] & (doc_lo[:, None] == doc_lo[None, :])
+    if half is None:
+        any_ok, all_ok = share, same_single
+    else:
+        gap = torch.clamp(torch.maximum(starts[None, :] - ends[:, None], starts[:, None] - ends[None, :]),
+                          min=0)
+        span = torch.maximum(ends[None, :] - starts[:, None], ends[:, None] - starts[None, :])
+        any_ok, all_ok = share & (gap <= half), same_single & (span <= half)
+    partial = any_ok & ~all_ok
+
+    def to_indices(blocks: torch.Tensor):
+        counts = blocks.sum(-1, dtype=torch.int32)
+        order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts[None, None], order[None, None]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = doc[q_idx] == doc[kv_idx]
+        if half is not None:
+            ok = ok & ((q_idx - kv_idx).abs() <= half)
+        return ok
+
+    kv_num, kv_idx = to_indices(partial)
+    full_num, full_idx = to_indices(all_ok)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                    mask_mod=mask_mod, seq_lengths=(total_tokens, total_tokens))
+
+
+_compiled_flex = None
+
+
+def _flex_kernel(on_cuda: bool):
+    """Compiled on the GPU (eager FlexAttention is a slow reference there); eager on the CPU,
+    where torch 2.7 cannot build the compiled kernel."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+    if not on_cuda:
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def flex_attention_backend(q, k, v, *, cu_seqlens, max_seqlen, window, cache, scale=None):
+    total = q.shape[0]
+    # The kernel works on whole blocks: a ragged tail is padded and becomes one more document,
+    # so no real token ever sees it; its rows are dropped below.
+    pad = (-total) % FLEX_BLOCK_SIZE
+    key = ("flex_mask", window)
+    if key not in cache:
+        cu = torch.cat([cu_seqlens, cu_seqlens.new_tensor([total + pad])]) if pad else cu_seqlens
+        cache[key] = flex_block_mask(cu, total + pad, window)
+    qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # (1, H, T, D)
+    if pad:
+        qh, kh, vh = (F.pad(x, (0, 0, 0, pad)) for x in (qh, kh, vh))
+    out = _flex_kernel(q.is_cuda)(qh, kh, vh, block_mask=cache[key], scale=scale)
+    return out[0, :, :total].transpose(0, 1)
+
+
+# --- flash: flash-attn varlen (FA3 interface when present) ----------------------------------------
+
+def _flash_varlen():
+    if importlib.util.find_spec("flash_attn_interface") is not None:  # FlashAttention-3 (Hopper)
+        from flash_attn_interface import flash_attn_varlen_func
+        return flash_attn_varlen_func
+    from flash_attn import flash_attn_varlen_func
+    return flash_attn_varlen_func
+
+
+def _as_half(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float16, torch.bfloat16) else x.to(torch.bfloat16)
+
+
+def flash_attention_backend(q, k, v, *, cu_seqlens, max_seqlen, window, cache, scale=None):
+    half = _window_half(window)
+    out = _flash_varlen()(_as_half(q), _as_half(k), _as_half(v), cu_seqlens, cu_seqlens,
+                          max_seqlen, max_seqlen, softmax_scale=scale, causal=False,
+                          window_size=(-1, -1) if half is None else (half, half))
+    out = out[0] if isinstance(out, tuple) else out
+    return out.to(q.dtype)
+
+
+# --- torch_varlen: torch.nn.attention.varlen.varlen_attn (torch >= 2.10) ---------------------------
+
+def torch_varlen_backend(q, k, v, *, cu_seqlens, max_seqlen, window, cache, scale=None):
+    from torch.nn.attention.varlen import varlen_attn
+    half = _window_half(window)
+    out = varlen_attn(_as_half(q), _as_half(k), _as_half(v), cu_seqlens, cu_seqlens, max_seqlen,
+                      max_seqlen, scale=scale, window_size=(-1, -1) if half is None else (half, half))
+    return out.to(q.dtype)
+
+
+# --- the table -------------------------------------------------------------------------------------
+
+def _flex_missing() -> Optional[str]:
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        return f"torch {torch.__version__} has no FlexAttention: install torch>=2.5"
+    return None
+
+
+def _flash_missing() -> Optional[str]:
+    if importlib.util.find_spec("flash_attn_interface") is None and importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed: pip install 'modernbert-train[gpu]' (needs CUDA), or use attention_backend=flex"
+    if not torch.cuda.is_available():
+        return "flash-attn needs a CUDA GPU; on the CPU use attention_backend=sdpa"
+    return None
+
+
+def _torch_varlen_missing() -> Optional[str]:
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return (f"torch {torch.__version__} has no torch.nn.attention.varlen (needs torch>=2.10); "
+                "use attention_backend=flex or flash")
+    if not torch.cuda.is_available():
+        return "torch_varlen needs a CUDA GPU; on the CPU use attention_backend=sdpa"
+    return None
+
+
+BACKENDS: dict[str, tuple[AttentionFn, Callable[[], Optional[str]]]] = {
+    "sdpa": (sdpa_attention, lambda: None),
+    "flex": (flex_attention_backend, _flex_missing),
+    "flash": (flash_attention_backend, _flash_missing),
+    "torch_varlen": (torch_varlen_backend, _torch_varlen_missing),
+}
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    """None if the backend can run here, else why not and how to fix it."""
+    if name not in BACKENDS:
+        return f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}"
+    return BACKENDS[name][1]()
+
+
+def get_backend(name: str) -> AttentionFn:
+    """The backend's function, or one ValueError that names the fix."""
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise ValueError(f"attention backend {name!r} is not available: {reason}")
+    return BACKENDS[name][0]

@@ -1,0 +1,88 @@
+"""ModernBERT's architecture hyper-parameters, named as in Hugging Face's `ModernBertConfig`."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass
+class ModernBertConfig:
+    """Field names follow transformers' ModernBertConfig where the concept is the same."""
+
+    # Which preset the recipe started from (documentation only; `preset()` applies the values).
+    preset: str = "custom"
+    # Padded to a multiple of 64 (ModernBERT: 50368 for its 50280-token BPE).
+    vocab_size: int = 50368
+    hidden_size: int = 768
+    # Width of one GeGLU half: Wi projects to 2 x intermediate_size.
+    intermediate_size: int = 1152
+    num_hidden_layers: int = 22
+    num_attention_heads: int = 12
+    # Positions the recipe's RoPE is meant for (data.max_seq_len may not exceed it).
+    max_position_embeddings: int = 8192
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    initializer_cutoff_factor: float = 2.0
+    # Layers 0, n, 2n, ... attend globally; the others within a sliding window.
+    global_attn_every_n_layers: int = 3
+    # Window width in tokens: a token sees positions j with |i - j| <= local_attention // 2.
+    local_attention: int = 128
+    global_rope_theta: float = 160_000.0
+    local_rope_theta: float = 10_000.0
+    embedding_dropout: float = 0.0
+    mlp_dropout: float = 0.0
+    # Run the MLM head only on the masked positions when labels are given.
+    sparse_prediction: bool = True
+    # sdpa | flex | flash | torch_varlen (model/attention.py).
+    attention_backend: str = "sdpa"
+    # Special ids of the tokenizer, exported to HF config.json.
+    pad_token_id: int = 50283
+    cls_token_id: int = 50281
+    sep_token_id: int = 50282
+    mask_token_id: int = 50284
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def is_global_layer(self, layer_idx: int) -> bool:
+        return layer_idx % self.global_attn_every_n_layers == 0
+
+    def validate(self) -> None:
+        problems = []
+        if self.hidden_size % self.num_attention_heads:
+            problems.append(f"model.hidden_size={self.hidden_size} is not divisible by "
+                            f"num_attention_heads={self.num_attention_heads}")
+        elif self.head_dim % 2:
+            problems.append(f"model head_dim={self.head_dim} must be even for RoPE")
+        if self.local_attention % 2 or self.local_attention <= 0:
+            problems.append(f"model.local_attention={self.local_attention} must be a positive even "
+                            "number (a token sees local_attention // 2 on either side)")
+        if self.vocab_size % 64:
+            problems.append(f"model.vocab_size={self.vocab_size} is not a multiple of 64 "
+                            "(pad it up: the tokenizer's size rounded to 64)")
+        if self.global_attn_every_n_layers < 1:
+            problems.append("model.global_attn_every_n_layers must be >= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_PRESETS = {
+    "base": ModernBertConfig(preset="base"),
+    "large": ModernBertConfig(preset="large", hidden_size=1024, intermediate_size=2624,
+                              num_hidden_layers=28, num_attention_heads=16),
+    # The embedded CPU demo: small enough to train for a few minutes on two cores.
+    "tiny": ModernBertConfig(preset="tiny", vocab_size=4096, hidden_size=128, intermediate_size=256,
+                             num_hidden_layers=4, num_attention_heads=4, local_attention=32,
+                             max_position_embeddings=512, global_rope_theta=10_000.0,
+                             pad_token_id=3, cls_token_id=0, sep_token_id=1, mask_token_id=2),
+}
+
+
+def preset(name: str) -> ModernBertConfig:
+    """A fresh copy of a named preset (base, large, tiny)."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(_PRESETS)}")
+    return replace(_PRESETS[name])

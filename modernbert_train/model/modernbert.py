@@ -1,0 +1,256 @@
+"""ModernBERT in plain PyTorch, on the packed (unpadded) layout.
+
+What is notable, top to bottom:
+- Token embeddings -> LayerNorm (no bias) -> dropout; no position embeddings (RoPE instead).
+- Pre-norm encoder layers; layer 0's attention norm is the identity (the embedding norm already
+  normalised its input).
+- Attention: fused Wqkv, RoPE, Wo; no biases. Layers 0, n, 2n, ... are global, the others see a
+  sliding window (|i - j| <= local_attention // 2). Global and local layers use their own RoPE
+  theta. The kernel is chosen by name (model/attention.py); the model never branches on it.
+- GeGLU MLP: Wi -> (input, gate), GELU(input) * gate -> Wo; no biases.
+- Final LayerNorm, then the MLM head: dense -> GELU -> LayerNorm -> decoder tied to the token
+  embeddings; the decoder's bias is the only bias in the model. With labels, the head runs only
+  on the masked positions (sparse prediction).
+- Megatron-style truncated-normal init, output projections scaled down by depth.
+
+Shape legend: T total tokens of a packed chunk, D documents, H hidden, N heads, Dh head dim,
+V vocab, M masked positions, B x S a padded batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modernbert_train.model.attention import get_backend, token_document_ids
+from modernbert_train.model.config import ModernBertConfig
+
+IGNORE_INDEX = -100
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int) -> torch.Tensor:
+    """(T,) position of each token inside its document, restarting at 0 per document."""
+    doc = token_document_ids(cu_seqlens, total_tokens)
+    return torch.arange(total_tokens, device=cu_seqlens.device) - cu_seqlens[doc].long()
+
+
+# --- RoPE ------------------------------------------------------------------------------------------
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for one theta, computed from position ids (no cache tied to a length)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids.float()[:, None] * self.inv_freq[None, :]  # (T, Dh/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, Dh)
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (T, N, Dh); rotate-half convention (as transformers' ModernBERT)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos[:, None, :] + rotated.float() * sin[:, None, :]).to(x.dtype)
+
+
+# --- blocks ----------------------------------------------------------------------------------------
+
+def layer_norm(config: ModernBertConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.norm = layer_norm(config)
+        self.drop = nn.Dropout(config.embedding_dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.norm(self.tok_embeddings(input_ids)))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModernBertConfig, layer_idx: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.is_global = config.is_global_layer(layer_idx)
+        self.window = None if self.is_global else config.local_attention
+        self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.attend = get_backend(config.attention_backend)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cu_seqlens: torch.Tensor,
+                max_seqlen: int, cache: dict) -> torch.Tensor:
+        total = x.shape[0]
+        qkv = self.Wqkv(x).view(total, 3, self.num_heads, self.head_dim)  # (T, 3, N, Dh)
+        q, k, v = qkv.unbind(dim=1)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = self.attend(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=self.window,
+                          cache=cache)
+        return self.Wo(out.reshape(total, self.num_heads * self.head_dim))  # (T, H)
+
+
+class GeGLU(nn.Module):
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.Wi = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(config.mlp_dropout)
+        self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inp, gate = self.Wi(x).chunk(2, dim=-1)
+        return self.Wo(self.drop(self.act(inp) * gate))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: ModernBertConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = nn.Identity() if layer_idx == 0 else layer_norm(config)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = layer_norm(config)
+        self.mlp = GeGLU(config)
+
+    def forward(self, x, rope, cu_seqlens, max_seqlen, cache):
+        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class ModernBertModel(nn.Module):
+    """The encoder: packed tokens in, final hidden states out."""
+
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(EncoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_norm = layer_norm(config)
+        self.global_rope = RotaryEmbedding(config.head_dim, config.global_rope_theta)
+        self.local_rope = RotaryEmbedding(config.head_dim, config.local_rope_theta)
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids (T,), cu_seqlens (D+1,) int32 -> hidden states (T, H)."""
+        total = input_ids.shape[0]
+        if position_ids is None:
+            position_ids = positions_from_cu_seqlens(cu_seqlens, total)
+        global_rope, local_rope = self.global_rope(position_ids), self.local_rope(position_ids)
+        cache: dict = {}  # per-forward attention structures shared by all layers
+        x = self.embeddings(input_ids)
+        for layer in self.layers:
+            rope = global_rope if layer.attn.is_global else local_rope
+            x = layer(x, rope, cu_seqlens, max_seqlen, cache)
+        return self.final_norm(x)
+
+
+class MLMHead(nn.Module):
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.act = nn.GELU()
+        self.norm = layer_norm(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(x)))
+
+
+@dataclass
+class MLMOutput:
+    # Sparse prediction with labels: (M, V) at `masked_positions`; otherwise (T, V) packed or
+    # (B, S, V) when the input was padded.
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    # Number of positions the loss averages over.
+    num_predictions: Optional[torch.Tensor] = None
+    masked_positions: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+
+
+class ModernBertForMaskedLM(nn.Module):
+    """Encoder + MLM head. Takes packed input (input_ids (T,) + cu_seqlens) or padded input
+    (input_ids (B, S) + attention_mask), unpadded once here and re-padded once at the end."""
+
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.config = config
+        self.model = ModernBertModel(config)
+        self.head = MLMHead(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.decoder.weight = self.model.embeddings.tok_embeddings.weight  # tied
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Truncated normal (cut at +-cutoff std); output projections std / sqrt(2 * layers)."""
+        cfg = self.config
+        std_in = cfg.initializer_range
+        std_out = cfg.initializer_range / math.sqrt(2.0 * cfg.num_hidden_layers)
+
+        def init(weight: torch.Tensor, std: float) -> None:
+            cut = cfg.initializer_cutoff_factor * std
+            nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-cut, b=cut)
+
+        init(self.model.embeddings.tok_embeddings.weight, std_in)
+        for layer in self.model.layers:
+            init(layer.attn.Wqkv.weight, std_in)
+            init(layer.attn.Wo.weight, std_out)
+            init(layer.mlp.Wi.weight, std_in)
+            init(layer.mlp.Wo.weight, std_out)
+        init(self.head.dense.weight, std_out)
+        nn.init.zeros_(self.decoder.bias)
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(self, input_ids: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None, position_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> MLMOutput:
+        padded_shape = None
+        if input_ids.dim() == 2:  # (B, S) + attention_mask: unpad once, here
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            padded_shape = input_ids.shape
+            keep = attention_mask.flatten().nonzero().squeeze(-1)  # (T,)
+            lengths = attention_mask.sum(dim=1, dtype=torch.int32)  # (B,)
+            cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+            max_seqlen = int(lengths.max())
+            input_ids = input_ids.flatten()[keep]
+            labels = labels.flatten()[keep] if labels is not None else None
+            position_ids = None
+        elif cu_seqlens is None:
+            raise ValueError("packed input_ids (T,) need cu_seqlens; padded input is (B, S)")
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+        hidden = self.model(input_ids, cu_seqlens, max_seqlen, position_ids)  # (T, H)
+
+        if labels is not None and self.config.sparse_prediction:
+            masked = (labels != IGNORE_INDEX).nonzero().squeeze(-1)  # (M,)
+            logits = self.decoder(self.head(hidden[masked]))  # (M, V)
+            target = labels[masked]
+            loss = F.cross_entropy(logits.float(), target)
+            return MLMOutput(logits, loss, masked.new_tensor(masked.numel()), masked, target)
+
+        logits = self.decoder(self.head(hidden))  # (T, V)
+        loss = num = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+            num = (labels != IGNORE_INDEX).sum()
+        if padded_shape is not None:  # re-pad once, at the end
+            full = logits.new_zeros(padded_shape.numel(), logits.shape[-1])
+            full[keep] = logits
+            logits = full.view(*padded_shape, -1)  # (B, S, V)
+        return MLMOutput(logits, loss, num, None, labels)

@@ -1,0 +1,230 @@
+"""The typed run configuration: YAML recipes and `key=value` overrides merge onto these dataclasses.
+
+Defaults live here once; recipes say only what differs. `load_run_config` is the only place that
+touches raw YAML; everything downstream takes these dataclasses.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from modernbert_train.model.config import ModernBertConfig, preset
+
+
+@dataclass
+class StreamSpec:
+    """One MDS dataset: a local folder, or a remote prefix cached in `local`."""
+
+    local: str = MISSING
+    remote: Optional[str] = None
+    proportion: Optional[float] = None
+
+
+@dataclass
+class DataConfig:
+    tokenizer: str = MISSING
+    train_streams: list[StreamSpec] = field(default_factory=list)
+    eval_streams: list[StreamSpec] = field(default_factory=list)
+    train_split: Optional[str] = "train"
+    eval_split: Optional[str] = "val"
+    max_seq_len: int = 1024
+    # Packed sequences per varlen chunk (ModernBERT's microbatch of 96 x 1024 tokens).
+    microbatch_seqs: int = 96
+    mask_rate: float = 0.3
+    eval_mask_rate: float = 0.15
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    shuffle: bool = True
+    # A stalled data path (e.g. a download that never returns) becomes an error after this long.
+    stall_timeout_s: float = 600.0
+    # Build the embedded demo corpus + tokenizer under this folder first (the tiny recipe).
+    prepare_demo_assets: bool = False
+
+
+@dataclass
+class BatchConfig:
+    global_batch_seqs: int = 4608
+    # Batch-size warmup: start at this many sequences per step and ramp linearly to
+    # global_batch_seqs over warmup_tokens (None: no warmup).
+    warmup_start_seqs: Optional[int] = None
+    warmup_tokens: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 8e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    # Fully decoupled weight decay (optimi decouple_lr), not multiplied by the lr.
+    weight_decay: float = 1e-5
+    exclude_norms_and_biases_from_weight_decay: bool = True
+    grad_clip_norm: Optional[float] = 1.0
+
+
+@dataclass
+class SchedulerConfig:
+    # "wsd": linear warmup, constant, then decay over decay_tokens at the end of max_duration.
+    # "constant": warmup then constant. "decay": 1-sqrt decay from the start of the run.
+    name: str = "wsd"
+    warmup_tokens: int = 3_000_000_000
+    decay_tokens: int = 0
+    decay_shape: str = "one_minus_sqrt"  # or "linear"
+    final_lr_ratio: float = 0.0
+
+
+@dataclass
+class CheckpointConfig:
+    # Local folder or s3://bucket/prefix (endpoint from S3_ENDPOINT_URL / AWS_ENDPOINT_URL_S3).
+    save_folder: Optional[str] = None
+    save_interval: str = "1000ba"
+    # Checkpoints kept locally and on the bucket (None: keep all).
+    keep_local: Optional[int] = 2
+    keep_remote: Optional[int] = None
+    autoresume: bool = True
+    # Start from another run's checkpoint (chaining phases); only read when no autoresume
+    # checkpoint exists.
+    load_path: Optional[str] = None
+    load_weights_only: bool = False
+    # A new phase starts its clock at zero (schedulers, batch warmup, duration).
+    reset_time: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: str = "10ba"
+    progress_bar: bool = True
+    wandb_project: Optional[str] = None
+    wandb_entity: Optional[str] = None
+    # online / offline / disabled; offline needs no login.
+    wandb_mode: str = "offline"
+    metrics_file: bool = True
+
+
+@dataclass
+class EvalConfig:
+    interval: str = "1000ba"
+    subset_batches: Optional[int] = 20
+
+
+@dataclass
+class RunConfig:
+    run_name: str = MISSING
+    seed: int = 17
+    max_duration: str = MISSING
+    # "auto": cuda if available else cpu.
+    device: str = "auto"
+    precision: str = "amp_bf16"
+    compile: bool = True
+    # "ddp" or "fsdp" when more than one process.
+    parallelism: str = "ddp"
+    # Where the run writes its local files (metrics, resolved config, local checkpoint copies).
+    run_dir: str = "runs/${run_name}"
+    # A loss that is NaN/inf stops the run ("stop") or skips the step ("skip").
+    on_nonfinite_loss: str = "stop"
+    model: ModernBertConfig = field(default_factory=ModernBertConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit RunConfig; the message names the key."""
+
+
+def _known_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if is_dataclass(node):
+        for f in fields(node):
+            dotted = f"{prefix}{f.name}"
+            keys.append(dotted)
+            keys.extend(_known_keys(getattr(node, f.name), dotted + "."))
+    return keys
+
+
+def _did_you_mean(bad_key: str, known: list[str]) -> str:
+    leaf = bad_key.rsplit(".", 1)[-1]
+    candidates = difflib.get_close_matches(bad_key, known, n=1, cutoff=0.6)
+    if not candidates:
+        leaves = {k.rsplit(".", 1)[-1]: k for k in known}
+        close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        candidates = [leaves[close[0]]] if close else []
+    return f" Did you mean '{candidates[0]}'?" if candidates else ""
+
+
+def _merge(base: DictConfig, other: Any, where: str, known: list[str]) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        key = e.full_key or e.key or "?"
+        raise ConfigError(
+            f"{where}: unknown config key '{key}'.{_did_you_mean(str(key), known)}") from None
+    except ValidationError as e:
+        raise ConfigError(f"{where}: bad value for '{e.full_key}': {e.msg}") from None
+
+
+def load_run_config(yaml_path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Merge a recipe and `key=value` overrides onto RunConfig and validate the result."""
+    raw = OmegaConf.load(yaml_path) if yaml_path is not None else OmegaConf.create({})
+    cli = OmegaConf.from_dotlist(list(overrides)) if overrides else OmegaConf.create({})
+    # The model preset decides the model defaults before the recipe's own model keys apply.
+    preset_name = OmegaConf.select(cli, "model.preset") or OmegaConf.select(raw, "model.preset")
+    base = RunConfig(model=preset(preset_name) if preset_name else ModernBertConfig())
+    known = _known_keys(base)
+    schema = OmegaConf.structured(base)
+    merged = _merge(schema, raw, str(yaml_path), known)
+    merged = _merge(merged, cli, "command-line override", known)
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"{yaml_path}: required config keys not set: {', '.join(missing)}")
+    OmegaConf.resolve(merged)
+    cfg: RunConfig = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Incompatible settings fail here, at start-up, with one message each."""
+    problems = []
+    d, b, m = cfg.data, cfg.batch, cfg.model
+    per_step_unit = d.microbatch_seqs
+    if b.global_batch_seqs % per_step_unit:
+        problems.append(f"batch.global_batch_seqs={b.global_batch_seqs} is not a multiple of "
+                        f"data.microbatch_seqs={d.microbatch_seqs}")
+    if d.microbatch_seqs > b.global_batch_seqs:
+        problems.append(f"data.microbatch_seqs={d.microbatch_seqs} is larger than "
+                        f"batch.global_batch_seqs={b.global_batch_seqs}")
+    if b.warmup_start_seqs is not None and (b.warmup_start_seqs % per_step_unit
+                                            or b.warmup_start_seqs > b.global_batch_seqs):
+        problems.append(f"batch.warmup_start_seqs={b.warmup_start_seqs} must be a multiple of "
+                        f"data.microbatch_seqs={d.microbatch_seqs} and <= global_batch_seqs")
+    if d.max_seq_len > m.max_position_embeddings:
+        problems.append(f"data.max_seq_len={d.max_seq_len} exceeds model.max_position_embeddings="
+                        f"{m.max_position_embeddings} (the length the recipe's RoPE is set up for)")
+    if not 0.0 < d.mask_rate < 1.0 or not 0.0 < d.eval_mask_rate < 1.0:
+        problems.append(f"mask rates must be in (0, 1): data.mask_rate={d.mask_rate}, "
+                        f"data.eval_mask_rate={d.eval_mask_rate}")
+    if not d.train_streams and not d.prepare_demo_assets:
+        problems.append("data.train_streams is empty: name at least one MDS dataset")
+    if cfg.on_nonfinite_loss not in ("stop", "skip"):
+        problems.append(f"on_nonfinite_loss={cfg.on_nonfinite_loss!r}: use 'stop' or 'skip'")
+    if cfg.parallelism not in ("ddp", "fsdp"):
+        problems.append(f"parallelism={cfg.parallelism!r}: use 'ddp' or 'fsdp'")
+    if cfg.scheduler.name not in ("wsd", "constant", "decay"):
+        problems.append(f"scheduler.name={cfg.scheduler.name!r}: use wsd, constant or decay")
+    if cfg.logging.wandb_mode not in ("online", "offline", "disabled"):
+        problems.append(f"logging.wandb_mode={cfg.logging.wandb_mode!r}: online/offline/disabled")
+    try:
+        m.validate()
+    except ValueError as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,145 @@
+"""Every available attention backend against the dense SDPA reference: forward, backward,
+window boundary, document isolation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modernbert_train.model.attention import (BACKENDS, dense_allowed_mask, get_backend,
+                                              sdpa_attention, unavailable_reason)
+
+DOC_LAYOUTS = {
+    "one_doc_300": [300],
+    "three_docs": [100, 150, 50],
+    "many_short_and_a_long": [2, 7, 130, 1, 64, 65, 200],
+    "ragged_block_tail": [129, 257],
+}
+
+
+def reference_attention(q, k, v, cu_seqlens, window):
+    """Plain per-document softmax attention written independently of the backends."""
+    out = torch.zeros_like(q)
+    scale = q.shape[-1] ** -0.5
+    for d in range(len(cu_seqlens) - 1):
+        s, e = int(cu_seqlens[d]), int(cu_seqlens[d + 1])
+        if e == s:
+            continue
+        qd, kd, vd = q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
+        scores = qd @ kd.transpose(-1, -2) * scale  # (N, L, L)
+        if window is not None:
+            idx = torch.arange(e - s)
+            scores = scores.masked_fill((idx[:, None] - idx[None, :]).abs() > window // 2, float("-inf"))
+        out[s:e] = (scores.softmax(-1) @ vd).transpose(0, 1)
+    return out
+
+
+def make_qkv(lengths, heads=2, head_dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, heads, head_dim, generator=g, dtype=torch.float64) for _ in range(3))
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    return q, k, v, cu
+
+
+def run_backend(name, q, k, v, cu, window):
+    fn = get_backend(name)
+    return fn(q, k, v, cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()), window=window, cache={})
+
+
+@pytest.mark.parametrize("window", [None, 128, 32])
+@pytest.mark.parametrize("layout", sorted(DOC_LAYOUTS))
+def test_sdpa_matches_independent_reference(layout, window):
+    q, k, v, cu = make_qkv(DOC_LAYOUTS[layout])
+    got = run_backend("sdpa", q, k, v, cu, window)
+    want = reference_attention(q, k, v, cu, window)
+    err = (got - want).abs().max().item()
+    assert err < 1e-10, f"sdpa vs reference max abs err {err} ({layout}, window={window})"
+
+
+@pytest.mark.parametrize("backend", ["flex", "flash", "torch_varlen"])
+@pytest.mark.parametrize("window", [None, 128])
+@pytest.mark.parametrize("layout", sorted(DOC_LAYOUTS))
+def test_backend_matches_reference_forward_backward(backend, layout, window):
+    reason = unavailable_reason(backend)
+    if reason:
+        pytest.skip(f"{backend} not available here: {reason}")
+    # Half-precision kernels (flash, varlen) only run in bf16 on the GPU; flex runs fp32 anywhere.
+    dtype = torch.float32 if backend == "flex" else torch.bfloat16
+    device = "cuda" if backend != "flex" or torch.cuda.is_available() else "cpu"
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    q, k, v, cu = make_qkv(DOC_LAYOUTS[layout])
+    q, k, v = (x.to(device, dtype).requires_grad_() for x in (q, k, v))
+    cu = cu.to(device)
+    qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
+    got = run_backend(backend, q, k, v, cu, window)
+    want = reference_attention(qr, kr, vr, cu, window)
+    assert (got.double() - want).abs().max().item() < tol
+    grad = torch.randn_like(want)
+    got.backward(grad.to(got.dtype))
+    want.backward(grad)
+    for name, a, b in (("q", q, qr), ("k", k, kr), ("v", v, vr)):
+        err = (a.grad.double() - b.grad).abs().max().item()
+        assert err < tol * 5, f"{backend} d{name} max abs err {err} ({layout}, window={window})"
+
+
+def test_window_boundary_is_inclusive_half_width():
+    """window=128: token i sees j iff |i - j| <= 64, within its own document."""
+    allowed = dense_allowed_mask(torch.tensor([0, 200, 300], dtype=torch.int32), 300, window=128)
+    assert allowed[100, 36] and allowed[100, 164], "|i-j| = 64 must be visible"
+    assert not allowed[100, 35] and not allowed[100, 165], "|i-j| = 65 must be hidden"
+    assert not allowed[199, 200] and not allowed[200, 199], "no attention across the document boundary"
+    assert allowed[250, 299] and allowed[299, 250]
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_changing_one_document_leaves_the_others_unchanged(backend):
+    reason = unavailable_reason(backend)
+    if reason:
+        pytest.skip(f"{backend} not available here: {reason}")
+    device = "cuda" if backend in ("flash", "torch_varlen") else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and backend != "flex" else torch.float32
+    lengths = [90, 140, 70]
+    q, k, v, cu = (x.to(device) for x in make_qkv(lengths))
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    base = run_backend(backend, q, k, v, cu, None)
+    k2, v2 = k.clone(), v.clone()
+    k2[90:230] += 3.0
+    v2[90:230] -= 2.0
+    changed = run_backend(backend, q, k2, v2, cu, None)
+    assert torch.equal(base[:90], changed[:90]) and torch.equal(base[230:], changed[230:])
+    assert not torch.equal(base[90:230], changed[90:230]), "the edited document must change"
+
+
+def test_unknown_or_missing_backend_fails_with_the_fix():
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+        get_backend("nope")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="attention backend 'flash' is not available: .*(flash-attn|CUDA)"):
+            get_backend("flash")
+
+
+def test_flex_block_mask_has_no_dense_intermediate_and_matches_rule():
+    """The block-level mask: blocks marked empty contain no allowed pair; full blocks only allowed ones."""
+    from modernbert_train.model.attention import flex_block_mask
+    lengths = [300, 5, 400, 63, 256]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    total = int(cu[-1])
+    pad = (-total) % 128
+    cu_p = torch.cat([cu, cu.new_tensor([total + pad])])
+    for window in (None, 128):
+        bm = flex_block_mask(cu_p, total + pad, window)
+        dense = dense_allowed_mask(cu_p, total + pad, window)
+        nb = (total + pad) // 128
+        blocks = dense.view(nb, 128, nb, 128).permute(0, 2, 1, 3)
+        any_ok, all_ok = blocks.any(-1).any(-1), blocks.all(-1).all(-1)
+        listed = torch.zeros(nb, nb, dtype=torch.bool)
+        full = torch.zeros(nb, nb, dtype=torch.bool)
+        for i in range(nb):
+            listed[i, bm.kv_indices[0, 0, i, : bm.kv_num_blocks[0, 0, i]].long()] = True
+            full[i, bm.full_kv_indices[0, 0, i, : bm.full_kv_num_blocks[0, 0, i]].long()] = True
+        dropped = any_ok & ~(listed | full)
+        assert not dropped.any(), f"{int(dropped.sum())} blocks with allowed pairs were dropped (window={window})"
+        assert not (full & ~all_ok).any(), f"block marked full contains a masked pair (window={window})"
+        assert not (full & listed).any(), "a block is both full and partial"
+        # The block structure is sparse, not everything-partial: most blocks are skipped.
+        assert (listed | full).sum() < nb * nb / 2, f"{int((listed | full).sum())} of {nb * nb} blocks visited"

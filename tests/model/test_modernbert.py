@@ -1,0 +1,127 @@
+"""The architecture: sizes, packed == each document alone, padded == packed, sparse head, init."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modernbert_train.model import ModernBertForMaskedLM, preset
+from modernbert_train.model.attention import unavailable_reason
+from modernbert_train.model.config import ModernBertConfig
+from modernbert_train.model.modernbert import positions_from_cu_seqlens
+
+
+def tiny(**overrides) -> ModernBertConfig:
+    cfg = preset("tiny")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build(seed=0, **overrides) -> ModernBertForMaskedLM:
+    torch.manual_seed(seed)
+    return ModernBertForMaskedLM(tiny(**overrides)).double().eval()
+
+
+@pytest.mark.parametrize("name, millions", [("base", 149.0), ("large", 395.0)])
+def test_parameter_count_matches_published_size(name, millions):
+    with torch.device("meta"):
+        model = ModernBertForMaskedLM(preset(name))
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(count - millions) < 1.5, f"{name}: {count:.2f}M parameters, published ~{millions}M"
+
+
+def test_only_bias_is_the_decoders_and_decoder_is_tied():
+    model = build()
+    biases = [n for n, _ in model.named_parameters() if n.endswith("bias")]
+    assert biases == ["decoder.bias"], biases
+    assert model.decoder.weight is model.model.embeddings.tok_embeddings.weight
+    assert isinstance(model.model.layers[0].attn_norm, torch.nn.Identity)
+    assert not isinstance(model.model.layers[1].attn_norm, torch.nn.Identity)
+    glob = [layer.attn.is_global for layer in model.model.layers]
+    assert glob == [True, False, False, True], glob
+
+
+def test_positions_restart_per_document():
+    cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    assert positions_from_cu_seqlens(cu, 7).tolist() == [0, 1, 2, 0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_packed_forward_equals_each_document_alone(backend):
+    if unavailable_reason(backend):
+        pytest.skip(unavailable_reason(backend))
+    model = build(attention_backend=backend)
+    lengths = [37, 120, 5, 64]
+    g = torch.Generator().manual_seed(1)
+    docs = [torch.randint(4, 4096, (n,), generator=g) for n in lengths]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(torch.cat(docs), cu_seqlens=cu, max_seqlen=max(lengths)).logits
+        alone = [model(d, cu_seqlens=torch.tensor([0, len(d)], dtype=torch.int32), max_seqlen=len(d)).logits
+                 for d in docs]
+    err = (packed - torch.cat(alone)).abs().max().item()
+    assert err < 1e-10, f"packed vs alone max abs diff {err}"
+
+
+def test_padded_input_equals_packed_input():
+    model = build()
+    lengths = [50, 20, 33]
+    g = torch.Generator().manual_seed(2)
+    padded = torch.randint(4, 4096, (3, 50), generator=g)
+    mask = torch.zeros(3, 50, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    packed_ids = torch.cat([padded[i, :n] for i, n in enumerate(lengths)])
+    cu = torch.tensor([0, 50, 70, 103], dtype=torch.int32)
+    with torch.no_grad():
+        a = model(padded, attention_mask=mask).logits  # (B, S, V)
+        b = model(packed_ids, cu_seqlens=cu, max_seqlen=50).logits  # (T, V)
+    assert a.shape == (3, 50, 4096)
+    assert (a[mask.bool()] - b).abs().max().item() < 1e-10
+    assert a[~mask.bool()].abs().max().item() == 0.0, "padding positions must stay zero"
+
+
+def test_sparse_head_equals_dense_head_on_masked_positions():
+    sparse, dense = build(sparse_prediction=True), build(sparse_prediction=False)
+    ids = torch.randint(4, 4096, (90,), generator=torch.Generator().manual_seed(3))
+    labels = torch.full_like(ids, -100)
+    labels[::4] = ids[::4]
+    cu = torch.tensor([0, 40, 90], dtype=torch.int32)
+    out_s = sparse(ids, cu_seqlens=cu, max_seqlen=50, labels=labels)
+    out_d = dense(ids, cu_seqlens=cu, max_seqlen=50, labels=labels)
+    assert out_s.logits.shape == (23, 4096)
+    assert abs(out_s.loss.item() - out_d.loss.item()) < 1e-10
+    assert (out_s.logits - out_d.logits[labels != -100]).abs().max().item() < 1e-10
+    assert int(out_s.num_predictions) == 23
+
+
+def test_init_is_truncated_and_output_projections_scaled_by_depth():
+    torch.manual_seed(0)
+    cfg = preset("base")
+    cfg.num_hidden_layers = 2
+    model = ModernBertForMaskedLM(cfg)
+    wqkv = model.model.layers[1].attn.Wqkv.weight
+    wo = model.model.layers[1].attn.Wo.weight
+    assert wqkv.abs().max() <= 2 * 0.02 + 1e-6
+    assert abs(wqkv.std().item() - 0.0176) < 0.001  # std of N(0, 0.02) truncated at 2 sigma
+    ratio = wqkv.std().item() / wo.std().item()
+    assert abs(ratio - 2.0) < 0.05, f"out projection std should be std / sqrt(2 * 2 layers), ratio {ratio}"
+
+
+def test_backward_reaches_every_parameter():
+    model = build()
+    ids = torch.randint(4, 4096, (64,))
+    labels = ids.clone()
+    out = model(ids, cu_seqlens=torch.tensor([0, 30, 64], dtype=torch.int32), max_seqlen=34, labels=labels)
+    out.loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert not no_grad, no_grad
+
+
+def test_bad_configs_fail_at_construction():
+    with pytest.raises(ValueError, match="local_attention=127"):
+        ModernBertForMaskedLM(tiny(local_attention=127))
+    with pytest.raises(ValueError, match="vocab_size=4000 is not a multiple of 64"):
+        ModernBertForMaskedLM(tiny(vocab_size=4000))
+    with pytest.raises(ValueError, match="unknown model preset"):
+        preset("huge")

@@ -1,5 +1,5 @@
-"""Train a byte-level BPE tokenizer: `python data_prep/train_tokenizer.py train --input ... --vocab-size N
---out DIR` (same as the `modernbert-tokenizer` command)."""
+"""Train a byte-level BPE tokenizer (same as the `modernbert-tokenizer` command):
+`python data_prep/train_tokenizer.py train --input PATH... --vocab-size N --out DIR`."""
 import sys
 
 from modernbert_train.data.tokenizer import main

@@ -128,7 +128,7 @@ def collate_chunk(
 
     Each sequence is masked on its own with key (epoch, sample_idx), so the mask is the same in
     any worker, process or resumed run. Extra field `doc_ids` (int64, (D_max,), -1 padded) gives
-    provenance of each document in `cu_seqlens` order.
+    the source document of each slot of `cu_seqlens` (pad tail and empty slots: -1).
     """
     if not 1 <= len(samples) <= microbatch_seqs:
         raise ValueError(f"a chunk takes 1..{microbatch_seqs} sequences, got {len(samples)}")

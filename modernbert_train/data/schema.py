@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 import urllib.parse
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 SCHEMA_VERSION = 1

@@ -155,7 +155,8 @@ def expand_inputs(paths: Sequence[str], fmt: str = "auto") -> list[InputFile]:
                 inputs.append(InputFile(str(path), fmt))
             elif detected is None:
                 raise ValueError(f"cannot tell the format of input {match!r}: use a suffix in "
-                                 f"{sorted(_SUFFIX_FORMATS)} (optionally .gz / .zst) or pass a format")
+                                 f"{sorted(_SUFFIX_FORMATS)} (optionally .gz / .zst) or pass "
+                                 "a format")
             else:
                 inputs.append(InputFile(str(path), detected))
     unique = list(dict.fromkeys(inputs))  # a file named twice (glob + dir) is read once
@@ -330,7 +331,8 @@ def _read_hf(f: InputFile, text_field: str) -> Iterator[Document | _Skip]:
         raise BadInputError(f"{f.path}: is a DatasetDict; pass one split's folder "
                             f"(splits: {sorted(dataset)})")
     if text_field not in dataset.column_names:
-        raise BadInputError(f"{f.path}: no column {text_field!r}; columns are {dataset.column_names}")
+        raise BadInputError(f"{f.path}: no column {text_field!r}; "
+                            f"columns are {dataset.column_names}")
     feature = dataset.features[text_field]
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise BadInputError(f"{f.path}: column {text_field!r} is {feature}, not a string")

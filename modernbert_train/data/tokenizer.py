@@ -12,7 +12,8 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                        processors, trainers)
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,13 @@ class TextTokenizer:
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         # Embedding rows needed: the highest id + 1 (ids need not be contiguous).
         self.tokenizer_vocab_size = max(vocab.values()) + 1
-        added_special = [i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special]
-        self.special_ids: tuple[int, ...] = tuple(sorted(set(added_special) | set(self.special.all())))
+        added = tokenizer.get_added_tokens_decoder()
+        added_special = {i for i, tok in added.items() if tok.special}
+        self.special_ids: tuple[int, ...] = tuple(sorted(added_special | set(self.special.all())))
 
     @classmethod
     def load(cls, path: str | Path) -> TextTokenizer:
-        """From a `tokenizer.json`, a folder holding one, or a WordPiece folder with only `vocab.txt`."""
+        """A `tokenizer.json`, a folder holding one, or a WordPiece folder with a `vocab.txt`."""
         path = Path(path)
         if path.is_file():
             return cls(Tokenizer.from_file(str(path)), path)
@@ -109,7 +111,7 @@ def _read_special_ids(tokenizer: Tokenizer, path: Path) -> SpecialIds:
 
 
 def _wordpiece_from_folder(folder: Path) -> Tokenizer:
-    """A BERT WordPiece tokenizer from `vocab.txt` (+ `do_lower_case` from tokenizer_config.json)."""
+    """A BERT WordPiece tokenizer from `vocab.txt` (`do_lower_case` from tokenizer_config.json)."""
     lowercase = True  # BERT's uncased checkpoints are the ones shipped as a bare vocab.txt
     config_path = folder / "tokenizer_config.json"
     if config_path.is_file():
@@ -120,7 +122,8 @@ def _wordpiece_from_folder(folder: Path) -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
     # Registering the vocab's own special entries keeps their ids and marks them special.
-    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS if t in vocab])
+    present = [AddedToken(t, special=True) for t in SPECIAL_TOKENS if t in vocab]
+    tokenizer.add_special_tokens(present)
     return tokenizer
 
 
@@ -142,16 +145,18 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: Path,
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    if tokenizer.get_vocab_size() < target:
+    trained_size = tokenizer.get_vocab_size()
+    if trained_size < target:
         log.warning("corpus too small for %d tokens: trained %d (padded to %d at the embedding)",
-                    target, tokenizer.get_vocab_size(), round_up_to_multiple(tokenizer.get_vocab_size()))
+                    target, trained_size, round_up_to_multiple(trained_size))
 
     out_path = Path(out_path)
     json_path = out_path if out_path.suffix == ".json" else out_path / "tokenizer.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(json_path))
     if json_path != out_path:
-        hf_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+        hf_config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                     "clean_up_tokenization_spaces": False,
                      **{f"{role}_token": names[0] for role, names in SPECIAL_NAMES.items()}}
         (out_path / "tokenizer_config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return TextTokenizer.load(json_path)
@@ -164,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="modernbert-tokenizer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a byte-level BPE on text / JSONL / Parquet / HF data")
+    train = sub.add_parser("train", help="train a byte-level BPE on text/JSONL/Parquet/HF data")
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", metavar="PATH", help="files, globs or directories")
     source.add_argument("--embedded", action="store_true",

@@ -42,8 +42,9 @@ class DataConfig:
     shuffle: bool = True
     # A stalled data path (e.g. a download that never returns) becomes an error after this long.
     stall_timeout_s: float = 600.0
-    # Build the embedded demo corpus + tokenizer under this folder first (the tiny recipe).
-    prepare_demo_assets: bool = False
+    # Build the embedded demo corpus, tokenizer and shards under this folder first (the tiny
+    # recipe); tokenizer and streams then point inside it.
+    demo_root: Optional[str] = None
 
 
 @dataclass
@@ -124,8 +125,6 @@ class RunConfig:
     parallelism: str = "ddp"
     # Where the run writes its local files (metrics, resolved config, local checkpoint copies).
     run_dir: str = "runs/${run_name}"
-    # A loss that is NaN/inf stops the run ("stop") or skips the step ("skip").
-    on_nonfinite_loss: str = "stop"
     model: ModernBertConfig = field(default_factory=ModernBertConfig)
     data: DataConfig = field(default_factory=DataConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -212,10 +211,8 @@ def validate(cfg: RunConfig) -> None:
     if not 0.0 < d.mask_rate < 1.0 or not 0.0 < d.eval_mask_rate < 1.0:
         problems.append(f"mask rates must be in (0, 1): data.mask_rate={d.mask_rate}, "
                         f"data.eval_mask_rate={d.eval_mask_rate}")
-    if not d.train_streams and not d.prepare_demo_assets:
+    if not d.train_streams:
         problems.append("data.train_streams is empty: name at least one MDS dataset")
-    if cfg.on_nonfinite_loss not in ("stop", "skip"):
-        problems.append(f"on_nonfinite_loss={cfg.on_nonfinite_loss!r}: use 'stop' or 'skip'")
     if cfg.parallelism not in ("ddp", "fsdp"):
         problems.append(f"parallelism={cfg.parallelism!r}: use 'ddp' or 'fsdp'")
     if cfg.scheduler.name not in ("wsd", "constant", "decay"):

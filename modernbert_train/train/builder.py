@@ -1,0 +1,203 @@
+"""The one place where model, data, optimizer, schedules, checkpoints and loggers meet Composer."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import torch
+from composer import Evaluator, Trainer
+from composer.algorithms import GradientClipping
+from composer.callbacks import LRMonitor, SpeedMonitor
+from composer.core import DataSpec, Time, TimeUnit
+from composer.utils import dist
+
+from modernbert_train.data.loader import (LoaderConfig, StepBatcher, StreamConfig, build_chunk_dataloader,
+                                          num_samples_in_batch, num_tokens_in_batch, split_batch)
+from modernbert_train.data.tokenizer import TextTokenizer
+from modernbert_train.model.config import ModernBertConfig
+from modernbert_train.model.modernbert import ModernBertForMaskedLM
+from modernbert_train.train.callbacks import (DataResumption, NonFiniteLossGuard, PackingEfficiency,
+                                              RunInfo, StalledDataGuard)
+from modernbert_train.train.checkpointing import RemoteRetention, preflight_save_folder
+from modernbert_train.train.composer_model import MLMComposerModel
+from modernbert_train.train.config import RunConfig, StreamSpec
+from modernbert_train.train.loggers import MetricsFileLogger, WandBCompatLogger
+from modernbert_train.train.optim import build_optimizer
+from modernbert_train.train.schedulers import build_scheduler, chunks_per_step
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(cfg: RunConfig) -> str:
+    if cfg.device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def model_config_for(cfg: RunConfig, tokenizer: TextTokenizer) -> ModernBertConfig:
+    """The model config with the tokenizer's facts (special ids) filled in and the vocab checked."""
+    if cfg.model.vocab_size < tokenizer.padded_vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer "
+                         f"{cfg.data.tokenizer} needs ({tokenizer.tokenizer_vocab_size} tokens, padded "
+                         f"to {tokenizer.padded_vocab_size})")
+    s = tokenizer.special
+    return replace(cfg.model, pad_token_id=s.pad, cls_token_id=s.cls, sep_token_id=s.sep,
+                   mask_token_id=s.mask)
+
+
+def total_tokens(cfg: RunConfig) -> int:
+    """max_duration in tokens (batches and samples converted at the full global batch)."""
+    duration = Time.from_timestring(cfg.max_duration)
+    if duration.unit == TimeUnit.TOKEN:
+        return int(duration.value)
+    if duration.unit == TimeUnit.BATCH:
+        return int(duration.value) * cfg.batch.global_batch_seqs * cfg.data.max_seq_len
+    if duration.unit == TimeUnit.SAMPLE:
+        return int(duration.value) * cfg.data.max_seq_len
+    raise ValueError(f"max_duration={cfg.max_duration!r}: use tokens (tok), batches (ba) or samples (sp)")
+
+
+def _streams(specs: list[StreamSpec]) -> tuple[StreamConfig, ...]:
+    return tuple(StreamConfig(local=s.local, remote=s.remote, proportion=s.proportion) for s in specs)
+
+
+def build_train_data(cfg: RunConfig, tokenizer: TextTokenizer) -> tuple[DataSpec, StepBatcher]:
+    d = cfg.data
+    loader = build_chunk_dataloader(
+        LoaderConfig(streams=_streams(d.train_streams), split=d.train_split, max_seq_len=d.max_seq_len,
+                     microbatch_seqs=d.microbatch_seqs, mask_rate=d.mask_rate, seed=cfg.seed,
+                     shuffle=d.shuffle, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor,
+                     download_timeout_s=d.stall_timeout_s),
+        special=tokenizer.special, special_ids=tokenizer.special_ids,
+        vocab_size=tokenizer.tokenizer_vocab_size)
+    world = dist.get_world_size()
+    b = cfg.batch
+    schedule = partial(chunks_per_step, start_seqs=b.warmup_start_seqs, end_seqs=b.global_batch_seqs,
+                       warmup_tokens=b.warmup_tokens, max_seq_len=d.max_seq_len,
+                       microbatch_seqs=d.microbatch_seqs, world_size=world)
+    schedule(0)  # fail now, not at the first step, if the batch does not divide over the ranks
+    batcher = StepBatcher(loader, chunks_per_step=schedule, world_size=world)
+    spec = DataSpec(batcher, get_num_samples_in_batch=num_samples_in_batch,
+                    get_num_tokens_in_batch=num_tokens_in_batch, split_batch=split_batch)
+    return spec, batcher
+
+
+def build_eval_data(cfg: RunConfig, tokenizer: TextTokenizer) -> DataSpec | None:
+    d = cfg.data
+    if not d.eval_streams:
+        return None
+    loader = build_chunk_dataloader(
+        LoaderConfig(streams=_streams(d.eval_streams), split=d.eval_split, max_seq_len=d.max_seq_len,
+                     microbatch_seqs=d.microbatch_seqs, mask_rate=d.eval_mask_rate, seed=cfg.seed,
+                     shuffle=False, num_workers=min(d.num_workers, 1), prefetch_factor=d.prefetch_factor,
+                     download_timeout_s=d.stall_timeout_s),
+        special=tokenizer.special, special_ids=tokenizer.special_ids,
+        vocab_size=tokenizer.tokenizer_vocab_size)
+    return DataSpec(loader, get_num_samples_in_batch=num_samples_in_batch,
+                    get_num_tokens_in_batch=num_tokens_in_batch,
+                    split_batch=lambda batch, _size: [batch])
+
+
+def prepare_demo(cfg: RunConfig) -> None:
+    """The tiny recipe's corpus, tokenizer and shards, built once (rank 0) before anything reads them."""
+    from modernbert_train.data.demo import ensure_demo_assets
+    if dist.get_local_rank() == 0:
+        ensure_demo_assets(Path(cfg.data.demo_root), max_seq_len=cfg.data.max_seq_len,
+                           vocab_size=cfg.model.vocab_size)
+    dist.barrier()
+
+
+def build_trainer(cfg: RunConfig) -> Trainer:
+    device = resolve_device(cfg)
+    precision = cfg.precision
+    if device == "cpu" and precision != "fp32":
+        log.info("precision %s needs a GPU; using fp32 on the CPU", precision)
+        precision = "fp32"
+    run_dir = Path(cfg.run_dir)
+    if dist.get_global_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # Storage problems (bad credentials, missing bucket, read-only disk) fail before step 1.
+        preflight_save_folder(cfg.checkpoint.save_folder, run_dir)
+    if cfg.data.demo_root:
+        prepare_demo(cfg)
+
+    tokenizer = TextTokenizer.load(cfg.data.tokenizer)
+    model_cfg = model_config_for(cfg, tokenizer)
+    model = ModernBertForMaskedLM(model_cfg)
+    composer_model = MLMComposerModel(model)
+    optimizer = build_optimizer(cfg.optimizer, model, device_type="cuda" if device == "gpu" else "cpu")
+    scheduler = build_scheduler(cfg.scheduler, total_tokens(cfg))
+    train_spec, batcher = build_train_data(cfg, tokenizer)
+    eval_spec = build_eval_data(cfg, tokenizer)
+
+    ck = cfg.checkpoint
+    callbacks = [
+        DataResumption(batcher),
+        RunInfo(cfg, model_cfg, run_dir),
+        NonFiniteLossGuard(),
+        PackingEfficiency(),
+        StalledDataGuard(timeout_s=cfg.data.stall_timeout_s),
+        LRMonitor(),
+        SpeedMonitor(window_size=20),
+    ]
+    if ck.save_folder and ck.save_folder.startswith("s3://") and ck.keep_remote:
+        callbacks.append(RemoteRetention(ck.save_folder, keep=ck.keep_remote))
+    loggers = []
+    if cfg.logging.metrics_file:
+        loggers.append(MetricsFileLogger(run_dir / "metrics.jsonl"))
+    if cfg.logging.wandb_project and cfg.logging.wandb_mode != "disabled":
+        loggers.append(WandBCompatLogger(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
+                                         name=cfg.run_name, init_kwargs={"mode": cfg.logging.wandb_mode,
+                                                                         "dir": str(run_dir)}))
+    algorithms = []
+    if cfg.optimizer.grad_clip_norm:
+        algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.optimizer.grad_clip_norm))
+    parallelism = None
+    if cfg.parallelism == "fsdp" and dist.get_world_size() > 1:
+        parallelism = {"fsdp": {"sharding_strategy": "SHARD_GRAD_OP", "mixed_precision": "DEFAULT",
+                                "use_orig_params": True, "state_dict_type": "full"}}
+
+    evaluators = None
+    if eval_spec is not None:
+        evaluators = Evaluator(label="val", dataloader=eval_spec,
+                               metric_names=list(composer_model.get_metrics(is_train=False)),
+                               subset_num_batches=cfg.eval.subset_batches or -1)
+    return Trainer(
+        model=composer_model,
+        train_dataloader=train_spec,
+        eval_dataloader=evaluators,
+        eval_interval=cfg.eval.interval,
+        max_duration=cfg.max_duration,
+        optimizers=optimizer,
+        schedulers=scheduler,
+        step_schedulers_every_batch=True,
+        device=device,
+        precision=precision,
+        device_train_microbatch_size=cfg.data.microbatch_seqs,
+        algorithms=algorithms,
+        callbacks=callbacks,
+        loggers=loggers,
+        progress_bar=cfg.logging.progress_bar,
+        log_to_console=not cfg.logging.progress_bar,
+        console_log_interval=cfg.logging.log_interval,
+        run_name=cfg.run_name,
+        seed=cfg.seed,
+        save_folder=ck.save_folder,
+        save_filename="ep{epoch}-ba{batch}-rank{rank}.pt",
+        save_interval=ck.save_interval,
+        save_num_checkpoints_to_keep=ck.keep_local if ck.keep_local is not None else -1,
+        save_overwrite=False,
+        autoresume=ck.autoresume and ck.save_folder is not None,
+        load_path=ck.load_path,
+        load_weights_only=ck.load_weights_only,
+        load_strict_model_weights=True,
+        reset_time=ck.reset_time,
+        # The data state comes from our own callback (exact sample count); Composer must not
+        # replay batches to catch up.
+        spin_dataloaders=False,
+        compile_config={} if cfg.compile else None,
+        parallelism_config=parallelism,
+    )

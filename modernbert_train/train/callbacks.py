@@ -1,0 +1,172 @@
+"""Composer callbacks owned by this project: data resumption, run provenance, fault guards."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from composer.core import Callback, Event, State
+from composer.loggers import Logger
+from composer.utils import dist
+from omegaconf import OmegaConf
+
+from modernbert_train.data.loader import StepBatcher
+from modernbert_train.model.config import ModernBertConfig
+
+log = logging.getLogger(__name__)
+
+
+class DataResumption(Callback):
+    """Saves the step batcher's exact position with every checkpoint and restores it on resume."""
+
+    def __init__(self, batcher: StepBatcher):
+        self.batcher = batcher
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batcher.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batcher.load_state_dict(state)
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    names = ["modernbert-train", "torch", "mosaicml", "mosaicml-streaming", "torch-optimi", "tokenizers",
+             "omegaconf", "wandb", "transformers", "flash-attn"]
+    versions = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+class RunInfo(Callback):
+    """Writes the resolved config, git SHA and package versions next to the checkpoints; keeps the
+    model config inside every checkpoint so `modernbert-export` can rebuild the model."""
+
+    def __init__(self, run_config, model_config: ModernBertConfig, run_dir: Path):
+        self.run_config = run_config
+        self.model_config = model_config
+        self.run_dir = Path(run_dir)
+
+    def info(self) -> dict[str, Any]:
+        return {"config": OmegaConf.to_container(OmegaConf.structured(self.run_config)),
+                "model_config": asdict(self.model_config), "git_sha": git_sha(),
+                "packages": package_versions(), "world_size": dist.get_world_size(),
+                "started_unix": time.time()}
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() != 0:
+            return
+        path = self.run_dir / "run_info.json"
+        path.write_text(json.dumps(self.info(), indent=2, default=str) + "\n")
+        save_folder = self.run_config.checkpoint.save_folder
+        if save_folder and "://" in save_folder:
+            from composer.utils import maybe_create_object_store_from_uri, parse_uri
+            store = maybe_create_object_store_from_uri(save_folder)
+            _, _, prefix = parse_uri(save_folder)
+            store.upload_object(f"{prefix.rstrip('/')}/run_info.json".lstrip("/"), str(path))
+        elif save_folder:
+            Path(save_folder).mkdir(parents=True, exist_ok=True)
+            (Path(save_folder) / "run_info.json").write_text(path.read_text())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model_config": asdict(self.model_config)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("model_config", {})
+        shape_keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        diff = {k: (saved.get(k), getattr(self.model_config, k)) for k in shape_keys
+                if k in saved and saved[k] != getattr(self.model_config, k)}
+        if diff:
+            raise ValueError(f"checkpoint model shape differs from the recipe (checkpoint, recipe): {diff}")
+
+
+class NonFiniteLossGuard(Callback):
+    """Stops the run at the first NaN/inf loss, naming the batch, before any checkpoint of it is
+    written (checkpoints are taken after BATCH_END), so the last good checkpoint stays latest."""
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        loss = state.loss
+        values = loss.values() if isinstance(loss, dict) else [loss]
+        for value in values:
+            v = float(value.detach().float().sum().item()) if hasattr(value, "detach") else float(value)
+            if not math.isfinite(v):
+                raise RuntimeError(
+                    f"non-finite training loss {v} at batch {int(state.timestamp.batch)} "
+                    f"(token {int(state.timestamp.token)}); stopping before this state is checkpointed. "
+                    "Resume from the last checkpoint, perhaps with a lower lr.")
+
+
+class PackingEfficiency(Callback):
+    """Logs real tokens / token slots of each step (padding at chunk ends is the only waste)."""
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        batch = state.batch
+        slots = batch["input_ids"].numel()
+        real = int(batch["num_tokens"].sum())
+        logger.log_metrics({"data/packing_efficiency": real / max(1, slots),
+                            "data/chunks_per_step": int(batch["input_ids"].shape[0])
+                            if batch["input_ids"].dim() > 1 else 1})
+
+
+class StalledDataGuard(Callback):
+    """Turns a data path that stops delivering into a clear error within a bounded time.
+
+    DataLoader workers already time out; this covers the main process (num_workers=0, a hung
+    remote read): if one batch takes longer than `timeout_s`, the process exits with a message.
+    """
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._waiting_since: float | None = None
+        self._batch = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="stalled-data-guard")
+        self._thread.start()
+
+    def before_dataloader(self, state: State, logger: Logger) -> None:
+        self._batch = int(state.timestamp.batch)
+        self._waiting_since = time.monotonic()
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        self._waiting_since = None
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self._stop.set()
+
+    def close(self, state: State, logger: Logger) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(5.0, self.timeout_s / 4)):
+            since = self._waiting_since
+            if since is not None and time.monotonic() - since > self.timeout_s:
+                msg = (f"data path stalled: no batch for {self.timeout_s:.0f}s while fetching batch "
+                       f"{self._batch} (rank {dist.get_global_rank()}). Check the object store / "
+                       "shards; raise data.stall_timeout_s if downloads are just slow.")
+                log.error(msg)
+                print(f"ERROR: {msg}", file=sys.stderr, flush=True)
+                os._exit(3)

@@ -1,0 +1,29 @@
+"""Rebuild the plain model from a Composer checkpoint written by this project (for HF export).
+
+Composer checkpoints are pickles and loading one can run code: only load checkpoints you trust.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from modernbert_train.model.config import ModernBertConfig
+from modernbert_train.model.modernbert import ModernBertForMaskedLM
+
+
+def load_model_from_checkpoint(path: str | Path) -> ModernBertForMaskedLM:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # a pickle: trusted input only
+    state = ckpt["state"]
+    run_info = state.get("callbacks", {}).get("RunInfo")
+    if not run_info or "model_config" not in run_info:
+        raise ValueError(f"{path} has no model config (RunInfo callback state): not a modernbert-train checkpoint?")
+    config = ModernBertConfig(**run_info["model_config"])
+    config.attention_backend = "sdpa"
+    model = ModernBertForMaskedLM(config)
+    weights = {k.removeprefix("model.").removeprefix("_orig_mod."): v for k, v in state["model"].items()}
+    model.load_state_dict(weights)
+    return model

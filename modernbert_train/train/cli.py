@@ -1,0 +1,65 @@
+"""`modernbert-train RECIPE.yaml [key=value ...]` (and `composer train.py RECIPE.yaml` for many GPUs)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from modernbert_train.train.config import ConfigError, load_run_config
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="modernbert-train",
+        description="Pretrain ModernBERT with Composer. Overrides are dotted key=value pairs, e.g. "
+                    "data.microbatch_seqs=48 checkpoint.save_folder=s3://bucket/run1")
+    parser.add_argument("recipe", help="YAML recipe (see yamls/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        print(f"error: overrides must be key=value, got {bad}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_run_config(args.recipe, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    resolved = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    if args.print_config:
+        print(resolved)
+        return 0
+
+    from composer.utils import dist
+
+    from modernbert_train.train.builder import build_trainer
+    if dist.get_global_rank() == 0:
+        print(f"# resolved config ({args.recipe})\n{resolved}", flush=True)
+    try:
+        trainer = build_trainer(cfg)
+    except ValueError as e:  # bad settings found while building: one message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trainer.fit()
+    trainer.close()
+    if dist.get_global_rank() == 0 and cfg.logging.metrics_file:
+        from modernbert_train.train.plotting import plot_loss_curve
+        metrics = Path(cfg.run_dir) / "metrics.jsonl"
+        if metrics.exists():
+            png = plot_loss_curve(metrics, Path(cfg.run_dir) / "loss_curve.png")
+            print(f"loss curve: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

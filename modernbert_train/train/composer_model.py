@@ -1,0 +1,101 @@
+"""The Composer adapter around the plain model: batch in, MLM loss out, eval metrics."""
+from __future__ import annotations
+
+import torch
+from composer.models import ComposerModel
+from torchmetrics import Metric
+
+from modernbert_train.model.modernbert import IGNORE_INDEX, MLMOutput, ModernBertForMaskedLM
+
+
+class MaskedTokenLoss(Metric):
+    """Cross-entropy averaged over every masked token seen (not over batches)."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("loss_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, output: MLMOutput) -> None:
+        n = output.labels.ne(IGNORE_INDEX).sum()
+        self.loss_sum += output.loss.detach().double() * n
+        self.count += n
+
+    def compute(self) -> torch.Tensor:
+        return (self.loss_sum / self.count.clamp(min=1)).float()
+
+
+class MaskedTokenAccuracy(Metric):
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, output: MLMOutput) -> None:
+        logits, labels = output.logits, output.labels
+        if output.masked_positions is None:  # dense head: keep the masked rows only
+            keep = labels != IGNORE_INDEX
+            logits, labels = logits[keep], labels[keep]
+        self.correct += (logits.argmax(-1) == labels).sum()
+        self.count += labels.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.correct.float() / self.count.clamp(min=1)
+
+
+def chunk_inputs(batch: dict) -> dict:
+    """One varlen chunk, as the loader stacks it (leading dim 1), in the model's packed form."""
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1) if x.dim() > 1 else x
+    return dict(input_ids=flat(batch["input_ids"]), cu_seqlens=flat(batch["cu_seqlens"]),
+                position_ids=flat(batch["position_ids"]), max_seqlen=int(batch["max_seqlen"]),
+                labels=flat(batch["labels"]))
+
+
+class MLMComposerModel(ComposerModel):
+    def __init__(self, model: ModernBertForMaskedLM):
+        super().__init__()
+        self.model = model
+        self.val_metrics = {"MaskedTokenLoss": MaskedTokenLoss(), "MaskedTokenAccuracy": MaskedTokenAccuracy()}
+
+    def forward(self, batch: dict) -> MLMOutput:
+        if batch["input_ids"].dim() > 1 and batch["input_ids"].shape[0] != 1:
+            raise ValueError(f"expected one varlen chunk per microbatch, got {batch['input_ids'].shape[0]}")
+        return self.model(**chunk_inputs(batch))
+
+    def loss(self, outputs: MLMOutput, batch: dict) -> torch.Tensor:
+        return outputs.loss
+
+    def eval_forward(self, batch: dict, outputs=None) -> MLMOutput:
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        return {} if is_train else self.val_metrics
+
+    def update_metric(self, batch, outputs: MLMOutput, metric: Metric) -> None:
+        metric.update(outputs)
+
+    def flops_per_batch(self, batch: dict) -> float:
+        """Training FLOPs of one batch (forward + backward = 3x forward), for Composer's MFU.
+
+        Per token: 2 x (dense weights, embedding lookup excluded) for the matmuls; attention
+        scores and values add 4 x hidden per attended (query, key) pair, counted per document
+        (sum of length^2 on global layers, length x min(length, window + 1) on local ones); the
+        MLM head and decoder run only on the masked tokens.
+        """
+        cfg = self.model.config
+        tokens = float(batch["num_tokens"].sum())
+        masked = float((batch["labels"] != IGNORE_INDEX).sum())
+        h, layers = cfg.hidden_size, cfg.num_hidden_layers
+        per_token_layer = 2 * (4 * h * h + 3 * h * cfg.intermediate_size)
+        lengths = batch["cu_seqlens"].diff(dim=-1).double()
+        global_pairs = float((lengths * lengths).sum())
+        local_pairs = float((lengths * lengths.clamp(max=cfg.local_attention + 1)).sum())
+        n_global = sum(cfg.is_global_layer(i) for i in range(layers))
+        attn = 4 * h * (n_global * global_pairs + (layers - n_global) * local_pairs)
+        head = 2 * (h * h + h * cfg.vocab_size)
+        return 3.0 * (tokens * layers * per_token_layer + attn + masked * head)

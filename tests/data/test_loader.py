@@ -1,0 +1,443 @@
+"""The training-time reader: chunk layout, epochs, exact resume across processes, ranks, streams, S3."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from streaming import MDSWriter
+
+from modernbert_train.data.loader import (
+    LoaderConfig,
+    StepBatcher,
+    StreamConfig,
+    build_chunk_dataloader,
+    collate_chunk,
+    max_docs_per_chunk,
+    num_samples_in_batch,
+    num_tokens_in_batch,
+    split_batch,
+)
+from modernbert_train.data.masking import IGNORE_INDEX, MaskingConfig, MLMMasker
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PAD, CLS, SEP, MASK, UNK = 0, 1, 2, 3, 4
+SPECIAL_IDS = (PAD, CLS, SEP, MASK, UNK)
+VOCAB = 1000
+COLUMNS = {"input_ids": "ndarray:uint16", "doc_lens": "ndarray:int32", "doc_ids": "ndarray:int64"}
+MAX_SEQ_LEN = 64
+MICROBATCH_SEQS = 4
+
+
+@dataclass(frozen=True)
+class Special:
+    cls: int = CLS
+    sep: int = SEP
+    mask: int = MASK
+    pad: int = PAD
+    unk: int = UNK
+
+
+def make_packed_samples(num_samples: int, *, max_seq_len: int, seed: int, full: bool = False,
+                        doc_id_base: int = 0) -> list[dict[str, np.ndarray]]:
+    """Packed sequences of [CLS] body [SEP] documents (2..max_seq_len/2 tokens); doc id = base + 1000*i + j."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(num_samples):
+        remaining = max_seq_len if full else int(rng.integers(max_seq_len // 2, max_seq_len + 1))
+        lens = []
+        while remaining >= 2:
+            n = int(rng.integers(2, min(remaining, max_seq_len // 2) + 1))
+            n += remaining - n == 1  # never leave a 1-token gap: `full` sequences fill exactly
+            lens.append(n)
+            remaining -= n
+        ids = np.concatenate([np.r_[CLS, rng.integers(5, VOCAB, n - 2), SEP] for n in lens])
+        samples.append({"input_ids": ids.astype(np.uint16), "doc_lens": np.array(lens, np.int32),
+                        "doc_ids": doc_id_base + 1000 * i + np.arange(len(lens), dtype=np.int64)})
+    return samples
+
+
+def write_shards(out: str, samples: list[dict[str, np.ndarray]]) -> None:
+    with MDSWriter(out=out, columns=COLUMNS, compression="zstd", hashes=["sha1"], size_limit=1 << 12) as writer:
+        for sample in samples:
+            writer.write(sample)
+
+
+def make_masker(seed: int) -> MLMMasker:
+    return MLMMasker(MaskingConfig(mask_rate=0.3), mask_id=MASK, special_ids=SPECIAL_IDS,
+                     vocab_size=VOCAB, pad_id=PAD, seed=seed)
+
+
+def loader_config(locals_: list[str], **overrides) -> LoaderConfig:
+    base = LoaderConfig(streams=tuple(StreamConfig(local=d) for d in locals_), split=None,
+                        max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS, mask_rate=0.3, seed=17,
+                        num_workers=2, prefetch_factor=2, download_timeout_s=30)
+    return replace(base, **overrides)
+
+
+def build_loader(cfg: LoaderConfig):
+    return build_chunk_dataloader(cfg, special=Special(), special_ids=SPECIAL_IDS, vocab_size=VOCAB)
+
+
+def unmasked(chunk: dict) -> np.ndarray:
+    """The original token ids of a chunk: labels where masked, inputs elsewhere."""
+    labels = chunk["labels"].numpy()
+    return np.where(labels != IGNORE_INDEX, labels, chunk["input_ids"].numpy())
+
+
+def assert_chunk_matches(chunk: dict, samples: list[dict[str, np.ndarray]], *, max_seq_len: int,
+                         microbatch_seqs: int) -> None:
+    """Every invariant of the chunk layout, against the packed sequences it claims to hold."""
+    T = microbatch_seqs * max_seq_len
+    max_docs = max_docs_per_chunk(max_seq_len=max_seq_len, microbatch_seqs=microbatch_seqs)
+    picked = [samples[i] for i in chunk["sample_idx"].tolist()]
+    ids = np.concatenate([s["input_ids"] for s in picked]).astype(np.int64)
+    lens = np.concatenate([s["doc_lens"] for s in picked])
+    n = ids.size
+    assert chunk["input_ids"].shape == (T,) and chunk["input_ids"].dtype == torch.int64
+    assert chunk["cu_seqlens"].shape == (max_docs + 1,) and chunk["cu_seqlens"].dtype == torch.int32
+    assert chunk["doc_ids"].shape == (max_docs,) and chunk["max_seqlen"] == max_seq_len
+    assert int(chunk["num_tokens"]) == n, (int(chunk["num_tokens"]), n)
+    # No token lost or duplicated; the tail is padding and never a label.
+    original = unmasked(chunk)
+    assert (original[:n] == ids).all(), f"chunk tokens differ at {np.flatnonzero(original[:n] != ids)[:5]}"
+    assert (chunk["input_ids"][n:] == PAD).all() and (chunk["labels"][n:] == IGNORE_INDEX).all()
+    # Labels only at selected positions, never on specials.
+    labels = chunk["labels"].numpy()
+    selected = labels != IGNORE_INDEX
+    assert not np.isin(ids[selected[:n]], SPECIAL_IDS).any()
+    assert (chunk["input_ids"].numpy()[~selected] == original[~selected]).all()
+    # cu_seqlens: the documents, then the pad tail as one document, then repeats of T.
+    cu = chunk["cu_seqlens"].numpy().astype(np.int64)
+    expected = np.concatenate([[0], np.cumsum(lens)] + ([[T]] if n < T else []))
+    assert (cu[:expected.size] == expected).all(), (cu[:expected.size], expected)
+    assert (cu[expected.size:] == T).all() and cu[-1] == T
+    # Positions restart at 0 in every document, including the pad tail.
+    pos = chunk["position_ids"].numpy()
+    for start, stop in zip(expected[:-1], expected[1:]):
+        assert (pos[start:stop] == np.arange(stop - start)).all(), (start, stop, pos[start:stop])
+    doc_ids = chunk["doc_ids"].numpy()
+    assert (doc_ids[:lens.size] == np.concatenate([s["doc_ids"] for s in picked])).all()
+    assert (doc_ids[lens.size:] == -1).all()
+
+
+# ---------------------------------------------------------------- collate (no Streaming)
+
+
+@pytest.mark.parametrize(
+    "num_seqs, full",
+    [(MICROBATCH_SEQS, False), (MICROBATCH_SEQS, True), (MICROBATCH_SEQS - 1, False)],
+    ids=["padded-tail", "exactly-full", "short-chunk"],
+)
+def test_collate_invariants(num_seqs, full):
+    samples = make_packed_samples(8, max_seq_len=MAX_SEQ_LEN, seed=3, full=full)
+    for s_idx, s in enumerate(samples):
+        s["sample_idx"] = s_idx
+    chosen = [samples[i] for i in (5, 0, 7, 2)[:num_seqs]]
+    chunk = collate_chunk(chosen, max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS, pad_id=PAD,
+                          masker=make_masker(1), epoch=0)
+    assert chunk["sample_idx"].tolist() == [5, 0, 7, 2][:num_seqs]
+    assert_chunk_matches(chunk, samples, max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS)
+    assert (int(chunk["num_tokens"]) == num_seqs * MAX_SEQ_LEN) == full
+
+
+def test_collate_worst_case_document_count_fits():
+    # Every document is the minimum [CLS][SEP]: the fixed capacity is exactly reached.
+    sample = {"input_ids": np.tile(np.array([CLS, SEP], np.uint16), MAX_SEQ_LEN // 2),
+              "doc_lens": np.full(MAX_SEQ_LEN // 2, 2, np.int32),
+              "doc_ids": np.arange(MAX_SEQ_LEN // 2, dtype=np.int64), "sample_idx": 0}
+    chunk = collate_chunk([sample] * MICROBATCH_SEQS, max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS,
+                          pad_id=PAD, masker=make_masker(1), epoch=0)
+    assert (np.diff(chunk["cu_seqlens"].numpy())[:-1] == 2).all()
+    # doc_ids follows the document slots of cu_seqlens; the one slot left is the (empty) pad tail's.
+    assert (chunk["doc_ids"].numpy()[:-1] != -1).all() and chunk["doc_ids"][-1] == -1
+
+
+def test_collate_masks_per_sequence_by_epoch_and_sample_idx():
+    samples = make_packed_samples(4, max_seq_len=MAX_SEQ_LEN, seed=4)
+    for s_idx, s in enumerate(samples):
+        s["sample_idx"] = 100 + s_idx
+    kw = dict(max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS, pad_id=PAD, masker=make_masker(1))
+    a = collate_chunk(samples, epoch=0, **kw)
+    b = collate_chunk(samples[::-1], epoch=0, **kw)  # other position in the chunk: same mask
+    c = collate_chunk(samples, epoch=1, **kw)
+    n0 = samples[0]["input_ids"].size
+    assert (a["labels"][:n0] == b["labels"][-n0 - (MICROBATCH_SEQS * MAX_SEQ_LEN - int(b["num_tokens"])):][:n0]).all()
+    assert (a["labels"] != c["labels"]).any(), "epoch does not change the mask"
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("doc_lens", np.array([3, 3], np.int32), "doc_lens sum"),
+    ("input_ids", np.ones(MAX_SEQ_LEN + 2, np.uint16), "max_seq_len"),
+])
+def test_collate_rejects_malformed_sequences(field, value, match):
+    sample = make_packed_samples(1, max_seq_len=MAX_SEQ_LEN, seed=5)[0] | {"sample_idx": 9, field: value}
+    with pytest.raises(ValueError, match=match):
+        collate_chunk([sample], max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS, pad_id=PAD,
+                      masker=make_masker(1), epoch=0)
+
+
+def test_split_batch_and_counts():
+    samples = make_packed_samples(8, max_seq_len=MAX_SEQ_LEN, seed=6)
+    for s_idx, s in enumerate(samples):
+        s["sample_idx"] = s_idx
+    kw = dict(max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS, pad_id=PAD, masker=make_masker(1), epoch=0)
+    chunks = [collate_chunk(samples[:4], **kw), collate_chunk(samples[4:], **kw)]
+    batch = {k: torch.stack([c[k] for c in chunks]) for k in chunks[0] if k != "max_seqlen"}
+    batch["max_seqlen"] = MAX_SEQ_LEN
+    assert num_samples_in_batch(batch) == 8
+    assert num_tokens_in_batch(batch) == sum(s["input_ids"].size for s in samples)
+    parts = split_batch(batch, MICROBATCH_SEQS)
+    assert len(parts) == 2
+    for part, chunk in zip(parts, chunks):
+        assert part.keys() == chunk.keys()
+        assert all(part[k] == chunk[k] if k == "max_seqlen" else torch.equal(part[k], chunk[k]) for k in chunk)
+        assert num_samples_in_batch(part) == MICROBATCH_SEQS
+    with pytest.raises(ValueError, match="microbatch_size"):
+        split_batch(batch, 1)
+
+
+# ---------------------------------------------------------------- Streaming: epochs and resume
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_one_epoch_yields_every_sample_once(tmp_path, num_workers):
+    samples = make_packed_samples(96, max_seq_len=MAX_SEQ_LEN, seed=7)  # 96 = 12 chunks of 4 x 2 workers
+    write_shards(str(tmp_path / "ds"), samples)
+    loader = build_loader(loader_config([str(tmp_path / "ds")], num_workers=num_workers))
+    seen, doc_ids = [], []
+    for chunk in loader:
+        assert_chunk_matches(chunk, samples, max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS)
+        seen += chunk["sample_idx"].tolist()
+        doc_ids += [d for d in chunk["doc_ids"].tolist() if d >= 0]
+    assert sorted(seen) == list(range(96)), f"missing {set(range(96)) - set(seen)}, {len(seen)} seen"
+    assert seen != sorted(seen), "shuffle=True gave the stored order"
+    assert sorted(doc_ids) == sorted(int(d) for s in samples for d in s["doc_ids"])
+
+
+def warmup_chunks_per_step(samples_seen: int) -> int:
+    """Batch-size warmup used by the resume tests: 1, then 2, then 3 chunks per step."""
+    return 1 if samples_seen < 16 else 2 if samples_seen < 64 else 3
+
+
+RESUME_SAMPLES = 203  # not a multiple of workers x microbatch: the epoch ends in a partial batch
+RESUME_STEPS = 30  # 76 chunks; an epoch has 50 full chunks, so step 22 straddles the epoch boundary
+
+
+def record(batch: dict) -> dict[str, np.ndarray]:
+    return {k: batch[k].numpy().copy() for k in ("input_ids", "labels", "sample_idx", "cu_seqlens")}
+
+
+def run_steps(batcher: StepBatcher, num_steps: int) -> list[dict[str, np.ndarray]]:
+    return [record(next(batcher)) for _ in range(num_steps)]
+
+
+def resume_child(spec_path: str) -> None:
+    """Entry point of the fresh process: resume from a saved state and record the remaining steps."""
+    spec = json.loads(Path(spec_path).read_text())
+    batcher = StepBatcher(build_loader(loader_config([spec["local"]], num_workers=spec["num_workers"])),
+                          chunks_per_step=warmup_chunks_per_step)
+    batcher.load_state_dict(spec["state"])
+    torch.save(run_steps(batcher, spec["num_steps"]), spec["out"])
+
+
+def assert_same_steps(got: list[dict], want: list[dict], first_step: int) -> None:
+    assert len(got) == len(want), (len(got), len(want))
+    for i, (g, w) in enumerate(zip(got, want)):
+        for key in w:
+            assert np.array_equal(g[key], w[key]), (
+                f"step {first_step + i}: {key} differs; sample_idx got {g['sample_idx'].tolist()} "
+                f"want {w['sample_idx'].tolist()}")
+
+
+def test_resume_in_fresh_process_is_exact(tmp_path):
+    samples = make_packed_samples(RESUME_SAMPLES, max_seq_len=MAX_SEQ_LEN, seed=8)
+    local = str(tmp_path / "ds")
+    write_shards(local, samples)
+    batcher = StepBatcher(build_loader(loader_config([local])), chunks_per_step=warmup_chunks_per_step)
+    reference, states = [], {}
+    for step in range(RESUME_STEPS):
+        if step in (7, 21):  # mid epoch 0 before the warmup changes k; just before the straddling step
+            states[step] = batcher.state_dict()
+        reference += run_steps(batcher, 1)
+    assert batcher.state.epoch == 1 and states[21]["samples_in_epoch"] == 196, (batcher.state, states)
+    for chunk_steps in reference:
+        for idx in chunk_steps["sample_idx"].ravel():
+            assert 0 <= idx < RESUME_SAMPLES
+    del batcher
+
+    children = {}
+    for step, state in states.items():
+        spec = {"local": local, "num_workers": 2, "state": state, "num_steps": RESUME_STEPS - step,
+                "out": str(tmp_path / f"resumed_{step}.pt")}
+        spec_path = tmp_path / f"spec_{step}.json"
+        spec_path.write_text(json.dumps(spec))
+        children[step] = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from tests.data.test_loader import resume_child; "
+             "resume_child(sys.argv[1])", str(spec_path)],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for step, child in children.items():
+        output, _ = child.communicate(timeout=120)
+        assert child.returncode == 0, f"resume from step {step} failed:\n{output[-3000:]}"
+        resumed = torch.load(tmp_path / f"resumed_{step}.pt", weights_only=False)
+        assert_same_steps(resumed, reference[step:], first_step=step)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_same_process_reloaded_batcher(tmp_path, num_workers):
+    # Reload into a batcher that already ran past the checkpoint (later epoch): the rewind must hold.
+    samples = make_packed_samples(20, max_seq_len=MAX_SEQ_LEN, seed=9)  # 5 full chunks per epoch
+    write_shards(str(tmp_path / "ds"), samples)
+    batcher = StepBatcher(build_loader(loader_config([str(tmp_path / "ds")], num_workers=num_workers)),
+                          chunks_per_step=lambda seen: 2)
+    run_steps(batcher, 2)
+    state = batcher.state_dict()
+    reference = run_steps(batcher, 6)  # crosses two epoch boundaries
+    assert batcher.state.epoch == 3, batcher.state
+    batcher.load_state_dict(state)
+    assert_same_steps(run_steps(batcher, 6), reference, first_step=2)
+
+
+def rank_child(out_path: str, local: str) -> None:
+    """One simulated rank: one epoch of steps, recording which samples it saw."""
+    batcher = StepBatcher(build_loader(loader_config([local], num_workers=2)), chunks_per_step=lambda seen: 1)
+    seen = [next(batcher)["sample_idx"].ravel().tolist() for _ in range(64 // (MICROBATCH_SEQS * 2))]
+    Path(out_path).write_text(json.dumps({"seen": seen, "state": batcher.state_dict()}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_see_disjoint_samples(tmp_path):
+    samples = make_packed_samples(64, max_seq_len=MAX_SEQ_LEN, seed=10)
+    local = str(tmp_path / "ds")
+    write_shards(local, samples)
+    port = str(free_port())
+    children = []
+    for rank in range(2):
+        env = os.environ | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                            "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        children.append(subprocess.Popen(
+            [sys.executable, "-c", "import sys; from tests.data.test_loader import rank_child; "
+             "rank_child(sys.argv[1], sys.argv[2])", str(tmp_path / f"rank{rank}.json"), local],
+            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for rank, child in enumerate(children):
+        output, _ = child.communicate(timeout=120)
+        assert child.returncode == 0, f"rank {rank} failed:\n{output[-3000:]}"
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    per_rank = [{i for step in res["seen"] for i in step} for res in results]
+    assert per_rank[0].isdisjoint(per_rank[1]), sorted(per_rank[0] & per_rank[1])
+    assert per_rank[0] | per_rank[1] == set(range(64))
+    # Each rank counts the global consumption: 8 steps x 4 sequences x 2 ranks.
+    assert [res["state"]["samples_in_epoch"] for res in results] == [64, 64]
+
+
+def test_stream_proportions(tmp_path):
+    a = make_packed_samples(160, max_seq_len=MAX_SEQ_LEN, seed=11)
+    b = make_packed_samples(160, max_seq_len=MAX_SEQ_LEN, seed=12, doc_id_base=10**9)
+    write_shards(str(tmp_path / "a"), a)
+    write_shards(str(tmp_path / "b"), b)
+    cfg = loader_config([], num_workers=0, streams=(StreamConfig(local=str(tmp_path / "a"), proportion=3.0),
+                                                    StreamConfig(local=str(tmp_path / "b"), proportion=1.0)))
+    from_a = total = 0
+    for chunk in build_loader(cfg):
+        idx = chunk["sample_idx"]
+        from_a += int((idx < 160).sum())
+        total += idx.numel()
+        # Global sample ids index the concatenation of the streams.
+        assert_chunk_matches(chunk, a + b, max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS)
+    assert total == 320, total
+    assert abs(from_a / total - 0.75) < 0.02, f"{from_a}/{total} from stream a, want 0.75"
+
+
+# ---------------------------------------------------------------- failures name their source
+
+
+def test_out_of_vocab_ids_name_the_shard(tmp_path):
+    samples = make_packed_samples(8, max_seq_len=MAX_SEQ_LEN, seed=13)
+    samples[5]["input_ids"][3] = VOCAB + 7
+    write_shards(str(tmp_path / "ds"), samples)
+    loader = build_loader(loader_config([str(tmp_path / "ds")], num_workers=0, shuffle=False))
+    with pytest.raises(ValueError, match=r"token id 1007 >= vocab_size 1000 in sample 5 .*shard\.\d+\.mds"):
+        list(loader)
+
+
+def test_empty_stream_is_named(tmp_path):
+    write_shards(str(tmp_path / "full"), make_packed_samples(8, max_seq_len=MAX_SEQ_LEN, seed=14))
+    write_shards(str(tmp_path / "empty"), [])
+    with pytest.raises(ValueError, match=r"empty stream.*empty"):
+        build_loader(loader_config([str(tmp_path / "full"), str(tmp_path / "empty")], num_workers=0))
+
+
+def test_stalled_download_becomes_an_error_naming_the_stream(tmp_path, monkeypatch):
+    """An S3 endpoint that accepts connections and never answers: the step raises instead of hanging."""
+    samples = make_packed_samples(16, max_seq_len=MAX_SEQ_LEN, seed=15)
+    write_shards(str(tmp_path / "src"), samples)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "index.json").write_bytes((tmp_path / "src" / "index.json").read_bytes())  # shards stay remote
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_and_ignore() -> None:
+        silent.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(silent.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept_and_ignore, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    for key, value in {"S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "k",
+                       "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    cfg = loader_config([], streams=(StreamConfig(local=str(cache), remote="s3://stalled-bucket/ds"),),
+                        num_workers=2, download_timeout_s=1)
+    batcher = StepBatcher(build_loader(cfg), chunks_per_step=lambda seen: 1)
+    try:
+        with pytest.raises(RuntimeError, match=r"s3://stalled-bucket/ds.*failed or stalled"):
+            next(batcher)
+    finally:
+        del batcher
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        silent.close()
+
+
+# ---------------------------------------------------------------- real S3 server
+
+
+def test_streams_from_s3_three_times_with_fresh_caches(tmp_path, s3_server):
+    samples = make_packed_samples(48, max_seq_len=MAX_SEQ_LEN, seed=16)
+    write_shards("s3://test-bucket/ds", samples)
+    shards_on_server = sorted(p.name for p in (s3_server.root / "test-bucket" / "ds").iterdir())
+    assert len(shards_on_server) > 2 and "index.json" in shards_on_server, shards_on_server
+    for attempt in range(3):
+        cache = tmp_path / f"cache{attempt}"
+        cfg = loader_config([], streams=(StreamConfig(local=str(cache), remote="s3://test-bucket/ds"),),
+                            num_workers=2)
+        seen = []
+        for chunk in build_loader(cfg):
+            assert_chunk_matches(chunk, samples, max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS)
+            seen += chunk["sample_idx"].tolist()
+        assert sorted(seen) == list(range(48)), f"attempt {attempt}: {len(seen)} samples"
+        assert any(p.name.startswith("shard.") for p in cache.iterdir()), f"attempt {attempt}: nothing cached"

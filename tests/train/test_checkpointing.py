@@ -1,0 +1,181 @@
+"""Save-folder pre-flight and remote keep-N retention, against a real S3 server (rclone)."""
+from __future__ import annotations
+
+import os
+import stat
+
+import boto3
+import pytest
+
+from modernbert_train.train.checkpointing import (CheckpointStorageError, RemoteRetention,
+                                                  _s3_store, list_remote_checkpoints,
+                                                  preflight_save_folder,
+                                                  prune_remote_checkpoints, read_latest_target)
+
+
+def _client():
+    return boto3.client("s3")  # endpoint and keys from the fixture's env
+
+
+def _keys(bucket: str = "test-bucket", prefix: str = "") -> list[str]:
+    pages = _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+# ---------------------------------------------------------------- pre-flight: local
+
+
+def test_preflight_local_ok(tmp_path):
+    preflight_save_folder(str(tmp_path / "ckpt" / "nested"), tmp_path / "run")
+    assert (tmp_path / "ckpt" / "nested").is_dir() and (tmp_path / "run").is_dir()
+    assert list((tmp_path / "ckpt" / "nested").iterdir()) == [], "probe file left behind"
+
+
+def test_preflight_none_checks_run_dir_only(tmp_path):
+    preflight_save_folder(None, tmp_path / "run")
+    assert (tmp_path / "run").is_dir()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_preflight_read_only_local_dir(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        with pytest.raises(CheckpointStorageError, match=r"checkpoint folder .*ro is not writable"):
+            preflight_save_folder(str(ro), tmp_path / "run")
+    finally:
+        ro.chmod(stat.S_IRWXU)
+
+
+def test_preflight_local_path_blocked_by_file(tmp_path):
+    """Works as root too: a file where the folder should be cannot become a folder."""
+    (tmp_path / "blocker").write_text("x")
+    with pytest.raises(CheckpointStorageError, match=r"checkpoint folder .*blocker/ckpt is not writable"):
+        preflight_save_folder(str(tmp_path / "blocker" / "ckpt"), tmp_path / "run")
+
+
+def test_preflight_not_enough_disk(tmp_path):
+    with pytest.raises(CheckpointStorageError, match=r"GiB free, less than the 1048576.00 GiB required"):
+        preflight_save_folder(str(tmp_path / "ckpt"), tmp_path / "run", min_free_bytes=2**50)
+
+
+def test_preflight_unsupported_scheme(tmp_path):
+    with pytest.raises(CheckpointStorageError, match="only local folders and s3://"):
+        preflight_save_folder("gs://bucket/x", tmp_path / "run")
+
+
+# ---------------------------------------------------------------- pre-flight: S3
+
+
+def test_preflight_s3_ok(s3_server, tmp_path):
+    preflight_save_folder("s3://test-bucket/runs/a/ckpt", tmp_path / "run")
+    assert _keys() == [], "probe object left behind"
+
+
+def test_preflight_s3_wrong_secret(s3_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(CheckpointStorageError, match="credentials were rejected") as info:
+        preflight_save_folder("s3://test-bucket/ckpt", tmp_path / "run")
+    assert s3_server.endpoint in str(info.value) and "s3://test-bucket/ckpt" in str(info.value)
+
+
+def test_preflight_s3_missing_bucket(s3_server, tmp_path):
+    with pytest.raises(CheckpointStorageError, match="bucket 'no-such-bucket' does not exist"):
+        preflight_save_folder("s3://no-such-bucket/ckpt", tmp_path / "run")
+
+
+def test_preflight_s3_no_credentials(s3_server, tmp_path, monkeypatch):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var)
+    for var in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(var, str(tmp_path / "absent"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(CheckpointStorageError, match="no S3 credentials found"):
+        preflight_save_folder("s3://test-bucket/ckpt", tmp_path / "run")
+
+
+def test_preflight_s3_endpoint_down(s3_server, tmp_path):
+    s3_server.stop()
+    with pytest.raises(CheckpointStorageError, match="cannot reach the S3 endpoint") as info:
+        preflight_save_folder("s3://test-bucket/ckpt", tmp_path / "run")
+    assert s3_server.endpoint in str(info.value)
+
+
+# ---------------------------------------------------------------- remote retention
+
+
+def _upload_checkpoints(prefix: str, batches: list[int], latest: int | None) -> None:
+    client = _client()
+    for batch in batches:
+        client.put_object(Bucket="test-bucket", Key=f"{prefix}/ep0-ba{batch}-rank0.pt",
+                          Body=b"w" * batch)
+    # Unrelated objects under the prefix must survive.
+    client.put_object(Bucket="test-bucket", Key=f"{prefix}/notes.txt", Body=b"keep me")
+    if latest is not None:
+        client.put_object(Bucket="test-bucket", Key=f"{prefix}/latest-rank0.pt.symlink",
+                          Body=f"{prefix}/ep0-ba{latest}-rank0.pt".encode())
+
+
+def _remaining_batches(prefix: str) -> list[int]:
+    return [c.batch for c in list_remote_checkpoints(_s3_store("test-bucket"), prefix)]
+
+
+def test_prune_keeps_newest_n(s3_server):
+    _upload_checkpoints("run/ckpt", [10, 20, 30, 40, 50], latest=50)
+    store = _s3_store("test-bucket")
+    assert read_latest_target(store, "run/ckpt") == (0, 50)
+    deleted = prune_remote_checkpoints(store, "run/ckpt", keep=2)
+    assert deleted == [f"run/ckpt/ep0-ba{b}-rank0.pt" for b in (10, 20, 30)]
+    assert _remaining_batches("run/ckpt") == [40, 50]
+    assert "run/ckpt/notes.txt" in _keys() and "run/ckpt/latest-rank0.pt.symlink" in _keys()
+
+
+def test_prune_leaves_checkpoints_newer_than_latest(s3_server):
+    """40 and 50 may still be uploading (latest not moved yet): keep them and latest=30."""
+    _upload_checkpoints("p", [10, 20, 30, 40, 50], latest=30)
+    prune_remote_checkpoints(_s3_store("test-bucket"), "p", keep=1)
+    assert _remaining_batches("p") == [30, 40, 50]
+
+
+def test_prune_without_latest_deletes_nothing(s3_server):
+    _upload_checkpoints("p", [10, 20, 30], latest=None)
+    assert prune_remote_checkpoints(_s3_store("test-bucket"), "p", keep=1) == []
+    assert _remaining_batches("p") == [10, 20, 30]
+
+
+def test_prune_sharded_folders_at_bucket_root(s3_server):
+    client = _client()
+    for batch in (5, 10, 15):
+        for name in ("__0_0.distcp", "__1_0.distcp", ".metadata"):
+            client.put_object(Bucket="test-bucket", Key=f"ep0-ba{batch}/{name}", Body=b"s")
+    client.put_object(Bucket="test-bucket", Key="latest-rank0.pt.symlink", Body=b"ep0-ba15")
+    deleted = prune_remote_checkpoints(_s3_store("test-bucket"), "", keep=2)
+    assert sorted(deleted) == ["ep0-ba5/.metadata", "ep0-ba5/__0_0.distcp", "ep0-ba5/__1_0.distcp"]
+    assert _remaining_batches("") == [10, 15]
+
+
+def test_prune_does_not_touch_other_prefixes(s3_server):
+    _upload_checkpoints("run-a", [1, 2, 3], latest=3)
+    _upload_checkpoints("run-ab", [1, 2, 3], latest=3)
+    prune_remote_checkpoints(_s3_store("test-bucket"), "run-a", keep=1)
+    assert _remaining_batches("run-a") == [3]
+    assert _remaining_batches("run-ab") == [1, 2, 3]
+
+
+def test_retention_callback_prunes_on_rank0(s3_server):
+    from types import SimpleNamespace
+
+    _upload_checkpoints("runs/demo/ckpt", [100, 200, 300], latest=300)
+    cb = RemoteRetention("s3://test-bucket/runs/{run_name}/ckpt", keep=1)
+    cb.init(SimpleNamespace(run_name="demo"), None)  # type: ignore[arg-type]
+    cb.batch_checkpoint(None, None)  # type: ignore[arg-type]
+    assert _remaining_batches("runs/demo/ckpt") == [300]
+    assert len(cb.deleted_keys) == 2
+
+
+def test_retention_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="needs an s3:// save folder"):
+        RemoteRetention("/local/ckpt", keep=1)
+    with pytest.raises(ValueError, match="keep=0"):
+        RemoteRetention("s3://b/ckpt", keep=0)

@@ -1,0 +1,84 @@
+"""Every recipe loads onto the typed config; typos and bad settings fail early with the key's name."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from modernbert_train.train.config import ConfigError, load_run_config
+
+YAMLS = sorted((Path(__file__).resolve().parents[2] / "yamls").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    names = {p.name for p in YAMLS}
+    assert {"tiny.yaml", "base.yaml", "large.yaml", "base_context_extension.yaml", "base_decay.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=[p.name for p in YAMLS])
+def test_every_recipe_loads(path):
+    cfg = load_run_config(path)
+    assert cfg.run_name
+    assert cfg.batch.global_batch_seqs % cfg.data.microbatch_seqs == 0
+
+
+def test_base_recipe_is_modernbert_base_phase_one():
+    cfg = load_run_config(Path(__file__).resolve().parents[2] / "yamls/base.yaml")
+    m = cfg.model
+    assert (m.hidden_size, m.num_hidden_layers, m.num_attention_heads, m.intermediate_size) == (768, 22, 12, 1152)
+    assert (cfg.data.max_seq_len, cfg.data.microbatch_seqs, cfg.batch.global_batch_seqs) == (1024, 96, 4608)
+    assert (cfg.optimizer.lr, cfg.optimizer.betas, cfg.optimizer.eps, cfg.optimizer.weight_decay) == (
+        8e-4, [0.9, 0.98], 1e-6, 1e-5)
+    assert cfg.scheduler.warmup_tokens == 3_000_000_000
+    assert (cfg.batch.warmup_start_seqs, cfg.batch.warmup_tokens) == (768, 50_000_000_000)
+    assert cfg.data.mask_rate == 0.3 and cfg.precision == "amp_bf16" and cfg.compile
+    assert cfg.checkpoint.save_folder.startswith("s3://")
+
+
+def test_overrides_apply_and_preset_fills_model():
+    cfg = load_run_config(YAMLS[0].parent / "base.yaml", ["model.preset=large", "data.microbatch_seqs=48",
+                                                         "optimizer.lr=1e-4"])
+    assert cfg.model.hidden_size == 1024 and cfg.data.microbatch_seqs == 48 and cfg.optimizer.lr == 1e-4
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optimizer.lrr=1", "unknown config key 'optimizer.lrr'. Did you mean 'optimizer.lr'?"),
+    ("data.microbatch_seq=4", "Did you mean 'data.microbatch_seqs'?"),
+    ("modle.hidden_size=4", "Did you mean 'model'"),
+])
+def test_typo_is_rejected_with_a_suggestion(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(YAMLS[0].parent / "tiny.yaml", [override])
+    assert expected in str(e.value), str(e.value)
+
+
+def test_typo_inside_a_recipe_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_name: x\nmax_duration: 10ba\ndata:\n  tokenizer: t\n  train_streams: [{local: d}]\n"
+                   "optimizer:\n  weight_decya: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'optimizer.weight_decya'.*weight_decay"):
+        load_run_config(bad)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match="data.microbatch_seqs"):
+        load_run_config(YAMLS[0].parent / "tiny.yaml", ["data.microbatch_seqs=many"])
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model.local_attention=127"], "local_attention=127"),
+    (["data.microbatch_seqs=64"], "batch.global_batch_seqs=32 is not a multiple of data.microbatch_seqs=64"),
+    (["data.max_seq_len=1024"], "exceeds model.max_position_embeddings=512"),
+    (["data.mask_rate=1.5"], "mask rates must be in (0, 1)"),
+    (["batch.warmup_start_seqs=12"], "batch.warmup_start_seqs=12 must be a multiple"),
+    (["model.vocab_size=4000"], "not a multiple of 64"),
+])
+def test_incompatible_settings_fail_at_startup(overrides, expected):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(YAMLS[0].parent / "tiny.yaml", overrides)
+    assert expected in str(e.value), str(e.value)
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match="required config keys not set: .*max_duration"):
+        load_run_config(None, ["run_name=x", "data.tokenizer=t", "data.train_streams=[{local: d}]"])

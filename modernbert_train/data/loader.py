@@ -21,10 +21,13 @@ from modernbert_train.data.masking import IGNORE_INDEX, MaskingConfig, MLMMasker
 
 log = logging.getLogger(__name__)
 
-try:  # schema.py is the writer/reader contract; these literals are its documented column names.
-    from modernbert_train.data.schema import DOC_IDS_COLUMN, DOC_LENS_COLUMN, INPUT_IDS_COLUMN
-except ImportError:  # pragma: no cover - only while schema.py is being written
-    INPUT_IDS_COLUMN, DOC_LENS_COLUMN, DOC_IDS_COLUMN = "input_ids", "doc_lens", "doc_ids"
+from modernbert_train.data.schema import (
+    DOC_IDS_COLUMN,
+    DOC_LENS_COLUMN,
+    INPUT_IDS_COLUMN,
+    DatasetMeta,
+    read_meta,
+)
 
 MIN_DOC_TOKENS = 2  # every document piece is at least [CLS][SEP]
 
@@ -196,6 +199,37 @@ class ChunkCollator:
                              pad_id=self.pad_id, masker=self.masker, epoch=epoch)
 
 
+def _stream_root(stream: StreamConfig, split: str | None) -> str:
+    root = stream.remote if stream.remote is not None else stream.local
+    return f"{root.rstrip('/')}/{split}" if split else root
+
+
+def check_stream_metas(cfg: LoaderConfig, *, special: SpecialTokenIds, vocab_size: int) -> list[DatasetMeta]:
+    """Read each stream's `modernbert_meta.json` and reject data the run cannot train on."""
+    metas = []
+    for stream in cfg.streams:
+        root = _stream_root(stream, cfg.split)
+        meta = read_meta(root)
+        problems = []
+        if meta.max_seq_len > cfg.max_seq_len:
+            problems.append(f"sequences up to {meta.max_seq_len} tokens > max_seq_len {cfg.max_seq_len}")
+        elif meta.max_seq_len < cfg.max_seq_len:
+            log.warning("stream %s was packed to %d tokens, the run uses max_seq_len %d: chunks carry "
+                        "more padding", root, meta.max_seq_len, cfg.max_seq_len)
+        if meta.tokenizer_vocab_size != vocab_size:
+            problems.append(f"tokenizer_vocab_size {meta.tokenizer_vocab_size} != {vocab_size}")
+        for name in ("cls", "sep", "mask", "pad"):
+            if meta.special_ids.get(name) != getattr(special, name):
+                problems.append(f"special id {name} {meta.special_ids.get(name)} != {getattr(special, name)}")
+        if metas and meta.tokenizer_sha256 != metas[0].tokenizer_sha256:
+            problems.append(f"tokenizer {meta.tokenizer_sha256[:12]} differs from the first stream's "
+                            f"{metas[0].tokenizer_sha256[:12]}")
+        if problems:
+            raise ValueError(f"stream {root} does not match the run: " + "; ".join(problems))
+        metas.append(meta)
+    return metas
+
+
 def build_packed_dataset(cfg: LoaderConfig, *, vocab_size: int) -> PackedSequenceDataset:
     if not cfg.streams:
         raise ValueError("LoaderConfig.streams is empty: give at least one stream")
@@ -226,12 +260,16 @@ def build_chunk_dataloader(
     special: SpecialTokenIds,
     special_ids: Sequence[int],
     vocab_size: int,
+    check_meta: bool = True,
 ) -> DataLoader:
     """A DataLoader whose every item is one chunk (see `collate_chunk`) of `cfg.microbatch_seqs` sequences.
 
     `vocab_size` is the tokenizer's real size (not the padded embedding size): ids at or above it
-    are rejected, and random replacement ids are drawn below it.
+    are rejected, and random replacement ids are drawn below it. With `check_meta`, each stream's
+    metadata must match the run (`check_stream_metas`).
     """
+    if check_meta:
+        check_stream_metas(cfg, special=special, vocab_size=vocab_size)
     dataset = build_packed_dataset(cfg, vocab_size=vocab_size)
     masker = MLMMasker(MaskingConfig(mask_rate=cfg.mask_rate), mask_id=special.mask,
                        special_ids=special_ids, vocab_size=vocab_size, pad_id=special.pad, seed=cfg.seed)

@@ -110,6 +110,22 @@ def prepare_demo(cfg: RunConfig) -> None:
     dist.barrier()
 
 
+def fit(trainer: Trainer, cfg: RunConfig) -> bool:
+    """Train to max_duration; False if the run had already finished (nothing to do)."""
+    state = trainer.state
+    started_new_phase = cfg.checkpoint.load_path is not None and state.load_path == cfg.checkpoint.load_path
+    if started_new_phase and cfg.checkpoint.reset_time:
+        trainer.fit(reset_time=True)
+        return True
+    elapsed = state.timestamp.get(state.max_duration.unit)
+    if state.max_duration <= elapsed:
+        log.info("run %s already reached max_duration %s (at %s); nothing to do",
+                 cfg.run_name, state.max_duration, elapsed)
+        return False
+    trainer.fit()
+    return True
+
+
 def build_trainer(cfg: RunConfig) -> Trainer:
     device = resolve_device(cfg)
     precision = cfg.precision
@@ -147,7 +163,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         callbacks.append(RemoteRetention(ck.save_folder, keep=ck.keep_remote))
     loggers = []
     if cfg.logging.metrics_file:
-        loggers.append(MetricsFileLogger(run_dir / "metrics.jsonl"))
+        loggers.append(MetricsFileLogger(run_dir))
     if cfg.logging.wandb_project and cfg.logging.wandb_mode != "disabled":
         loggers.append(WandBCompatLogger(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
                                          name=cfg.run_name, init_kwargs={"mode": cfg.logging.wandb_mode,
@@ -194,7 +210,9 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         load_path=ck.load_path,
         load_weights_only=ck.load_weights_only,
         load_strict_model_weights=True,
-        reset_time=ck.reset_time,
+        # A new phase starts from another run's weights, never from its data position (that state
+        # belongs to another dataset); autoresume ignores this and restores everything.
+        load_ignore_keys=["state/callbacks/DataResumption"] if ck.load_path else None,
         # The data state comes from our own callback (exact sample count); Composer must not
         # replay batches to catch up.
         spin_dataloaders=False,

@@ -254,6 +254,7 @@ class RemoteRetention(Callback):
         self.latest_name = latest_name
         self._store: S3ObjectStore | None = None
         self._prefix = ""
+        self._final_prune_done = False
         self.deleted_keys: list[str] = []
 
     def init(self, state: State, logger: Logger) -> None:
@@ -284,11 +285,17 @@ class RemoteRetention(Callback):
     def iteration_checkpoint(self, state: State, logger: Logger) -> None:
         self._prune()
 
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self._final_prune_done = False
+
     def fit_end(self, state: State, logger: Logger) -> None:
         self._prune()
 
     def post_close(self) -> None:
-        self._prune()
+        # Composer runs post_close on trainer.close() and again from its atexit hook: prune once.
+        if not self._final_prune_done:
+            self._final_prune_done = True
+            self._prune()
 
     def state_dict(self) -> dict[str, Any]:
         return {}

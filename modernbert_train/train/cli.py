@@ -42,7 +42,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from composer.utils import dist
 
-    from modernbert_train.train.builder import build_trainer
+    from modernbert_train.train.builder import build_trainer, fit
     if dist.get_global_rank() == 0:
         print(f"# resolved config ({args.recipe})\n{resolved}", flush=True)
     try:
@@ -50,8 +50,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as e:  # bad settings found while building: one message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trainer.fit()
+    trained = fit(trainer, cfg)
     trainer.close()
+    if not trained and dist.get_global_rank() == 0:
+        print(f"run {cfg.run_name} is already complete ({cfg.max_duration}); nothing to do")
     if dist.get_global_rank() == 0 and cfg.logging.metrics_file:
         from modernbert_train.train.plotting import plot_loss_curve
         metrics = Path(cfg.run_dir) / "metrics.jsonl"

@@ -27,12 +27,13 @@ from modernbert_train.data.loader import (
     split_batch,
 )
 from modernbert_train.data.masking import IGNORE_INDEX, MaskingConfig, MLMMasker
+from modernbert_train.data.schema import DatasetMeta, mds_columns, write_meta
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PAD, CLS, SEP, MASK, UNK = 0, 1, 2, 3, 4
 SPECIAL_IDS = (PAD, CLS, SEP, MASK, UNK)
 VOCAB = 1000
-COLUMNS = {"input_ids": "ndarray:uint16", "doc_lens": "ndarray:int32", "doc_ids": "ndarray:int64"}
+COLUMNS = mds_columns("uint16")
 MAX_SEQ_LEN = 64
 MICROBATCH_SEQS = 4
 
@@ -65,10 +66,19 @@ def make_packed_samples(num_samples: int, *, max_seq_len: int, seed: int, full: 
     return samples
 
 
-def write_shards(out: str, samples: list[dict[str, np.ndarray]]) -> None:
+def dataset_meta(**overrides) -> DatasetMeta:
+    base = DatasetMeta(max_seq_len=MAX_SEQ_LEN, vocab_size=1024, tokenizer_vocab_size=VOCAB,
+                       special_ids={"cls": CLS, "sep": SEP, "mask": MASK, "pad": PAD, "unk": UNK},
+                       tokenizer_sha256="ab" * 32, dtype="uint16", split="train")
+    return replace(base, **overrides)
+
+
+def write_shards(out: str, samples: list[dict[str, np.ndarray]], meta: DatasetMeta | None = None) -> None:
+    """MDS shards (several, small) plus the metadata file, as the shard writer lays them out."""
     with MDSWriter(out=out, columns=COLUMNS, compression="zstd", hashes=["sha1"], size_limit=1 << 12) as writer:
         for sample in samples:
             writer.write(sample)
+    write_meta(out, meta or dataset_meta())
 
 
 def make_masker(seed: int) -> MLMMasker:
@@ -83,8 +93,9 @@ def loader_config(locals_: list[str], **overrides) -> LoaderConfig:
     return replace(base, **overrides)
 
 
-def build_loader(cfg: LoaderConfig):
-    return build_chunk_dataloader(cfg, special=Special(), special_ids=SPECIAL_IDS, vocab_size=VOCAB)
+def build_loader(cfg: LoaderConfig, check_meta: bool = True):
+    return build_chunk_dataloader(cfg, special=Special(), special_ids=SPECIAL_IDS, vocab_size=VOCAB,
+                                  check_meta=check_meta)
 
 
 def unmasked(chunk: dict) -> np.ndarray:
@@ -258,6 +269,7 @@ def assert_same_steps(got: list[dict], want: list[dict], first_step: int) -> Non
                 f"want {w['sample_idx'].tolist()}")
 
 
+@pytest.mark.slow  # two fresh Python processes (torch + streaming imports): ~20 s
 def test_resume_in_fresh_process_is_exact(tmp_path):
     samples = make_packed_samples(RESUME_SAMPLES, max_seq_len=MAX_SEQ_LEN, seed=8)
     local = str(tmp_path / "ds")
@@ -319,6 +331,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two rank processes with a gloo group: ~15 s
 def test_two_ranks_see_disjoint_samples(tmp_path):
     samples = make_packed_samples(64, max_seq_len=MAX_SEQ_LEN, seed=10)
     local = str(tmp_path / "ds")
@@ -380,6 +393,18 @@ def test_empty_stream_is_named(tmp_path):
         build_loader(loader_config([str(tmp_path / "full"), str(tmp_path / "empty")], num_workers=0))
 
 
+@pytest.mark.parametrize("meta, match", [
+    (dataset_meta(max_seq_len=2 * MAX_SEQ_LEN), "sequences up to 128 tokens > max_seq_len 64"),
+    (dataset_meta(tokenizer_vocab_size=VOCAB + 1), "tokenizer_vocab_size 1001 != 1000"),
+    (dataset_meta(special_ids={"cls": CLS, "sep": SEP, "mask": 9, "pad": PAD, "unk": UNK}), "mask 9 != 3"),
+], ids=["longer-sequences", "other-vocab", "other-mask-id"])
+def test_mismatched_metadata_is_rejected(tmp_path, meta, match):
+    write_shards(str(tmp_path / "ok"), make_packed_samples(8, max_seq_len=MAX_SEQ_LEN, seed=17))
+    write_shards(str(tmp_path / "bad"), make_packed_samples(8, max_seq_len=MAX_SEQ_LEN, seed=18), meta)
+    with pytest.raises(ValueError, match=rf"stream .*bad does not match the run: .*{match}"):
+        build_loader(loader_config([str(tmp_path / "ok"), str(tmp_path / "bad")], num_workers=0))
+
+
 def test_stalled_download_becomes_an_error_naming_the_stream(tmp_path, monkeypatch):
     """An S3 endpoint that accepts connections and never answers: the step raises instead of hanging."""
     samples = make_packed_samples(16, max_seq_len=MAX_SEQ_LEN, seed=15)
@@ -409,8 +434,9 @@ def test_stalled_download_becomes_an_error_naming_the_stream(tmp_path, monkeypat
                        "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)
     cfg = loader_config([], streams=(StreamConfig(local=str(cache), remote="s3://stalled-bucket/ds"),),
-                        num_workers=2, download_timeout_s=1)
-    batcher = StepBatcher(build_loader(cfg), chunks_per_step=lambda seen: 1)
+                        num_workers=1, download_timeout_s=1)  # one worker: a shorter teardown
+    # check_meta=False: the metadata read would stall too; this test is about the shard data path.
+    batcher = StepBatcher(build_loader(cfg, check_meta=False), chunks_per_step=lambda seen: 1)
     try:
         with pytest.raises(RuntimeError, match=r"s3://stalled-bucket/ds.*failed or stalled"):
             next(batcher)

@@ -68,18 +68,22 @@ class MLMMasker:
 
     def __call__(self, input_ids: np.ndarray, key: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Return (masked input ids, labels) as int64 arrays; labels are -100 where not selected."""
-        ids = np.asarray(input_ids).astype(np.int64, copy=True)
+        input_ids = np.asarray(input_ids)
+        ids = input_ids.astype(np.int64, copy=True)
         labels = np.full(ids.shape, IGNORE_INDEX, dtype=np.int64)
         if ids.size == 0:
             return ids, labels
-        if ids.min() < 0 or ids.max() >= len(self._is_special):
+        try:  # the table lookup doubles as the range check (too large ids raise IndexError) ...
+            if input_ids.dtype.kind == "i" and ids.min() < 0:  # ... but negative ones would wrap
+                raise IndexError
+            eligible = ~self._is_special[ids]
+        except IndexError:
             raise ValueError(
                 f"token ids outside [0, {len(self._is_special)}): min {ids.min()}, max {ids.max()}"
-            )
+            ) from None
         entropy = [self.seed, *((key,) if isinstance(key, (int, np.integer)) else tuple(key))]
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(k) for k in entropy])))
 
-        eligible = ~self._is_special[ids]
         n_eligible = int(eligible.sum())
         n_selected = int(round(self.cfg.mask_rate * n_eligible))
         # Draw a priority for every position (not only the eligible ones) so the random stream

@@ -80,13 +80,21 @@ def is_remote(root: str) -> bool:
     return urllib.parse.urlparse(str(root)).scheme not in ("", "file")
 
 
+_S3_CLIENTS: dict[tuple[str | None, ...], object] = {}
+
+
 def s3_client():
     """A boto3 S3 client honoring the endpoint variables Streaming (S3_ENDPOINT_URL) and boto3
-    (AWS_ENDPOINT_URL_S3) read, so both see the same server."""
+    (AWS_ENDPOINT_URL_S3) read, so both see the same server. Cached per endpoint and credentials
+    (creating a client loads botocore's service model: most of a second)."""
     import boto3
 
     endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or None
-    return boto3.session.Session().client("s3", endpoint_url=endpoint)
+    key = (endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"),
+           os.environ.get("AWS_DEFAULT_REGION"), os.environ.get("AWS_PROFILE"))
+    if key not in _S3_CLIENTS:
+        _S3_CLIENTS[key] = boto3.session.Session().client("s3", endpoint_url=endpoint)
+    return _S3_CLIENTS[key]
 
 
 def split_s3_url(url: str) -> tuple[str, str]:

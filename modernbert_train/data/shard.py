@@ -167,7 +167,6 @@ class _WorkerTask:
     cfg: ShardConfig
     files: list[InputFile]
     part_dirs: dict[str, tuple[str, str | None]]  # split -> (local dir, remote url or None)
-    single_thread_tokenizer: bool
 
 
 @dataclass
@@ -255,12 +254,12 @@ def _run_worker(task: _WorkerTask, progress: ProgressFn) -> _WorkerResult:
 _progress_queue: multiprocessing.Queue | None = None
 
 
-def _init_pool_worker(progress_queue: multiprocessing.Queue, single_thread: bool) -> None:
+def _init_pool_worker(progress_queue: multiprocessing.Queue) -> None:
     global _progress_queue
     _progress_queue = progress_queue
-    if single_thread:
-        # One tokenizer thread per worker process: the workers are the parallelism.
-        os.environ["RAYON_NUM_THREADS"] = "1"
+    # One tokenizer thread per worker process: the workers are the parallelism.
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     logging.basicConfig(level=logging.WARNING)
 
 
@@ -287,11 +286,16 @@ def _run_workers(tasks: list[_WorkerTask], show_progress: bool) -> list[_WorkerR
     try:
         if len(tasks) == 1:
             return [_run_worker(tasks[0], progress)]
-        context = multiprocessing.get_context("spawn")  # the parent's tokenizer threads must not fork
+        # fork starts workers in milliseconds (spawn re-imports torch + streaming in each, seconds).
+        # The workers run the tokenizer single-threaded (_init_pool_worker), which is also what
+        # tokenizers falls back to in a child forked after its thread pool ran, so a parent that
+        # already tokenized (a test, a notebook) is safe too.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
         progress_queue = context.Queue()
         with concurrent.futures.ProcessPoolExecutor(
                 max_workers=len(tasks), mp_context=context, initializer=_init_pool_worker,
-                initargs=(progress_queue, True)) as pool:
+                initargs=(progress_queue,)) as pool:
             futures = [pool.submit(_pool_worker, task) for task in tasks]
             while True:
                 try:
@@ -388,9 +392,9 @@ def _handle_existing(cfg: ShardConfig, targets: dict[str, str]) -> None:
         if location.endswith(INDEX_FILENAME):  # a stale merged index and its metadata
             _remove(location)
             _remove(location[: -len(INDEX_FILENAME)] + META_FILENAME)
-        elif is_remote(location) or cfg.num_jobs > 1:
+        elif is_remote(location):
             _remove(location)
-        # a local single-job output is replaced by a rename at the end instead
+        # local output is replaced by renames once the new one is complete (_publish_local)
 
 
 class _DropStreamingMergeNoise(logging.Filter):
@@ -481,13 +485,13 @@ def shard(cfg: ShardConfig) -> ShardSummary:
         staging = out_path.parent / f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}"
     else:
         staging = out_path / f".job-{cfg.job_index:05d}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
+    staging.mkdir(parents=True, exist_ok=remote)  # mkdtemp made the remote one
     staged = {split: str(staging / split) for split in SPLITS}
 
     shares = files_for_workers(files, cfg.workers)
     part_names = [f"part-{w:05d}" for w in range(len(shares))]
     tasks = [
-        _WorkerTask(cfg=cfg, files=share, single_thread_tokenizer=len(shares) > 1, part_dirs={
+        _WorkerTask(cfg=cfg, files=share, part_dirs={
             split: (str(Path(staged[split], part)),
                     f"{targets[split]}/{part}" if remote else None) for split in SPLITS})
         for share, part in zip(shares, part_names)
@@ -544,18 +548,23 @@ def _publish_local(cfg: ShardConfig, staging: Path, targets: dict[str, str]) -> 
     """Move the complete staged output into place with renames, so OUT never holds a partial
     dataset that looks complete."""
     if cfg.num_jobs == 1:
-        out = Path(cfg.out)
-        if out.exists():  # empty, or --if-exists overwrite already chose to replace it
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, trash)
-            os.rename(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(staging, out)
+        _replace_dir(staging, Path(cfg.out))
         return
     for split, target in targets.items():
         Path(target).parent.mkdir(parents=True, exist_ok=True)
-        os.rename(staging / split, target)
+        _replace_dir(staging / split, Path(target))
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename `new` onto `target`; an existing target (empty, or replaced under --if-exists
+    overwrite) is moved aside first and deleted after."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(target, trash)
+    os.rename(new, target)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 @dataclass
@@ -672,7 +681,8 @@ def _shard_parser() -> argparse.ArgumentParser:
     p.add_argument("--if-exists", default=d.if_exists, choices=IF_EXISTS_CHOICES)
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p.add_argument("--shard-size-limit", dest="shard_size_limit_bytes", type=_parse_size,
-                   default=d.shard_size_limit_bytes, help="uncompressed bytes per shard (e.g. 64mb)")
+                   default=d.shard_size_limit_bytes, metavar="SIZE",
+                   help="uncompressed bytes per shard (e.g. 64mb)")
     p.add_argument("--pack-buffer-docs", type=int, default=d.pack_buffer_docs)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--summary-json", type=Path, help="also write the summary here")

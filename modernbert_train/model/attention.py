@@ -44,17 +44,45 @@ def dense_allowed_mask(cu_seqlens: torch.Tensor, total_tokens: int,
     return allowed
 
 
+def _padded_layout(cu_seqlens: torch.Tensor, total: int, window: Optional[int]):
+    """Gather indices (D, L) of the non-empty documents, their validity and the (D, 1, L, L) mask."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    keep = (lengths > 0).nonzero().squeeze(-1)
+    starts, lengths = cu_seqlens[:-1][keep].long(), lengths[keep].long()
+    longest = int(lengths.max())
+    offsets = torch.arange(longest, device=cu_seqlens.device)
+    valid = offsets[None, :] < lengths[:, None]  # (D, L)
+    index = (starts[:, None] + offsets[None, :]).clamp(max=total - 1)  # (D, L)
+    allowed = valid[:, None, None, :].expand(-1, 1, longest, -1)
+    half = _window_half(window)
+    if half is not None:
+        allowed = allowed & ((offsets[:, None] - offsets[None, :]).abs() <= half)
+    return index, valid, allowed
+
+
 def sdpa_attention(q, k, v, *, cu_seqlens, max_seqlen, window, cache, scale=None):
-    """Reference backend: SDPA with a dense (T, T) document/window mask. CPU and small chunks."""
+    """Reference backend (CPU, small chunks): SDPA over the documents gathered into a padded
+    (D, L) batch, or over the whole chunk with a dense (T, T) mask when that is cheaper."""
     total = q.shape[0]
-    key = ("sdpa_mask", window)
+    key = ("sdpa", window)
     if key not in cache:
-        cache[key] = dense_allowed_mask(cu_seqlens, total, window)
-    # (T, H, D) -> (1, H, T, D)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                                         v.transpose(0, 1).unsqueeze(0), attn_mask=cache[key],
-                                         scale=scale)
-    return out.squeeze(0).transpose(0, 1)
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        docs, longest = int((lengths > 0).sum()), int(lengths.max())
+        if docs * longest * longest < total * total:
+            cache[key] = ("padded", _padded_layout(cu_seqlens, total, window))
+        else:
+            cache[key] = ("dense", dense_allowed_mask(cu_seqlens, total, window))
+    kind, layout = cache[key]
+    if kind == "dense":  # (T, H, D) -> (1, H, T, D)
+        out = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)),
+                                             attn_mask=layout, scale=scale)
+        return out.squeeze(0).transpose(0, 1)
+    index, valid, allowed = layout
+    qp, kp, vp = (x[index].transpose(1, 2) for x in (q, k, v))  # (D, L, H, Dh) -> (D, H, L, Dh)
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=allowed, scale=scale)
+    result = q.new_zeros(q.shape)
+    result[index[valid]] = out.transpose(1, 2)[valid]  # back to (T, H, Dh)
+    return result
 
 
 # --- flex: FlexAttention with a block mask built at block level -------------------------------------

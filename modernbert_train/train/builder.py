@@ -102,12 +102,11 @@ def build_eval_data(cfg: RunConfig, tokenizer: TextTokenizer) -> DataSpec | None
 
 
 def prepare_demo(cfg: RunConfig) -> None:
-    """The tiny recipe's corpus, tokenizer and shards, built once (rank 0) before anything reads them."""
+    """The tiny recipe's corpus, tokenizer and shards, built on first use. Every rank may call this
+    before torch.distributed is up: a file lock lets one build while the others wait."""
     from modernbert_train.data.demo import ensure_demo_assets
-    if dist.get_local_rank() == 0:
-        ensure_demo_assets(Path(cfg.data.demo_root), max_seq_len=cfg.data.max_seq_len,
-                           vocab_size=cfg.model.vocab_size)
-    dist.barrier()
+    ensure_demo_assets(Path(cfg.data.demo_root), max_seq_len=cfg.data.max_seq_len,
+                       vocab_size=cfg.model.vocab_size)
 
 
 def fit(trainer: Trainer, cfg: RunConfig) -> bool:
@@ -166,8 +165,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         loggers.append(MetricsFileLogger(run_dir))
     if cfg.logging.wandb_project and cfg.logging.wandb_mode != "disabled":
         loggers.append(WandBCompatLogger(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
-                                         name=cfg.run_name, init_kwargs={"mode": cfg.logging.wandb_mode,
-                                                                         "dir": str(run_dir)}))
+                                         mode=cfg.logging.wandb_mode, name=cfg.run_name, wandb_dir=run_dir))
     algorithms = []
     if cfg.optimizer.grad_clip_norm:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.optimizer.grad_clip_norm))

@@ -13,7 +13,6 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import botocore.exceptions as bex
 from composer.core import Callback, State
@@ -296,6 +295,3 @@ class RemoteRetention(Callback):
         if not self._final_prune_done:
             self._final_prune_done = True
             self._prune()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}

@@ -217,6 +217,8 @@ def validate(cfg: RunConfig) -> None:
         problems.append(f"parallelism={cfg.parallelism!r}: use 'ddp' or 'fsdp'")
     if cfg.scheduler.name not in ("wsd", "constant", "decay"):
         problems.append(f"scheduler.name={cfg.scheduler.name!r}: use wsd, constant or decay")
+    if cfg.scheduler.decay_shape not in ("one_minus_sqrt", "linear"):
+        problems.append(f"scheduler.decay_shape={cfg.scheduler.decay_shape!r}: one_minus_sqrt or linear")
     if cfg.logging.wandb_mode not in ("online", "offline", "disabled"):
         problems.append(f"logging.wandb_mode={cfg.logging.wandb_mode!r}: online/offline/disabled")
     try:

@@ -303,19 +303,34 @@ def test_resume_in_fresh_process_is_exact(tmp_path):
         assert_same_steps(resumed, reference[step:], first_step=step)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_same_process_reloaded_batcher(tmp_path, num_workers):
+@pytest.mark.parametrize("num_workers, persistent", [(0, False), (2, False), (2, True)],
+                         ids=["no-workers", "2-workers", "2-persistent-workers"])
+def test_resume_same_process_reloaded_batcher(tmp_path, num_workers, persistent):
     # Reload into a batcher that already ran past the checkpoint (later epoch): the rewind must hold.
     samples = make_packed_samples(20, max_seq_len=MAX_SEQ_LEN, seed=9)  # 5 full chunks per epoch
     write_shards(str(tmp_path / "ds"), samples)
-    batcher = StepBatcher(build_loader(loader_config([str(tmp_path / "ds")], num_workers=num_workers)),
-                          chunks_per_step=lambda seen: 2)
+    cfg = loader_config([str(tmp_path / "ds")], num_workers=num_workers, persistent_workers=persistent)
+    batcher = StepBatcher(build_loader(cfg), chunks_per_step=lambda seen: 2)
     run_steps(batcher, 2)
     state = batcher.state_dict()
     reference = run_steps(batcher, 6)  # crosses two epoch boundaries
     assert batcher.state.epoch == 3, batcher.state
     batcher.load_state_dict(state)
     assert_same_steps(run_steps(batcher, 6), reference, first_step=2)
+
+
+def test_batches_do_not_depend_on_worker_count(tmp_path):
+    # The per-rank sample order and the (epoch, sample_idx) masking keys are the same with 0 or 2
+    # workers, so the batches are too (40 samples: 10 full chunks per epoch either way).
+    write_shards(str(tmp_path / "ds"), make_packed_samples(40, max_seq_len=MAX_SEQ_LEN, seed=19))
+    runs = []
+    for num_workers in (0, 2):
+        batcher = StepBatcher(build_loader(loader_config([str(tmp_path / "ds")], num_workers=num_workers)),
+                              chunks_per_step=lambda seen: 3)
+        runs.append(run_steps(batcher, 8))  # 24 chunks: into the third epoch
+        assert batcher.state.epoch == 2, batcher.state
+        del batcher
+    assert_same_steps(runs[1], runs[0], first_step=0)
 
 
 def rank_child(out_path: str, local: str) -> None:

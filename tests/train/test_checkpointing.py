@@ -173,6 +173,14 @@ def test_retention_callback_prunes_on_rank0(s3_server):
     assert _remaining_batches("runs/demo/ckpt") == [300]
     assert len(cb.deleted_keys) == 2
 
+    # After close the latest pointer has moved: the final prune runs once (atexit repeats post_close).
+    _upload_checkpoints("runs/demo/ckpt", [400], latest=400)
+    cb.post_close()
+    assert _remaining_batches("runs/demo/ckpt") == [400]
+    _upload_checkpoints("runs/demo/ckpt", [500], latest=500)
+    cb.post_close()
+    assert _remaining_batches("runs/demo/ckpt") == [400, 500]
+
 
 def test_retention_rejects_bad_arguments():
     with pytest.raises(ValueError, match="needs an s3:// save folder"):

@@ -7,6 +7,9 @@ import torch
 from modernbert_train.train.config import OptimizerConfig
 from modernbert_train.train.optim import build_optimizer, split_decay_params
 
+# Tests use large decays so one step shows them; optimi warns that such values are high.
+pytestmark = pytest.mark.filterwarnings("ignore:You are using weight_decay")
+
 
 class TinyBlock(torch.nn.Module):
     def __init__(self):

@@ -1,0 +1,535 @@
+"""Benchmark one full training step (forward, backward, StableAdamW step) of our packed ModernBERT
+against transformers' ModernBertForMaskedLM on the same tokens, in one process; prints a table and
+writes JSON. Usage: python benchmarks/bench_step.py --preset base --seq-len 1024 --sweep
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import math
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from modernbert_train.data.masking import IGNORE_INDEX, MaskingConfig, MLMMasker
+from modernbert_train.data.packing import BestFitPacker, PackedSequence
+from modernbert_train.model.attention import unavailable_reason
+from modernbert_train.model.config import ModernBertConfig, preset
+from modernbert_train.model.modernbert import ModernBertForMaskedLM
+
+log = logging.getLogger(__name__)
+
+# Document lengths (tokens, [CLS] and [SEP] included): lognormal, a web-text-like long tail.
+DOC_LEN_MEDIAN_TOKENS = 250
+DOC_LEN_LOG_SIGMA = 1.0  # ~16% of documents exceed 680 tokens, ~2% exceed 1850
+MIN_DOC_TOKENS = 16
+PACK_BUFFER_DOCS = 1000  # the shard CLI's default best-fit buffer
+MASK_RATE = 0.3
+
+# Peak dense bf16 tensor FLOP/s (no sparsity), matched by substring of the device name, first hit.
+PEAK_BF16_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12)]
+
+HF_LAYOUT_NOTE = ("transformers gets each packed sequence as one row of a padded (sequences, seq_len) "
+                  "batch with an attention_mask over its padding: documents inside a row attend to "
+                  "each other and positions run 0..n-1 per row (how HF users train on packed data); "
+                  "same tokens, same labels, same matmul FLOPs; attention FLOPs counted per row")
+
+FLOP_FORMULA = (
+    "model FLOPs per step = 6 * P_enc * real_tokens + 12 * hidden * attended_pairs "
+    "+ 6 * P_head * masked_tokens, where P_enc = layers * (4 * hidden^2 + 3 * hidden * intermediate) "
+    "(Wqkv, attn Wo, GeGLU Wi (2 x intermediate), mlp Wo; no embeddings, no norms), "
+    "P_head = hidden^2 + hidden * vocab (head.dense + tied decoder, run on masked tokens only), "
+    "attended_pairs = sum over layers and attention spans of the (query, key) pairs allowed "
+    "(global layer: L^2 per span of L tokens; local layer: pairs with |i - j| <= local_attention // 2), "
+    "12 * hidden per pair = (QK^T + PV) 4 * hidden forward, x3 for forward + backward; "
+    "spans are documents for ours and whole rows for transformers; padding counts nowhere"
+)
+
+
+# --- data: packed documents, masked, in both layouts ----------------------------------------------
+
+def max_docs_per_chunk(seq_len: int, seqs_per_chunk: int) -> int:
+    """The loader's fixed `cu_seqlens` capacity (data/loader.py, not imported: it needs Streaming,
+    which the GPU machine may lack); pinned equal by tests/benchmarks/test_bench_step_smoke.py."""
+    return seqs_per_chunk * (seq_len // 2) + 1
+
+
+def document_lengths(rng: np.random.Generator, n: int, seq_len: int) -> np.ndarray:
+    raw = rng.lognormal(mean=math.log(DOC_LEN_MEDIAN_TOKENS), sigma=DOC_LEN_LOG_SIGMA, size=n)
+    return np.clip(np.rint(raw), MIN_DOC_TOKENS, seq_len).astype(np.int64)
+
+
+def packed_sequences(cfg: ModernBertConfig, seq_len: int, count: int,
+                     rng: np.random.Generator) -> list[PackedSequence]:
+    """`count` packed sequences from one stream of random documents, through the shard-time packer.
+
+    Sequences emitted before the packer's buffer first fills are dropped: they are the lucky exact
+    fits, fuller than what the packer emits for the rest of a corpus.
+    """
+    specials = [cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id, cfg.pad_token_id]
+    ordinary = np.setdiff1d(np.arange(cfg.vocab_size), specials)
+    packer = BestFitPacker(seq_len, PACK_BUFFER_DOCS)
+    out: list[PackedSequence] = []
+    doc_id = 0
+    while len(out) < count:
+        for n in document_lengths(rng, 256, seq_len):
+            body = ordinary[rng.integers(0, ordinary.size, int(n) - 2)]
+            piece = np.concatenate([[cfg.cls_token_id], body, [cfg.sep_token_id]])
+            ready = packer.add(piece, doc_id)
+            doc_id += 1
+            if doc_id > PACK_BUFFER_DOCS:
+                out.extend(ready)
+    return out[:count]
+
+
+@dataclass
+class StepBatch:
+    """One step's tokens in our varlen chunk layout (DESIGN.md) and as transformers' padded batch."""
+
+    packed: dict[str, Any]
+    padded: dict[str, torch.Tensor]
+    doc_lens: list[np.ndarray]  # per packed sequence, the document lengths inside it
+
+    def to(self, device: torch.device) -> StepBatch:
+        def move(tensors: dict[str, Any]) -> dict[str, Any]:
+            return {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()}
+        return StepBatch(move(self.packed), move(self.padded), self.doc_lens)
+
+
+def build_step_batch(cfg: ModernBertConfig, seqs: list[PackedSequence], seq_len: int,
+                     masker: MLMMasker, key: int) -> StepBatch:
+    """Mask each sequence once, then lay the same masked tokens out both ways."""
+    n_seqs = len(seqs)
+    chunk_tokens = n_seqs * seq_len
+    ids_packed = np.full(chunk_tokens, cfg.pad_token_id, dtype=np.int64)
+    labels_packed = np.full(chunk_tokens, IGNORE_INDEX, dtype=np.int64)
+    ids_padded = np.full((n_seqs, seq_len), cfg.pad_token_id, dtype=np.int64)
+    labels_padded = np.full((n_seqs, seq_len), IGNORE_INDEX, dtype=np.int64)
+    attention_mask = np.zeros((n_seqs, seq_len), dtype=np.int64)
+    offset = 0
+    for row, seq in enumerate(seqs):
+        ids, labels = masker(seq.input_ids, (key, row))
+        n = ids.size
+        ids_packed[offset:offset + n], labels_packed[offset:offset + n] = ids, labels
+        ids_padded[row, :n], labels_padded[row, :n], attention_mask[row, :n] = ids, labels, 1
+        offset += n
+    doc_lens = np.concatenate([s.doc_lens for s in seqs]).astype(np.int64)
+    if offset < chunk_tokens:  # the pad tail is one more document, as the loader makes it
+        doc_lens = np.append(doc_lens, chunk_tokens - offset)
+    starts = np.concatenate([[0], np.cumsum(doc_lens)])
+    cu_seqlens = np.full(max_docs_per_chunk(seq_len, n_seqs) + 1, chunk_tokens, dtype=np.int32)
+    cu_seqlens[:starts.size] = starts
+    position_ids = np.arange(chunk_tokens) - np.repeat(starts[:-1], doc_lens)
+    packed = {
+        "input_ids": torch.from_numpy(ids_packed),
+        "labels": torch.from_numpy(labels_packed),
+        "cu_seqlens": torch.from_numpy(cu_seqlens),
+        "position_ids": torch.from_numpy(position_ids.astype(np.int64)),
+        "max_seqlen": seq_len,
+        "num_tokens": torch.tensor(offset, dtype=torch.int64),
+    }
+    padded = {"input_ids": torch.from_numpy(ids_padded), "attention_mask": torch.from_numpy(attention_mask),
+              "labels": torch.from_numpy(labels_padded)}
+    return StepBatch(packed, padded, [s.doc_lens.astype(np.int64) for s in seqs])
+
+
+def build_step_batches(cfg: ModernBertConfig, seq_len: int, seqs_per_chunk: int, num_chunks: int,
+                       seed: int) -> list[StepBatch]:
+    rng = np.random.default_rng(seed)
+    seqs = packed_sequences(cfg, seq_len, seqs_per_chunk * num_chunks, rng)
+    masker = MLMMasker(MaskingConfig(mask_rate=MASK_RATE), mask_id=cfg.mask_token_id,
+                       special_ids=[cfg.cls_token_id, cfg.sep_token_id], vocab_size=cfg.vocab_size,
+                       pad_id=cfg.pad_token_id, seed=seed)
+    return [build_step_batch(cfg, seqs[i * seqs_per_chunk:(i + 1) * seqs_per_chunk], seq_len, masker, i)
+            for i in range(num_chunks)]
+
+
+# --- FLOPs -------------------------------------------------------------------------------------------
+
+def window_pairs(length: np.ndarray, half: int) -> np.ndarray:
+    """(query, key) pairs with |i - j| <= half inside spans of `length` tokens."""
+    k = np.minimum(half, length - 1)
+    return length + 2 * (k * length - k * (k + 1) // 2)
+
+
+def attended_pairs(cfg: ModernBertConfig, span_lens: np.ndarray) -> int:
+    """Allowed (query, key) pairs summed over all layers, for attention spans of these lengths."""
+    span_lens = span_lens.astype(np.int64)
+    n_global = sum(cfg.is_global_layer(i) for i in range(cfg.num_hidden_layers))
+    n_local = cfg.num_hidden_layers - n_global
+    return int(n_global * (span_lens ** 2).sum()
+               + n_local * window_pairs(span_lens, cfg.local_attention // 2).sum())
+
+
+def model_flops(cfg: ModernBertConfig, *, real_tokens: int, masked_tokens: int, pairs: int) -> float:
+    """Training FLOPs of one step (see FLOP_FORMULA)."""
+    hidden, inter = cfg.hidden_size, cfg.intermediate_size
+    p_enc = cfg.num_hidden_layers * (4 * hidden * hidden + 3 * hidden * inter)
+    p_head = hidden * hidden + hidden * cfg.vocab_size
+    return 6.0 * p_enc * real_tokens + 12.0 * hidden * pairs + 6.0 * p_head * masked_tokens
+
+
+# --- one system, one configuration ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunSpec:
+    system: str  # "ours" | "hf"
+    attention: str  # our backend name, or transformers' attn_implementation
+    compile: bool
+
+
+@dataclass
+class RunResult:
+    system: str
+    attention: str
+    compile: bool
+    dtype: str
+    chunk_tokens: int  # tokens the step computes on, padding included
+    real_tokens_per_step: Optional[float] = None
+    masked_tokens_per_step: Optional[float] = None
+    steps: int = 0
+    step_ms_mean: Optional[float] = None
+    step_ms_median: Optional[float] = None
+    step_ms_min: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    model_tflop_per_step: Optional[float] = None
+    mfu: Optional[float] = None
+    peak_mem_bytes: Optional[int] = None
+    warmup_s: Optional[float] = None  # includes compilation
+    loss_first: Optional[float] = None
+    loss_last: Optional[float] = None
+    ratio_vs_hf: Optional[float] = None  # tokens/s over transformers' with the same compile setting
+    error: Optional[str] = None
+
+
+def build_ours(cfg: ModernBertConfig, backend: str) -> torch.nn.Module:
+    return ModernBertForMaskedLM(replace(cfg, attention_backend=backend))
+
+
+def build_hf(cfg: ModernBertConfig, attn_implementation: str) -> torch.nn.Module:
+    import transformers
+
+    hf_cfg = transformers.ModernBertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings, norm_eps=cfg.norm_eps,
+        global_attn_every_n_layers=cfg.global_attn_every_n_layers, local_attention=cfg.local_attention,
+        global_rope_theta=cfg.global_rope_theta, local_rope_theta=cfg.local_rope_theta,
+        pad_token_id=cfg.pad_token_id, cls_token_id=cfg.cls_token_id, sep_token_id=cfg.sep_token_id,
+        bos_token_id=cfg.cls_token_id, eos_token_id=cfg.sep_token_id, hidden_activation="gelu",
+        sparse_prediction=True,
+        # transformers 4.x compiles parts of the model itself when this is None; we compile (or
+        # not) the whole model from outside, the same way for both systems.
+        reference_compile=False,
+    )
+    return transformers.ModernBertForMaskedLM._from_config(hf_cfg, attn_implementation=attn_implementation)
+
+
+def build_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """StableAdamW as the training recipe uses it (decoupled decay; Triton kernel on CUDA)."""
+    from optimi import StableAdamW
+    from optimi.utils import HAS_TRITON
+
+    on_cuda = device.type == "cuda"
+    return StableAdamW(model.parameters(), lr=8e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5,
+                       decouple_lr=True, max_lr=8e-4, triton=on_cuda and HAS_TRITON,
+                       foreach=on_cuda and not HAS_TRITON)
+
+
+def ours_inputs(batch: StepBatch) -> tuple[dict[str, Any], int, int]:
+    p = batch.packed
+    kwargs = {"input_ids": p["input_ids"], "cu_seqlens": p["cu_seqlens"], "max_seqlen": p["max_seqlen"],
+              "position_ids": p["position_ids"], "labels": p["labels"]}
+    return kwargs, int(p["num_tokens"]), int((p["labels"] != IGNORE_INDEX).sum())
+
+
+def hf_inputs(batch: StepBatch) -> tuple[dict[str, Any], int, int]:
+    p = batch.padded
+    return dict(p), int(p["attention_mask"].sum()), int((p["labels"] != IGNORE_INDEX).sum())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # Linux reports KiB; this is the process high-water mark, so it never goes down between runs.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *, device: torch.device,
+               dtype: str, warmup: int, steps: int, peak_flops: Optional[float], seed: int) -> RunResult:
+    """Build, (compile,) warm up and time one system; any failure is recorded, not raised."""
+    chunk_tokens = int(batches[0].packed["input_ids"].numel())
+    result = RunResult(spec.system, spec.attention, spec.compile, dtype, chunk_tokens)
+    model = compiled = optimizer = None
+    try:
+        torch.manual_seed(seed)
+        if spec.compile:
+            torch._dynamo.reset()  # one model's guards must not eat the next one's recompile budget
+        model = (build_ours(cfg, spec.attention) if spec.system == "ours"
+                 else build_hf(cfg, spec.attention)).to(device).train()
+        optimizer = build_optimizer(model, device)
+        compiled = torch.compile(model) if spec.compile else model
+        make_inputs = ours_inputs if spec.system == "ours" else hf_inputs
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bf16" \
+            else contextlib.nullcontext
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def step(i: int) -> tuple[torch.Tensor, float, int, int]:
+            kwargs, real, masked = make_inputs(batches[i % len(batches)])
+            synchronize(device)
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                loss = compiled(**kwargs).loss
+            loss.backward()
+            optimizer.step()
+            synchronize(device)
+            return loss.detach(), time.perf_counter() - start, real, masked
+
+        warm_start = time.perf_counter()
+        for i in range(warmup):
+            step(i)
+        result.warmup_s = time.perf_counter() - warm_start
+
+        losses, times_s, flops = [], [], 0.0
+        real_total = masked_total = 0
+        for i in range(warmup, warmup + steps):
+            loss, seconds, real, masked = step(i)
+            losses.append(loss)
+            times_s.append(seconds)
+            batch = batches[i % len(batches)]
+            spans = (np.concatenate(batch.doc_lens) if spec.system == "ours"
+                     else np.array([lens.sum() for lens in batch.doc_lens]))
+            flops += model_flops(cfg, real_tokens=real, masked_tokens=masked, pairs=attended_pairs(cfg, spans))
+            real_total += real
+            masked_total += masked
+        total_s = sum(times_s)
+        result.steps = steps
+        result.real_tokens_per_step = real_total / steps
+        result.masked_tokens_per_step = masked_total / steps
+        result.step_ms_mean = 1e3 * total_s / steps
+        result.step_ms_median = 1e3 * statistics.median(times_s)
+        result.step_ms_min = 1e3 * min(times_s)
+        result.tokens_per_s = real_total / total_s
+        result.model_tflop_per_step = flops / steps / 1e12
+        result.mfu = flops / total_s / peak_flops if peak_flops else None
+        result.peak_mem_bytes = peak_memory_bytes(device)
+        result.loss_first, result.loss_last = float(losses[0]), float(losses[-1])
+    except Exception as err:  # noqa: BLE001 - the benchmark records any failure and moves on
+        result.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:500]
+        log.warning("%s/%s compile=%s failed: %s", spec.system, spec.attention, spec.compile, result.error)
+    finally:
+        del model, compiled, optimizer
+        if spec.compile:
+            torch._dynamo.reset()  # drop the compiled graphs that still reference the model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+# --- planning, machine description, output ----------------------------------------------------------
+
+def default_backend(device: torch.device) -> str:
+    if device.type == "cuda":
+        for name in ("torch_varlen", "flash", "flex"):
+            if unavailable_reason(name) is None:
+                return name
+    return "sdpa"
+
+
+def plan_runs(args: argparse.Namespace, device: torch.device) -> list[RunSpec]:
+    if not args.sweep:
+        runs = [RunSpec("ours", args.backend, args.compile)]
+        return runs + ([RunSpec("hf", args.hf_attn, args.compile)] if args.baseline == "hf" else [])
+    candidates = ("torch_varlen", "flash", "flex") if device.type == "cuda" else ("sdpa", "flex")
+    backends = [b for b in candidates if unavailable_reason(b) is None]
+    compile_modes = {"on": [True], "off": [False], "both": [True, False]}[args.sweep_compile]
+    runs = []
+    for compile_model in compile_modes:
+        runs += [RunSpec("ours", b, compile_model) for b in backends]
+        if args.baseline == "hf":
+            runs.append(RunSpec("hf", args.hf_attn, compile_model))
+    return runs
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"device": str(device), "python": platform.python_version(),
+                            "torch": torch.__version__, "cpu": cpu_model(), "cpu_threads": torch.get_num_threads()}
+    for name in ("transformers", "optimi", "triton"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - absent or broken: the version is simply unknown
+            info[name] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_flops_for(device: torch.device, override_tflops: Optional[float]) -> Optional[float]:
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def fill_ratios(results: list[RunResult]) -> None:
+    baseline = {r.compile: r.tokens_per_s for r in results if r.system == "hf" and r.tokens_per_s}
+    for r in results:
+        if r.system == "ours" and r.tokens_per_s and r.compile in baseline:
+            r.ratio_vs_hf = r.tokens_per_s / baseline[r.compile]
+
+
+def data_summary(batches: list[StepBatch], seq_len: int, seqs_per_chunk: int) -> dict[str, Any]:
+    docs = np.concatenate([np.concatenate(b.doc_lens) for b in batches])
+    real = [int(b.packed["num_tokens"]) for b in batches]
+    return {"seq_len": seq_len, "seqs_per_chunk": seqs_per_chunk, "chunk_tokens": seqs_per_chunk * seq_len,
+            "num_chunks": len(batches), "documents_per_chunk": docs.size / len(batches),
+            "doc_len_median": float(np.median(docs)), "doc_len_mean": float(docs.mean()),
+            "doc_len_max": int(docs.max()), "fill": sum(real) / (len(batches) * seqs_per_chunk * seq_len),
+            "mask_rate": MASK_RATE, "hf_layout": HF_LAYOUT_NOTE}
+
+
+def format_table(results: list[RunResult], device: torch.device) -> str:
+    mem_label = "peak mem GiB" if device.type == "cuda" else "RSS hw GiB"
+    header = ["system", "attention", "compile", "tok/step", "tok/s", "ms/step med", "ms/step mean",
+              mem_label, "MFU", "vs HF"]
+    rows, errors = [header], {}
+    for r in results:
+        if r.error:
+            errors[len(rows)] = r.error
+            rows.append([r.system, r.attention, str(r.compile)])
+            continue
+        rows.append([r.system, r.attention, str(r.compile), f"{r.real_tokens_per_step:.0f}",
+                     f"{r.tokens_per_s:,.0f}", f"{r.step_ms_median:.1f}", f"{r.step_ms_mean:.1f}",
+                     f"{r.peak_mem_bytes / 2**30:.2f}", "-" if r.mfu is None else f"{100 * r.mfu:.1f}%",
+                     "-" if r.ratio_vs_hf is None else f"{r.ratio_vs_hf:.2f}x"])
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+             + (f"  ERROR {errors[n]}" if n in errors else "") for n, row in enumerate(rows)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)  # a run killed mid-write still leaves the previous complete file
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="base", choices=["tiny", "base", "large"])
+    p.add_argument("--seq-len", type=int, default=1024, help="max_seq_len of the packed sequences")
+    p.add_argument("--seqs-per-chunk", type=int, default=32,
+                   help="packed sequences per microbatch chunk (tokens per step = this x seq-len)")
+    p.add_argument("--backend", default=None, choices=["sdpa", "flex", "flash", "torch_varlen"],
+                   help="our attention backend (default: fastest available here)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile both models (default: on for cuda, off for cpu)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
+                   help="bf16 autocast or plain fp32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    p.add_argument("--num-chunks", type=int, default=4, help="distinct chunks cycled through the steps")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--baseline", default="hf", choices=["hf", "none"])
+    p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "flex_attention", "eager"],
+                   help="transformers' attn_implementation")
+    p.add_argument("--sweep", action="store_true",
+                   help="run every available backend x compile mode (plus the baseline) in one process")
+    p.add_argument("--sweep-compile", default=None, choices=["on", "off", "both"],
+                   help="compile modes of --sweep (default: both on cuda, off on cpu)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak dense TFLOP/s for MFU (default: table by GPU name; none on cpu)")
+    p.add_argument("--out-json", type=Path, default=Path("bench_results/step.json"))
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cuda = device.type == "cuda"
+    args.backend = args.backend or default_backend(device)
+    args.compile = on_cuda if args.compile is None else args.compile
+    args.dtype = args.dtype or ("bf16" if on_cuda else "fp32")
+    args.sweep_compile = args.sweep_compile or ("both" if on_cuda else "off")
+    if args.steps < 1 or args.warmup < 0 or args.num_chunks < 1:
+        raise SystemExit("--steps must be >= 1, --warmup >= 0, --num-chunks >= 1")
+
+    cfg = preset(args.preset)
+    if args.seq_len > cfg.max_position_embeddings:
+        log.warning("seq_len %d > preset %s max_position_embeddings %d: raised for this benchmark",
+                    args.seq_len, args.preset, cfg.max_position_embeddings)
+        cfg.max_position_embeddings = args.seq_len
+    batches = [b.to(device) for b in
+               build_step_batches(cfg, args.seq_len, args.seqs_per_chunk, args.num_chunks, args.seed)]
+    peak_flops = peak_flops_for(device, args.peak_tflops)
+    payload: dict[str, Any] = {
+        "machine": machine_info(device),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "model": cfg.to_dict(),
+        "data": data_summary(batches, args.seq_len, args.seqs_per_chunk),
+        "flop_formula": FLOP_FORMULA,
+        "peak_flops": peak_flops,
+        "peak_flops_basis": "dense bf16 tensor-core peak" if peak_flops else None,
+        "peak_mem_kind": "torch.cuda.max_memory_allocated per run" if on_cuda
+        else "process RSS high-water (getrusage ru_maxrss), cumulative over runs",
+        "results": [],
+    }
+    results: list[RunResult] = []
+    for spec in plan_runs(args, device):
+        log.info("running %s", spec)
+        results.append(run_config(spec, cfg, batches, device=device, dtype=args.dtype, warmup=args.warmup,
+                                  steps=args.steps, peak_flops=peak_flops, seed=args.seed))
+        fill_ratios(results)
+        payload["results"] = [asdict(r) for r in results]
+        write_json(args.out_json, payload)  # after every run, so a killed sweep keeps what it measured
+
+    summary = payload["data"]
+    print(f"\n{args.preset} on {payload['machine'].get('gpu') or payload['machine']['cpu']} "
+          f"(torch {torch.__version__}, {args.dtype}): {args.seqs_per_chunk} x {args.seq_len} = "
+          f"{summary['chunk_tokens']} tokens/chunk, fill {100 * summary['fill']:.1f}%, "
+          f"{summary['documents_per_chunk']:.0f} docs/chunk (median {summary['doc_len_median']:.0f} tokens)")
+    print(format_table(results, device))
+    print(f"HF layout: {HF_LAYOUT_NOTE}.")
+    print(f"JSON: {args.out_json}")
+    return 0 if all(r.error is None for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""benchmarks/bench_step.py end to end on the tiny CPU config: both systems run on the same tokens.
+
+A correctness smoke test of the script; it asserts nothing about speed.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import bench_step
+from modernbert_train.data.loader import max_docs_per_chunk
+from modernbert_train.model.config import preset
+
+
+def test_main_writes_both_systems_on_identical_tokens(tmp_path):
+    out = tmp_path / "step.json"
+    rc = bench_step.main(["--preset", "tiny", "--seq-len", "128", "--seqs-per-chunk", "8", "--steps", "1",
+                          "--warmup", "1", "--num-chunks", "2", "--device", "cpu", "--out-json", str(out)])
+    payload = json.loads(out.read_text())
+    results = {r["system"]: r for r in payload["results"]}
+    assert rc == 0, [r["error"] for r in payload["results"]]
+    assert sorted(results) == ["hf", "ours"], sorted(results)
+    ours, hf = results["ours"], results["hf"]
+    for r in (ours, hf):
+        assert r["error"] is None and r["tokens_per_s"] > 0, r
+        assert np.isfinite(r["loss_first"]) and r["model_tflop_per_step"] > 0, r
+    # Counted independently from each layout (num_tokens vs attention_mask, labels vs labels).
+    assert ours["real_tokens_per_step"] == hf["real_tokens_per_step"], (ours, hf)
+    assert ours["masked_tokens_per_step"] == hf["masked_tokens_per_step"], (ours, hf)
+    assert ours["chunk_tokens"] == hf["chunk_tokens"] == 8 * 128
+    assert ours["ratio_vs_hf"] == pytest.approx(ours["tokens_per_s"] / hf["tokens_per_s"])
+    assert payload["args"]["backend"] == "sdpa" and payload["args"]["compile"] is False
+    assert "12 * hidden * attended_pairs" in payload["flop_formula"]
+
+
+def test_step_batch_layouts_hold_the_same_tokens_and_loader_shapes():
+    cfg = preset("tiny")
+    batch = bench_step.build_step_batches(cfg, seq_len=128, seqs_per_chunk=4, num_chunks=1, seed=3)[0]
+    packed, padded = batch.packed, batch.padded
+    rows = [packed_row[mask.bool()] for packed_row, mask in zip(padded["input_ids"], padded["attention_mask"])]
+    real = int(packed["num_tokens"])
+    assert torch.equal(torch.cat(rows), packed["input_ids"][:real])
+    assert (packed["input_ids"][real:] == cfg.pad_token_id).all()
+    assert torch.equal(padded["labels"][padded["attention_mask"].bool()], packed["labels"][:real])
+    # cu_seqlens: the loader's fixed capacity, documents then the pad tail, repeated last value.
+    cu = packed["cu_seqlens"]
+    assert cu.numel() == max_docs_per_chunk(max_seq_len=128, microbatch_seqs=4) + 1, cu.numel()
+    assert int(cu[0]) == 0 and int(cu[-1]) == 4 * 128 and bool((cu[1:] >= cu[:-1]).all())
+    lens = np.concatenate(batch.doc_lens)
+    assert (lens >= bench_step.MIN_DOC_TOKENS).all() and (lens <= 128).all(), lens
+    assert torch.equal(cu[1:lens.size + 1].long(), torch.from_numpy(np.cumsum(lens))), cu[:lens.size + 1]
+    starts = packed["position_ids"] == 0
+    assert int(starts[:real].sum()) == lens.size, (int(starts[:real].sum()), lens.size)
+
+
+@pytest.mark.parametrize("length, half, expected", [(1, 2, 1), (3, 1, 7), (5, 64, 25), (10, 2, 44)])
+def test_window_pairs_counts_the_band(length, half, expected):
+    i = np.arange(length)
+    brute = int((np.abs(i[:, None] - i[None, :]) <= half).sum())
+    got = int(bench_step.window_pairs(np.array([length]), half)[0])
+    assert got == brute == expected, (got, brute, expected)

@@ -17,7 +17,7 @@ test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow"
 
 bench: install
-	$(PY) benchmarks/bench_step.py --preset tiny --device cpu
+	$(PY) benchmarks/bench_step.py --preset tiny --device cpu --seq-len 128 --seqs-per-chunk 8 --steps 5 --warmup 2
 
 clean:
 	rm -rf runs bench_results .pytest_cache

@@ -18,9 +18,6 @@ from streaming.base.world import World
 from torch.utils.data import DataLoader
 
 from modernbert_train.data.masking import IGNORE_INDEX, MaskingConfig, MLMMasker
-
-log = logging.getLogger(__name__)
-
 from modernbert_train.data.schema import (
     DOC_IDS_COLUMN,
     DOC_LENS_COLUMN,
@@ -28,6 +25,8 @@ from modernbert_train.data.schema import (
     DatasetMeta,
     read_meta,
 )
+
+log = logging.getLogger(__name__)
 
 MIN_DOC_TOKENS = 2  # every document piece is at least [CLS][SEP]
 
@@ -91,6 +90,18 @@ class PackedSequenceDataset(StreamingDataset):
             raise
         self.vocab_size = int(vocab_size)
         self._iter_epoch: int | None = None  # set in each worker when its iteration starts
+        self.drop_storage_clients()
+
+    def drop_storage_clients(self) -> None:
+        """Forget the object-store clients (and their keep-alive sockets) of every stream.
+
+        The index download leaves an S3 client with an open connection in this process; forked
+        DataLoader workers would inherit that one socket and read each other's responses (seen as
+        one shard's bytes saved under another shard's name, and as 30 s read stalls). Each process
+        then creates its own client on its first download.
+        """
+        for stream in self.streams:
+            stream._downloader.clean_up()  # Streaming's own per-download reset hook
 
     def _resume_incr_epoch(self) -> tuple[int, int]:
         # The one place where a worker learns which epoch it iterates; recorded here because the
@@ -116,6 +127,13 @@ class PackedSequenceDataset(StreamingDataset):
                 f"{self._describe_sample(idx)}: shards and tokenizer do not match"
             )
         return {**sample, "sample_idx": idx, "epoch": self._iter_epoch}
+
+
+def _fresh_worker_connections(worker_id: int) -> None:
+    """worker_init_fn: never reuse a connection inherited from the parent (see drop_storage_clients)."""
+    info = torch.utils.data.get_worker_info()
+    if info is not None and isinstance(info.dataset, PackedSequenceDataset):
+        info.dataset.drop_storage_clients()
 
 
 def collate_chunk(
@@ -284,6 +302,7 @@ def build_chunk_dataloader(
         num_workers=cfg.num_workers,
         prefetch_factor=cfg.prefetch_factor if workers else None,
         persistent_workers=cfg.persistent_workers and workers,
+        worker_init_fn=_fresh_worker_connections,
         # A hung download or worker becomes an error instead of a silent stall. Twice Streaming's own
         # per-shard timeout, so Streaming's more specific error (naming the shard) wins when it fires.
         timeout=2 * cfg.download_timeout_s if workers else 0,

@@ -12,15 +12,15 @@ from composer import Evaluator, Trainer
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.core import DataSpec, Time, TimeUnit
-from composer.utils import dist
+from composer.utils import dist, get_device
 
 from modernbert_train.data.loader import (LoaderConfig, StepBatcher, StreamConfig, build_chunk_dataloader,
                                           num_samples_in_batch, num_tokens_in_batch, split_batch)
 from modernbert_train.data.tokenizer import TextTokenizer
 from modernbert_train.model.config import ModernBertConfig
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
-from modernbert_train.train.callbacks import (DataResumption, NonFiniteLossGuard, PackingEfficiency,
-                                              RunInfo, StalledDataGuard)
+from modernbert_train.train.callbacks import (DataResumption, DataTrace, NonFiniteLossGuard,
+                                              PackingEfficiency, RunInfo, StalledDataGuard)
 from modernbert_train.train.checkpointing import RemoteRetention, preflight_save_folder
 from modernbert_train.train.composer_model import MLMComposerModel
 from modernbert_train.train.config import RunConfig, StreamSpec
@@ -132,12 +132,16 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         log.info("precision %s needs a GPU; using fp32 on the CPU", precision)
         precision = "fp32"
     run_dir = Path(cfg.run_dir)
+    if cfg.data.demo_root:
+        prepare_demo(cfg)
+    if dist.get_world_size() > 1:
+        # Before any StreamingDataset exists: otherwise each one opens and tears down a temporary
+        # process group of its own, and ranks race on the rendezvous store.
+        dist.initialize_dist(get_device(device))
     if dist.get_global_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         # Storage problems (bad credentials, missing bucket, read-only disk) fail before step 1.
         preflight_save_folder(cfg.checkpoint.save_folder, run_dir)
-    if cfg.data.demo_root:
-        prepare_demo(cfg)
 
     tokenizer = TextTokenizer.load(cfg.data.tokenizer)
     model_cfg = model_config_for(cfg, tokenizer)
@@ -158,6 +162,8 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         LRMonitor(),
         SpeedMonitor(window_size=20),
     ]
+    if cfg.logging.data_trace:
+        callbacks.append(DataTrace(run_dir))
     if ck.save_folder and ck.save_folder.startswith("s3://") and ck.keep_remote:
         callbacks.append(RemoteRetention(ck.save_folder, keep=ck.keep_remote))
     loggers = []

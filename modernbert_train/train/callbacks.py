@@ -170,3 +170,32 @@ class StalledDataGuard(Callback):
                 log.error(msg)
                 print(f"ERROR: {msg}", file=sys.stderr, flush=True)
                 os._exit(3)
+
+
+class DataTrace(Callback):
+    """Appends, per training batch, the Streaming sample ids and document ids it consumed to
+    `run_dir/data_trace-rank{R}.jsonl` (audit of exactly-once data; off by default).
+
+    After a crash, the batches since the last checkpoint are trained again and appear twice; the
+    later line for a batch index is the one whose effect the model keeps.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / f"data_trace-rank{dist.get_global_rank()}.jsonl"
+        self._file = None
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+        batch = state.batch
+        doc_ids = batch["doc_ids"].reshape(-1)
+        record = {"batch": int(state.timestamp.batch), "sample_idx": batch["sample_idx"].reshape(-1).tolist(),
+                  "doc_ids": doc_ids[doc_ids >= 0].tolist()}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self, state: State, logger: Logger) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -104,6 +104,8 @@ class LoggingConfig:
     # online / offline / disabled; offline needs no login.
     wandb_mode: str = "offline"
     metrics_file: bool = True
+    # Record the sample and document ids of every batch (run_dir/data_trace-rank*.jsonl).
+    data_trace: bool = False
 
 
 @dataclass

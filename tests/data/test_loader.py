@@ -468,17 +468,23 @@ def test_stalled_download_becomes_an_error_naming_the_stream(tmp_path, monkeypat
 
 
 def test_streams_from_s3_three_times_with_fresh_caches(tmp_path, s3_server):
-    samples = make_packed_samples(48, max_seq_len=MAX_SEQ_LEN, seed=16)
+    # Several shards downloaded at once by two workers: this caught workers sharing the parent's
+    # S3 connection (one shard's bytes stored under another's name).
+    samples = make_packed_samples(96, max_seq_len=MAX_SEQ_LEN, seed=16)
     write_shards("s3://test-bucket/ds", samples)
     shards_on_server = sorted(p.name for p in (s3_server.root / "test-bucket" / "ds").iterdir())
-    assert len(shards_on_server) > 2 and "index.json" in shards_on_server, shards_on_server
+    assert len(shards_on_server) > 5 and "index.json" in shards_on_server, shards_on_server
     for attempt in range(3):
         cache = tmp_path / f"cache{attempt}"
         cfg = loader_config([], streams=(StreamConfig(local=str(cache), remote="s3://test-bucket/ds"),),
                             num_workers=2)
+        loader = build_loader(cfg)
+        # Deterministic half of the check: no client (socket) is left in the parent for workers to share.
+        assert loader.dataset.streams[0]._downloader._s3_client is None
         seen = []
-        for chunk in build_loader(cfg):
+        for chunk in loader:
             assert_chunk_matches(chunk, samples, max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS)
             seen += chunk["sample_idx"].tolist()
-        assert sorted(seen) == list(range(48)), f"attempt {attempt}: {len(seen)} samples"
+        del loader
+        assert sorted(seen) == list(range(96)), f"attempt {attempt}: {len(seen)} samples"
         assert any(p.name.startswith("shard.") for p in cache.iterdir()), f"attempt {attempt}: nothing cached"

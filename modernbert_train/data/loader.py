@@ -398,7 +398,9 @@ class StepBatcher:
                 self._iterator = None
                 self.state = StepBatcherState(s.epoch + 1, 0, s.samples_seen)
                 continue
-            except RuntimeError as err:  # DataLoader timeout, dead worker, failed download
+            except ValueError:  # bad data: the message already names the shard and sample
+                raise
+            except Exception as err:  # DataLoader timeout, dead worker, failed or refused download
                 raise RuntimeError(
                     f"reading streams {self.stream_names} failed or stalled (epoch "
                     f"{self.state.epoch}, sample {self.state.samples_in_epoch}): {err}") from err

@@ -269,7 +269,7 @@ def assert_same_steps(got: list[dict], want: list[dict], first_step: int) -> Non
                 f"want {w['sample_idx'].tolist()}")
 
 
-@pytest.mark.slow  # two fresh Python processes (torch + streaming imports): ~20 s
+@pytest.mark.slow  # two fresh Python processes, one after the other (torch + streaming imports): ~25 s
 def test_resume_in_fresh_process_is_exact(tmp_path):
     samples = make_packed_samples(RESUME_SAMPLES, max_seq_len=MAX_SEQ_LEN, seed=8)
     local = str(tmp_path / "ds")
@@ -286,19 +286,18 @@ def test_resume_in_fresh_process_is_exact(tmp_path):
             assert 0 <= idx < RESUME_SAMPLES
     del batcher
 
-    children = {}
+    # One child at a time: Streaming registers its shared-memory prefix without a cross-process
+    # lock, so two unrelated processes creating datasets at the same instant can collide.
     for step, state in states.items():
         spec = {"local": local, "num_workers": 2, "state": state, "num_steps": RESUME_STEPS - step,
                 "out": str(tmp_path / f"resumed_{step}.pt")}
         spec_path = tmp_path / f"spec_{step}.json"
         spec_path.write_text(json.dumps(spec))
-        children[step] = subprocess.Popen(
+        child = subprocess.run(
             [sys.executable, "-c", "import sys; from tests.data.test_loader import resume_child; "
              "resume_child(sys.argv[1])", str(spec_path)],
-            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for step, child in children.items():
-        output, _ = child.communicate(timeout=120)
-        assert child.returncode == 0, f"resume from step {step} failed:\n{output[-3000:]}"
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+        assert child.returncode == 0, f"resume from step {step} failed:\n{child.stdout[-3000:]}"
         resumed = torch.load(tmp_path / f"resumed_{step}.pt", weights_only=False)
         assert_same_steps(resumed, reference[step:], first_step=step)
 

@@ -58,7 +58,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         from modernbert_train.train.plotting import plot_loss_curve
         metrics = Path(cfg.run_dir) / "metrics.jsonl"
         if metrics.exists():
-            png = plot_loss_curve(metrics, Path(cfg.run_dir) / "loss_curve.png")
+            png = plot_loss_curve(metrics, Path(cfg.run_dir) / "loss_curve.png",
+                                  eval_keys=["metrics/val/MaskedTokenLoss"])
             print(f"loss curve: {png}")
     return 0
 

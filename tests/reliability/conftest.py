@@ -57,14 +57,33 @@ def demo_data(tmp_path_factory) -> DemoData:
     return DemoData(tokenizer=assets.tokenizer_path, data_dir=assets.data_dir)
 
 
+SHARD_BYTES = 24_000  # uncompressed bytes per shard: the demo's train split becomes ~10 shards
+
+
+@pytest.fixture(scope="session")
+def multi_shard_data(demo_data: DemoData, tmp_path_factory) -> Path:
+    """The demo corpus sharded again into many small shards (train/ and val/)."""
+    from modernbert_train.data.corpus import write_embedded_corpus
+    from modernbert_train.data.shard import ShardConfig, shard
+    root = tmp_path_factory.mktemp("multi_shard")
+    corpus = write_embedded_corpus(root / "corpus.jsonl")
+    shard(ShardConfig(inputs=[str(corpus)], tokenizer=str(demo_data.tokenizer), out=str(root / "mds"),
+                      max_seq_len=128, val_fraction=0.1, shard_size_limit_bytes=SHARD_BYTES, progress=False))
+    return root / "mds"
+
+
 def train_command(demo: DemoData, work: Path, *overrides: str, launcher: list[str] | None = None,
-                  data_dir: Path | None = None, fast: bool = True) -> list[str]:
-    """`python train.py yamls/tiny.yaml ...` writing everything under `work` (run dir `work/run`)."""
-    data = data_dir or demo.data_dir
+                  data_dir: Path | None = None, data_remote: str | None = None,
+                  fast: bool = True) -> list[str]:
+    """`python train.py yamls/tiny.yaml ...` writing everything under `work` (run dir `work/run`).
+    The train stream is `data_dir` (default: the demo shards), or `data_remote` cached in work/cache."""
+    stream = f"{{local: {data_dir or demo.data_dir}}}"
+    if data_remote is not None:
+        stream = f"{{local: {work}/cache, remote: '{data_remote}'}}"
     return ((launcher or [sys.executable]) + [
         str(REPO / "train.py"), str(REPO / "yamls/tiny.yaml"),
         "data.demo_root=null", f"data.tokenizer={demo.tokenizer}",
-        f"data.train_streams=[{{local: {data}}}]", f"run_dir={work}/run",
+        f"data.train_streams=[{stream}]", f"run_dir={work}/run",
         *(FAST if fast else ()), *overrides])
 
 

@@ -16,26 +16,12 @@ from modernbert_train.data.schema import META_FILENAME, mds_columns
 from modernbert_train.data.tokenizer import TextTokenizer
 from tests.reliability.conftest import DemoData, run_train, trained_batches
 
-SHARD_BYTES = 24_000  # uncompressed bytes per shard: the demo's train split becomes ~10 shards
-
 STREAMING_SWALLOWS_SHARD_ERRORS = (
     "Streaming 0.13 reports a failed shard preparation (download, hash check, decompression) only "
     "by printing it from its prepare thread and ending the epoch early; the loader does not surface "
     "it, so a bad shard silently shortens every epoch (samples skipped) or ends in a misleading "
     "'yield no full chunk' error; fix in loader.py: re-raise the background error naming the shard, "
     "and validate_hash='xxh64' (see docs/RELIABILITY.md)")
-
-
-@pytest.fixture(scope="session")
-def multi_shard_data(demo_data: DemoData, tmp_path_factory) -> Path:
-    """The demo corpus sharded again into many small shards (train/ and val/)."""
-    from modernbert_train.data.corpus import write_embedded_corpus
-    from modernbert_train.data.shard import ShardConfig, shard
-    root = tmp_path_factory.mktemp("multi_shard")
-    corpus = write_embedded_corpus(root / "corpus.jsonl")
-    shard(ShardConfig(inputs=[str(corpus)], tokenizer=str(demo_data.tokenizer), out=str(root / "mds"),
-                      max_seq_len=128, val_fraction=0.1, shard_size_limit_bytes=SHARD_BYTES, progress=False))
-    return root / "mds"
 
 
 def _zip_shards(split_dir: Path) -> list[Path]:

@@ -9,6 +9,7 @@ upload by up to ~30 s; autoresume follows `latest`.
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -131,3 +132,43 @@ def test_bad_credentials_or_missing_bucket_stop_before_the_first_step(tmp_path, 
     assert result.returncode != 0, result.tail()
     assert expected in result.output and folder in result.output, result.tail()
     assert not any("loss/train/total" in r for r in metrics_rows(tmp_path / "run")), "a batch was trained"
+
+
+@pytest.mark.timeout(600)
+def test_unresponsive_data_server_ends_the_run_within_the_stall_bound(tmp_path, demo_data, s3_server,
+                                                                       multi_shard_data):
+    """Shards are streamed from the bucket in order; after batch 1 the server is frozen (SIGSTOP:
+    the kernel still accepts connections, nothing answers). The run must end with a clear message
+    instead of hanging: the stall guard after data.stall_timeout_s without a batch, or the failed
+    download naming the shard, whichever comes first."""
+    import os
+    import shutil
+    import signal
+
+    from tests.reliability.conftest import traced_batch_seen
+
+    shutil.copytree(multi_shard_data, s3_server.root / "test-bucket" / "mds",
+                    ignore=shutil.ignore_patterns("*.mds"))
+    stall_s = 20
+    launch = start_train(demo_data, tmp_path, "max_duration=200ba", "data.shuffle=false",
+                         f"data.stall_timeout_s={stall_s}", "logging.data_trace=true",
+                         "checkpoint.save_folder=null", data_remote="s3://test-bucket/mds",
+                         env=s3_server.env())
+    wait_until(launch, traced_batch_seen(tmp_path / "run", 1), what="batch 1")
+    os.kill(s3_server.process.pid, signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    try:
+        ended = launch.wait(timeout_s=400)
+    finally:
+        os.kill(s3_server.process.pid, signal.SIGCONT)
+    ended_after_s = time.monotonic() - frozen_at
+    assert ended.returncode != 0, ended.tail()
+    stalled = re.search(rf"data path stalled: no batch for {stall_s}s while fetching batch (\d+)", ended.output)
+    named = re.search(r"shard part-\d+/shard\.\d+\.mds.* could not be read", ended.output)
+    assert stalled or named, ended.tail()
+    batches = trained_batches(tmp_path / "run")
+    # Bound: the batches still served from shards already cached, then the stall timeout plus the
+    # guard's polling period (timeout / 4, at most 5 s) and process exit.
+    print(f"ended {ended_after_s:.0f}s after the freeze, {len(batches)} batches trained, "
+          f"{'stall guard' if stalled else 'shard error'}")
+    assert ended_after_s < 2 * stall_s + 5 + 3 * len(batches) + 30, (ended_after_s, len(batches))

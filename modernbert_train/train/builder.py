@@ -12,7 +12,7 @@ from composer import Evaluator, Trainer
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.core import DataSpec, Time, TimeUnit
-from composer.utils import dist, get_device
+from composer.utils import dist, get_device, reproducibility
 
 from modernbert_train.data.loader import (LoaderConfig, StepBatcher, StreamConfig, build_chunk_dataloader,
                                           num_samples_in_batch, num_tokens_in_batch, split_batch)
@@ -145,6 +145,9 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 
     tokenizer = TextTokenizer.load(cfg.data.tokenizer)
     model_cfg = model_config_for(cfg, tokenizer)
+    # Seed before the weights are drawn: a restart before the first checkpoint must build the
+    # same initial model as the run it replaces.
+    reproducibility.seed_all(cfg.seed)
     model = ModernBertForMaskedLM(model_cfg)
     composer_model = MLMComposerModel(model)
     optimizer = build_optimizer(cfg.optimizer, model, device_type="cuda" if device == "gpu" else "cpu")
@@ -209,7 +212,9 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         save_filename="ep{epoch}-ba{batch}-rank{rank}.pt",
         save_interval=ck.save_interval,
         save_num_checkpoints_to_keep=ck.keep_local if ck.keep_local is not None else -1,
-        save_overwrite=False,
+        # Under autoresume a checkpoint newer than `latest` is one a crash interrupted: the
+        # resumed run must be able to write that batch again.
+        save_overwrite=ck.autoresume and ck.save_folder is not None,
         autoresume=ck.autoresume and ck.save_folder is not None,
         load_path=ck.load_path,
         load_weights_only=ck.load_weights_only,

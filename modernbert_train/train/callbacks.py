@@ -102,8 +102,9 @@ class RunInfo(Callback):
 
 
 class NonFiniteLossGuard(Callback):
-    """Stops the run at the first NaN/inf loss, naming the batch, before any checkpoint of it is
-    written (checkpoints are taken after BATCH_END), so the last good checkpoint stays latest."""
+    """Stops the run at the first NaN/inf loss, naming the batch, and refuses to checkpoint
+    non-finite weights (an inf gradient can poison the weights while the loss is still finite), so
+    the last good checkpoint stays `latest`. Runs before Composer's CheckpointSaver."""
 
     def batch_end(self, state: State, logger: Logger) -> None:
         loss = state.loss
@@ -115,6 +116,22 @@ class NonFiniteLossGuard(Callback):
                     f"non-finite training loss {v} at batch {int(state.timestamp.batch)} "
                     f"(token {int(state.timestamp.token)}); stopping before this state is checkpointed. "
                     "Resume from the last checkpoint, perhaps with a lower lr.")
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        from composer.callbacks import CheckpointSaver
+        savers = [cb for cb in state.callbacks if isinstance(cb, CheckpointSaver)]
+        if not any(s.save_interval(state, Event.BATCH_CHECKPOINT) for s in savers):
+            return  # only pay for the check when a checkpoint is about to be written
+        import torch
+        bad = torch.zeros((), device=next(state.model.parameters()).device)
+        for p in state.model.parameters():
+            bad += (~torch.isfinite(p)).sum()
+        dist.all_reduce(bad)
+        if int(bad):
+            raise RuntimeError(
+                f"{int(bad)} non-finite weights after batch {int(state.timestamp.batch)}; not "
+                "checkpointing them, the last good checkpoint stays latest. Resume from it, "
+                "perhaps with a lower lr or gradient clipping.")
 
 
 class PackingEfficiency(Callback):

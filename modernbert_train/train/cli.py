@@ -43,11 +43,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     from composer.utils import dist
 
     from modernbert_train.train.builder import build_trainer, fit
+    from modernbert_train.train.checkpointing import CheckpointStorageError
     if dist.get_global_rank() == 0:
         print(f"# resolved config ({args.recipe})\n{resolved}", flush=True)
     try:
         trainer = build_trainer(cfg)
-    except ValueError as e:  # bad settings found while building: one message, no traceback
+    except (ValueError, CheckpointStorageError) as e:  # found while building: one message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     trained = fit(trainer, cfg)

@@ -43,6 +43,7 @@ def test_missing_recipe_is_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("overrides, message", [
     (["model.attention_backend=flash"], "attention backend 'flash' is not available: flash-attn "),

@@ -49,7 +49,6 @@ def _is_complete_zip(path: Path) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(reason=SAVE_FOLDER_CONFLICT, strict=True)
 @pytest.mark.parametrize("fraction", [0.5, 1.0], ids=["mid-write", "written-before-latest-moved"])
 def test_crash_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp_path, demo_data, fraction):
     ckpt = tmp_path / "ckpt"
@@ -111,8 +110,8 @@ STORAGE_ERROR_TRACEBACK = ("cli.py turns ValueError from build_trainer into 'err
                            "docs/RELIABILITY.md)")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(reason=STORAGE_ERROR_TRACEBACK, strict=True)
 def test_storage_error_at_start_up_is_one_message_and_exit_2(tmp_path, demo_data):
     blocker = tmp_path / "ckpt"
     blocker.write_text("not a folder")

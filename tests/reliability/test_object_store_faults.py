@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.conftest import metrics_rows, run_train, start_train, trained_batches, wait_until
+from tests.reliability.conftest import (load_checkpoint, metrics_rows, run_train, start_train, trained_batches,
+                                        wait_until)
 from tests.s3_server import S3Server
 
 pytestmark = pytest.mark.slow
@@ -47,71 +48,86 @@ def _common(save_every: int = 4, max_batches: int = 12) -> tuple[str, ...]:
             f"checkpoint.save_interval={save_every}ba")
 
 
-def _first_batch_of_each_launch(run_dir: Path) -> list[int]:
-    batches = trained_batches(run_dir)
-    return [b for i, b in enumerate(batches) if i == 0 or b <= batches[i - 1]]
+def _launch_starts(run_dir: Path, rows_before: int) -> int | None:
+    """The first batch trained by the launch that began when metrics.jsonl had `rows_before` rows."""
+    rows = [r for r in metrics_rows(run_dir)[rows_before:] if "loss/train/total" in r]
+    return rows[0]["batch"] if rows else None
+
+
+def _batch_of(name: str | None) -> int:
+    return int(name.split("-ba")[1].split("-")[0]) if name else 0
+
+
+STALE_LOCAL_COPY = ("with save_folder=s3://..., Composer 0.32.1 looks for the autoresume checkpoint at "
+                    "the cwd-relative path s3:/bucket/prefix/latest-rank0.pt, downloads the bucket's "
+                    "`latest` there, and on the next launch in the same directory reuses that stale "
+                    "copy instead of the bucket's newer `latest`; fix: build the CheckpointSaver in "
+                    "checkpointing.py (its local folder is a fresh temp dir); and " + OVERWRITE_AFTER_LAG)
 
 
 @pytest.mark.timeout(900)
-def test_three_preempted_launches_resume_from_the_bucket(tmp_path, demo_data, s3_server):
-    """Each launch runs in a fresh working directory (no local checkpoint copies), is SIGKILLed once
-    `latest` on the bucket names a new checkpoint, and the next launch continues from it."""
-    env = s3_server.env()
+@pytest.mark.xfail(reason=STALE_LOCAL_COPY, strict=True)
+def test_each_launch_in_the_same_directory_resumes_from_the_buckets_latest(tmp_path, demo_data, s3_server):
+    """Three launches that each finish (at 4, 8, 12 batches) in the same working directory: each
+    continues from the checkpoint the previous one left as `latest` on the bucket."""
     run_dir = tmp_path / "run"
-    for stop_at in ("ep0-ba4-rank0.pt", "ep0-ba8-rank0.pt"):
-        work = tmp_path / f"launch-{stop_at}"
-        launch = start_train(demo_data, work, *_common(), f"run_dir={run_dir}", env=env)
-        wait_until(launch, lambda: _latest_target(s3_server) == stop_at, what=f"latest -> {stop_at}",
-                   poll_s=0.05)
-        launch.sigkill()
-    last = run_train(demo_data, tmp_path / "launch-last", *_common(), f"run_dir={run_dir}", env=env)
+    for end in (4, 8, 12):
+        rows_before = len(metrics_rows(run_dir))
+        result = run_train(demo_data, tmp_path, *_common(max_batches=end), env=s3_server.env())
+        assert result.returncode == 0, result.tail()
+        assert _launch_starts(run_dir, rows_before) == end - 4, trained_batches(run_dir)
+        assert _latest_target(s3_server) == f"ep0-ba{end}-rank0.pt"
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.xfail(reason=STALE_LOCAL_COPY, strict=True)
+def test_three_preempted_launches_resume_from_the_buckets_latest(tmp_path, demo_data, s3_server):
+    """The same command three times in the same directory; the first two are SIGKILLed once
+    `latest` on the bucket has moved (by then newer checkpoint objects are usually uploaded too:
+    `latest` lags). Each launch continues from what `latest` named when the previous one died."""
+    run_dir = tmp_path / "run"
+    common = _common(max_batches=60)
+    for _ in range(2):
+        before = _latest_target(s3_server)
+        rows_before = len(metrics_rows(run_dir))
+        launch = start_train(demo_data, tmp_path, *common, env=s3_server.env())
+        wait_until(launch, lambda: _latest_target(s3_server) != before, what="latest to move", poll_s=0.05)
+        launch.sigkill()  # waits for the launch's upload processes to end too
+        assert _launch_starts(run_dir, rows_before) == _batch_of(before), trained_batches(run_dir)
+        print(f"killed with latest -> {_latest_target(s3_server)}, on the bucket: {_remote_checkpoints(s3_server)}")
+    rows_before = len(metrics_rows(run_dir))
+    resumed_from = _batch_of(_latest_target(s3_server))
+    last = run_train(demo_data, tmp_path, *common, env=s3_server.env())
     assert last.returncode == 0, last.tail()
-    assert _first_batch_of_each_launch(run_dir) == [0, 4, 8], trained_batches(run_dir)
-    assert _latest_target(s3_server) == "ep0-ba12-rank0.pt"
-    assert _remote_checkpoints(s3_server) == [f"ep0-ba{b}-rank0.pt" for b in (4, 8, 12)]
-
-
-@pytest.mark.timeout(900)
-@pytest.mark.xfail(reason=OVERWRITE_AFTER_LAG, strict=True)
-def test_kill_after_upload_before_latest_moves_still_resumes(tmp_path, demo_data, s3_server):
-    env = s3_server.env()
-    run_dir = tmp_path / "run"
-    first = start_train(demo_data, tmp_path / "a", *_common(), f"run_dir={run_dir}", env=env)
-    # The batch-8 object is on the bucket while `latest` still names batch 4 (or nothing yet).
-    wait_until(first, lambda: "ep0-ba8-rank0.pt" in _remote_checkpoints(s3_server),
-               what="the batch-8 checkpoint on the bucket", poll_s=0.02)
-    latest_at_kill = _latest_target(s3_server)
-    first.sigkill()
-    assert latest_at_kill != "ep0-ba8-rank0.pt", "latest already moved: the window was missed"
-    second = run_train(demo_data, tmp_path / "b", *_common(), f"run_dir={run_dir}", env=env)
-    assert second.returncode == 0, second.tail()
-    assert _latest_target(s3_server) == "ep0-ba12-rank0.pt"
+    assert _launch_starts(run_dir, rows_before) == resumed_from, trained_batches(run_dir)
+    assert _latest_target(s3_server) == "ep0-ba60-rank0.pt"
+    assert _remote_checkpoints(s3_server) == [f"ep0-ba{b}-rank0.pt" for b in range(4, 61, 4)]
 
 
 @pytest.mark.timeout(900)
 def test_server_outage_fails_clearly_and_loses_no_uploaded_checkpoint(tmp_path, demo_data, s3_server):
-    """The server goes away after the batch-4 checkpoint is confirmed and stays away: the run ends
-    (no hang) with an error naming the endpoint; the bucket still holds batch 4 intact, and once
-    the server is back the same command resumes from it and finishes."""
-    env = s3_server.env()
-    run_dir = tmp_path / "run"
-    launch = start_train(demo_data, tmp_path / "a", *_common(), f"run_dir={run_dir}", env=env)
-    wait_until(launch, lambda: _latest_target(s3_server) == "ep0-ba4-rank0.pt", what="latest -> ba4",
+    """The server goes away once `latest` names a checkpoint and stays away: the run ends (no hang)
+    with an error naming the endpoint; back up, the bucket still holds every checkpoint that was
+    there, each loadable, and `latest` names one of them. (Resuming after it: the tests above.)"""
+    launch = start_train(demo_data, tmp_path, *_common(max_batches=60), env=s3_server.env())
+    wait_until(launch, lambda: _latest_target(s3_server) is not None, what="latest on the bucket",
                poll_s=0.05)
+    before = _remote_checkpoints(s3_server)
     s3_server.stop()
     down_since = time.monotonic()
     failed = launch.wait(timeout_s=400)
     failed_after_s = time.monotonic() - down_since
     assert failed.returncode != 0, failed.tail()
-    assert "127.0.0.1" in failed.output or "Could not connect" in failed.output, failed.tail()
-    print(f"run failed {failed_after_s:.0f}s after the outage began")
+    assert s3_server.endpoint in failed.output or "Could not connect" in failed.output, failed.tail()
+    print(f"run failed {failed_after_s:.0f}s after the outage began; on the bucket: {before}")
 
     s3_server.start()
-    assert _latest_target(s3_server) == "ep0-ba4-rank0.pt"
-    resumed = run_train(demo_data, tmp_path / "b", *_common(), f"run_dir={run_dir}", env=env)
-    assert resumed.returncode == 0, resumed.tail()
-    assert _first_batch_of_each_launch(run_dir)[-1] == 4, trained_batches(run_dir)
-    assert _latest_target(s3_server) == "ep0-ba12-rank0.pt"
+    after = _remote_checkpoints(s3_server)
+    assert set(before) <= set(after), (before, after)
+    assert _latest_target(s3_server) in after
+    for name in after:
+        state = load_checkpoint(_bucket_dir(s3_server) / name)["state"]
+        assert state["timestamp"]["Timestamp"]["batch"] == _batch_of(name)
 
 
 @pytest.mark.timeout(300)

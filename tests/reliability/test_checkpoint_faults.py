@@ -34,13 +34,6 @@ def patch(module):
     module._write_checkpoint_file = write_then_crash
 '''
 
-SAVE_FOLDER_CONFLICT = ("Composer refuses to start when the save folder holds a checkpoint newer than "
-                        "`latest` (ensure_folder_has_no_conflicting_files, save_overwrite=False), so "
-                        "after a crash during a checkpoint write every restart fails with "
-                        "FileExistsError until someone deletes the file; fix: Trainer(save_overwrite="
-                        "autoresume) in builder.py (see docs/RELIABILITY.md)")
-
-
 def _is_complete_zip(path: Path) -> bool:
     # torch.save writes a zip whose central directory is the last thing written: a truncated file
     # has none.
@@ -51,6 +44,8 @@ def _is_complete_zip(path: Path) -> bool:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("fraction", [0.5, 1.0], ids=["mid-write", "written-before-latest-moved"])
 def test_crash_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp_path, demo_data, fraction):
+    """The interrupted file is newer than `latest`; Composer refuses to start next to such a file
+    unless overwriting is on, which the builder turns on under autoresume."""
     ckpt = tmp_path / "ckpt"
     common = ("max_duration=12ba", f"checkpoint.save_folder={ckpt}", "checkpoint.save_interval=4ba",
               "checkpoint.keep_local=null")
@@ -104,15 +99,10 @@ def test_save_folder_blocked_by_a_file_fails_at_start_up(tmp_path, demo_data):
     assert trained_batches(tmp_path / "run") == []
 
 
-STORAGE_ERROR_TRACEBACK = ("cli.py turns ValueError from build_trainer into 'error: ...' + exit 2, but "
-                           "CheckpointStorageError is a RuntimeError: storage problems found at "
-                           "start-up end in a traceback and exit 1; fix: catch it too (see "
-                           "docs/RELIABILITY.md)")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_storage_error_at_start_up_is_one_message_and_exit_2(tmp_path, demo_data):
+    """CheckpointStorageError is a RuntimeError: the CLI catches it like a bad setting."""
     blocker = tmp_path / "ckpt"
     blocker.write_text("not a folder")
     result = run_train(demo_data, tmp_path, "max_duration=4ba", f"checkpoint.save_folder={blocker}/run1",

@@ -9,29 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.conftest import (Launch, effective_trace, fault_hook_env, load_checkpoint, run_train,
-                                        start_train, tensor_differences, traced_batch_seen, train_command,
-                                        trained_batches, wait_until)
+from tests.reliability.conftest import (Launch, effective_trace, load_checkpoint, run_train, start_train,
+                                        tensor_differences, traced_batch_seen, train_command, trained_batches,
+                                        wait_until)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
-
-# builder.py draws the initial weights before Composer seeds the process, so two fresh starts
-# differ (test_fresh_starts_draw_the_same_initial_weights). Until that is fixed, every process in
-# these tests seeds the model's construction itself, so that the comparison isolates resumption.
-SEED_INIT = '''
-import torch
-
-def patch(module):
-    original = module.ModernBertForMaskedLM.__init__
-    def seeded_init(self, *args, **kwargs):
-        torch.manual_seed(17)
-        original(self, *args, **kwargs)
-    module.ModernBertForMaskedLM.__init__ = seeded_init
-'''
-UNSEEDED_INIT = ("builder.build_trainer constructs the model before Trainer() seeds the process "
-                 "(reproducibility.seed_all), so each fresh start draws different initial weights: a run "
-                 "restarted before its first checkpoint is not the run it replaces; fix: seed_all(cfg.seed) "
-                 "before ModernBertForMaskedLM(...) (see docs/RELIABILITY.md)")
 
 MAX_BATCHES = 24
 SAVE_EVERY = 8  # checkpoints at 8, 16, 24; the batch size doubles at batch 6 (warmup)
@@ -84,9 +66,8 @@ def test_fresh_starts_draw_the_same_initial_weights(tmp_path, demo_data):
 
 
 def test_sigkill_at_four_points_then_resume_is_bitwise_exact(tmp_path, demo_data):
-    env = fault_hook_env(tmp_path / "hook", "modernbert_train.model.modernbert", SEED_INIT)
     reference, resumed = tmp_path / "uninterrupted", tmp_path / "killed"
-    base = run_train(demo_data, reference, *_common(reference), env=env)
+    base = run_train(demo_data, reference, *_common(reference))
     assert base.returncode == 0, base.tail()
     assert trained_batches(reference / "run") == list(range(MAX_BATCHES))
 
@@ -98,10 +79,10 @@ def test_sigkill_at_four_points_then_resume_is_bitwise_exact(tmp_path, demo_data
         ("batch 17, just past the batch-16 checkpoint", lambda: traced_batch_seen(run_dir, 17)),
     ]
     for what, condition in kill_points:
-        launch = start_train(demo_data, resumed, *_common(resumed), env=env)
+        launch = start_train(demo_data, resumed, *_common(resumed))
         wait_until(launch, condition(), what=what)
         launch.sigkill()
-    last = start_train(demo_data, resumed, *_common(resumed), env=env).wait()
+    last = start_train(demo_data, resumed, *_common(resumed)).wait()
     assert last.returncode == 0, last.tail()
     assert "Autoresuming training from checkpoint" in last.output
     # Each launch resumed where the previous one's last checkpoint left off: the trained batches are
@@ -120,14 +101,13 @@ def test_two_processes_sigkill_one_rank_then_resume_is_bitwise_exact(tmp_path, d
     def launcher() -> list[str]:
         return [sys.executable, "-m", "composer.cli.launcher", "-n", "2", "--master_port", str(free_port())]
 
-    env = fault_hook_env(tmp_path / "hook", "modernbert_train.model.modernbert", SEED_INIT)
     reference, resumed = tmp_path / "uninterrupted", tmp_path / "killed"
     overrides = (*_common(reference), "data.num_workers=0")
-    base = run_train(demo_data, reference, *overrides, launcher=launcher(), env=env)
+    base = run_train(demo_data, reference, *overrides, launcher=launcher())
     assert base.returncode == 0, base.tail()
 
     overrides = (*_common(resumed), "data.num_workers=0")
-    first = Launch(train_command(demo_data, resumed, *overrides, launcher=launcher()), resumed, env)
+    first = Launch(train_command(demo_data, resumed, *overrides, launcher=launcher()), resumed, None)
     wait_until(first, traced_batch_seen(resumed / "run", 11, rank=1), what="rank 1 at batch 11")
     ranks = [p for p in psutil.Process(first.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
     rank1 = [p for p in ranks if p.environ().get("RANK") == "1"]
@@ -136,7 +116,7 @@ def test_two_processes_sigkill_one_rank_then_resume_is_bitwise_exact(tmp_path, d
     ended = first.wait(120)
     assert ended.returncode != 0, "the launcher must fail when a rank dies"
 
-    last = Launch(train_command(demo_data, resumed, *overrides, launcher=launcher()), resumed, env).wait()
+    last = Launch(train_command(demo_data, resumed, *overrides, launcher=launcher()), resumed, None).wait()
     assert last.returncode == 0, last.tail()
     for rank in (0, 1):
         _assert_same_training(reference, resumed, f"ep0-ba{MAX_BATCHES}-rank0.pt", rank=rank)

@@ -33,12 +33,6 @@ def patch(module):
     module.build_optimizer = build_optimizer
 '''
 
-WEIGHTS_NOT_CHECKED = ("NonFiniteLossGuard checks only the loss: an update that makes the weights "
-                       "non-finite while that batch's loss was finite is checkpointed and becomes "
-                       "`latest`; fix: also check the parameters at BATCH_CHECKPOINT, before "
-                       "Composer's CheckpointSaver (see docs/RELIABILITY.md)")
-
-
 def _finite(checkpoint) -> bool:
     return all(torch.isfinite(t).all() for t in load_checkpoint(checkpoint)["state"]["model"].values())
 

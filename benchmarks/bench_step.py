@@ -22,11 +22,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from modernbert_train.data.chunk_layout import doc_slots, prediction_slots
 from modernbert_train.data.masking import IGNORE_INDEX, MaskingConfig, MLMMasker
 from modernbert_train.data.packing import BestFitPacker, PackedSequence
 from modernbert_train.model.attention import unavailable_reason
 from modernbert_train.model.config import ModernBertConfig, preset
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
+from modernbert_train.train.compile import COMPILE_MODES, compile_model, mark_varlen_dims
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,8 @@ FLOP_FORMULA = (
 # --- data: packed documents, masked, in both layouts ----------------------------------------------
 
 def max_docs_per_chunk(seq_len: int, seqs_per_chunk: int) -> int:
-    """The loader's fixed `cu_seqlens` capacity (data/loader.py, not imported: it needs Streaming,
-    which the GPU machine may lack); pinned equal by tests/benchmarks/test_bench_step_smoke.py."""
+    """Worst-case document count of a chunk (the pad tail included): a document is >= 2 tokens.
+    The `capacity` layout (RunSpec) sizes `cu_seqlens` for it, as the loader did before."""
     return seqs_per_chunk * (seq_len // 2) + 1
 
 
@@ -128,13 +130,21 @@ def build_step_batch(cfg: ModernBertConfig, seqs: list[PackedSequence], seq_len:
     if offset < chunk_tokens:  # the pad tail is one more document, as the loader makes it
         doc_lens = np.append(doc_lens, chunk_tokens - offset)
     starts = np.concatenate([[0], np.cumsum(doc_lens)])
-    cu_seqlens = np.full(max_docs_per_chunk(seq_len, n_seqs) + 1, chunk_tokens, dtype=np.int32)
-    cu_seqlens[:starts.size] = starts
+
+    def cu_seqlens(layout: str) -> torch.Tensor:  # unused slots repeat the end: empty documents
+        slots = max_docs_per_chunk(seq_len, n_seqs) if layout == "capacity" else doc_slots(doc_lens.size)
+        cu = np.full(slots + 1, chunk_tokens, dtype=np.int32)
+        cu[:starts.size] = starts
+        return torch.from_numpy(cu)
+
     position_ids = np.arange(chunk_tokens) - np.repeat(starts[:-1], doc_lens)
     packed = {
         "input_ids": torch.from_numpy(ids_packed),
         "labels": torch.from_numpy(labels_packed),
-        "cu_seqlens": torch.from_numpy(cu_seqlens),
+        "cu_seqlens": cu_seqlens("bucket"),
+        "cu_seqlens_capacity": cu_seqlens("capacity"),
+        "prediction_slots": prediction_slots(chunk_tokens=chunk_tokens, num_sequences=n_seqs,
+                                             mask_rate=masker.cfg.mask_rate),
         "position_ids": torch.from_numpy(position_ids.astype(np.int64)),
         "max_seqlen": seq_len,
         "num_tokens": torch.tensor(offset, dtype=torch.int64),
@@ -191,16 +201,48 @@ def model_flops(cfg: ModernBertConfig, *, real_tokens: int, masked_tokens: int, 
 
 @dataclass(frozen=True)
 class RunSpec:
+    """One configuration. Written on the command line as system:attention:compile[:option...],
+    e.g. `ours:torch_varlen:regional`, `hf:sdpa:none`, `ours:torch_varlen:full:-fused:capacity`.
+    Options (ours only) turn off one optimisation each, to measure what it buys: `-fused` (plain
+    decoder + cross-entropy over materialised logits), `-slots` (sparse head over exactly the masked
+    positions: a host sync and a data-dependent shape per step), `capacity` (worst-case
+    `cu_seqlens` length instead of the document count rounded up to 64)."""
+
     system: str  # "ours" | "hf"
     attention: str  # our backend name, or transformers' attn_implementation
-    compile: bool
+    compile: str  # none | regional | full (transformers: none | full)
+    fused_loss: bool = True
+    prediction_slots: bool = True
+    doc_slots: str = "bucket"
+
+    @property
+    def label(self) -> str:
+        off = [name for name, on in (("-fused", self.fused_loss), ("-slots", self.prediction_slots)) if not on]
+        return ",".join(off + ([self.doc_slots] if self.doc_slots != "bucket" else [])) or "-"
+
+    @staticmethod
+    def parse(text: str) -> RunSpec:
+        parts = text.split(":")
+        if len(parts) < 3 or parts[0] not in ("ours", "hf") or parts[2] not in COMPILE_MODES:
+            raise ValueError(f"run spec {text!r}: expected system:attention:compile[:option...] with "
+                             f"system ours|hf and compile one of {COMPILE_MODES}")
+        options = set(parts[3:])
+        unknown = options - {"-fused", "-slots", "capacity"}
+        if unknown or (options and parts[0] == "hf") or (parts[0] == "hf" and parts[2] == "regional"):
+            raise ValueError(f"run spec {text!r}: options {sorted(unknown) or sorted(options)} / compile "
+                             "mode not valid here (options -fused -slots capacity are for ours; "
+                             "transformers compiles none or full)")
+        return RunSpec(parts[0], parts[1], parts[2], fused_loss="-fused" not in options,
+                       prediction_slots="-slots" not in options,
+                       doc_slots="capacity" if "capacity" in options else "bucket")
 
 
 @dataclass
 class RunResult:
     system: str
     attention: str
-    compile: bool
+    compile: str
+    options: str  # RunSpec.label: the optimisations turned off ("-" = none)
     dtype: str
     chunk_tokens: int  # tokens the step computes on, padding included
     real_tokens_per_step: Optional[float] = None
@@ -214,14 +256,16 @@ class RunResult:
     mfu: Optional[float] = None
     peak_mem_bytes: Optional[int] = None
     warmup_s: Optional[float] = None  # includes compilation
+    graphs_compiled: Optional[int] = None  # torch.compile graphs built during warm-up
+    graphs_compiled_timed: Optional[int] = None  # ... and during the timed steps (should be 0)
     loss_first: Optional[float] = None
     loss_last: Optional[float] = None
     ratio_vs_hf: Optional[float] = None  # tokens/s over transformers' with the same compile setting
     error: Optional[str] = None
 
 
-def build_ours(cfg: ModernBertConfig, backend: str) -> torch.nn.Module:
-    return ModernBertForMaskedLM(replace(cfg, attention_backend=backend))
+def build_ours(cfg: ModernBertConfig, spec: RunSpec) -> torch.nn.Module:
+    return ModernBertForMaskedLM(replace(cfg, attention_backend=spec.attention, fused_head_loss=spec.fused_loss))
 
 
 def build_hf(cfg: ModernBertConfig, attn_implementation: str) -> torch.nn.Module:
@@ -254,16 +298,24 @@ def build_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim
                        foreach=on_cuda and not HAS_TRITON)
 
 
-def ours_inputs(batch: StepBatch) -> tuple[dict[str, Any], int, int]:
+def ours_inputs(batch: StepBatch, spec: RunSpec) -> tuple[dict[str, Any], int, int]:
     p = batch.packed
-    kwargs = {"input_ids": p["input_ids"], "cu_seqlens": p["cu_seqlens"], "max_seqlen": p["max_seqlen"],
-              "position_ids": p["position_ids"], "labels": p["labels"]}
+    cu_seqlens = p["cu_seqlens_capacity" if spec.doc_slots == "capacity" else "cu_seqlens"]
+    mark_varlen_dims(cu_seqlens)
+    kwargs = {"input_ids": p["input_ids"], "cu_seqlens": cu_seqlens, "max_seqlen": p["max_seqlen"],
+              "position_ids": p["position_ids"], "labels": p["labels"],
+              "prediction_slots": p["prediction_slots"] if spec.prediction_slots else None}
     return kwargs, int(p["num_tokens"]), int((p["labels"] != IGNORE_INDEX).sum())
 
 
-def hf_inputs(batch: StepBatch) -> tuple[dict[str, Any], int, int]:
+def hf_inputs(batch: StepBatch, spec: RunSpec) -> tuple[dict[str, Any], int, int]:
     p = batch.padded
     return dict(p), int(p["attention_mask"].sum()), int((p["labels"] != IGNORE_INDEX).sum())
+
+
+def graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
 
 
 def synchronize(device: torch.device) -> None:
@@ -282,16 +334,16 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
                dtype: str, warmup: int, steps: int, peak_flops: Optional[float], seed: int) -> RunResult:
     """Build, (compile,) warm up and time one system; any failure is recorded, not raised."""
     chunk_tokens = int(batches[0].packed["input_ids"].numel())
-    result = RunResult(spec.system, spec.attention, spec.compile, dtype, chunk_tokens)
+    result = RunResult(spec.system, spec.attention, spec.compile, spec.label, dtype, chunk_tokens)
     model = compiled = optimizer = None
     try:
         torch.manual_seed(seed)
-        if spec.compile:
-            torch._dynamo.reset()  # one model's guards must not eat the next one's recompile budget
-        model = (build_ours(cfg, spec.attention) if spec.system == "ours"
+        torch._dynamo.reset()  # one model's guards must not eat the next one's recompile budget
+        model = (build_ours(cfg, spec) if spec.system == "ours"
                  else build_hf(cfg, spec.attention)).to(device).train()
         optimizer = build_optimizer(model, device)
-        compiled = torch.compile(model) if spec.compile else model
+        compiled = compile_model(model, spec.compile) if spec.system == "ours" else \
+            (torch.compile(model) if spec.compile == "full" else model)
         make_inputs = ours_inputs if spec.system == "ours" else hf_inputs
         autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bf16" \
             else contextlib.nullcontext
@@ -299,7 +351,7 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
             torch.cuda.reset_peak_memory_stats(device)
 
         def step(i: int) -> tuple[torch.Tensor, float, int, int]:
-            kwargs, real, masked = make_inputs(batches[i % len(batches)])
+            kwargs, real, masked = make_inputs(batches[i % len(batches)], spec)
             synchronize(device)
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
@@ -310,10 +362,12 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
             synchronize(device)
             return loss.detach(), time.perf_counter() - start, real, masked
 
+        graphs_before = graphs_compiled()
         warm_start = time.perf_counter()
         for i in range(warmup):
             step(i)
         result.warmup_s = time.perf_counter() - warm_start
+        result.graphs_compiled = graphs_compiled() - graphs_before
 
         losses, times_s, flops = [], [], 0.0
         real_total = masked_total = 0
@@ -337,13 +391,13 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
         result.mfu = flops / total_s / peak_flops if peak_flops else None
         result.peak_mem_bytes = peak_memory_bytes(device)
         result.loss_first, result.loss_last = float(losses[0]), float(losses[-1])
+        result.graphs_compiled_timed = graphs_compiled() - graphs_before - result.graphs_compiled
     except Exception as err:  # noqa: BLE001 - the benchmark records any failure and moves on
         result.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:500]
         log.warning("%s/%s compile=%s failed: %s", spec.system, spec.attention, spec.compile, result.error)
     finally:
         del model, compiled, optimizer
-        if spec.compile:
-            torch._dynamo.reset()  # drop the compiled graphs that still reference the model
+        torch._dynamo.reset()  # drop the compiled graphs that still reference the model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -361,20 +415,21 @@ def default_backend(device: torch.device) -> str:
 
 
 def plan_runs(args: argparse.Namespace, device: torch.device) -> list[RunSpec]:
+    if args.runs:
+        return [RunSpec.parse(text) for text in args.runs]
+    hf_compile = "none" if args.compile == "none" else "full"
+    baseline = [RunSpec("hf", args.hf_attn, hf_compile)] if args.baseline == "hf" else []
     if not args.sweep:
-        runs = [RunSpec("ours", args.backend, args.compile)]
-        return runs + ([RunSpec("hf", args.hf_attn, args.compile)] if args.baseline == "hf" else [])
+        return [RunSpec("ours", args.backend, args.compile)] + baseline
     candidates = ("torch_varlen", "flash", "flex") if device.type == "cuda" else ("sdpa", "flex")
     backends = [b for b in candidates if unavailable_reason(b) is None]
-    compile_modes = {"on": [True], "off": [False], "both": [True, False]}[args.sweep_compile]
-    runs = []
     # Most informative first (a time limit may cut the sweep short): the fastest backend and the
-    # baseline, then the other backends; compiled before eager.
-    for compile_model in compile_modes:
-        runs.append(RunSpec("ours", backends[0], compile_model))
-        if args.baseline == "hf":
-            runs.append(RunSpec("hf", args.hf_attn, compile_model))
-        runs += [RunSpec("ours", b, compile_model) for b in backends[1:]]
+    # baseline, then the other backends, then everything uncompiled.
+    runs = [RunSpec("ours", backends[0], args.compile)] + baseline
+    runs += [RunSpec("ours", b, args.compile) for b in backends[1:]]
+    if args.compile != "none":
+        runs += [RunSpec("ours", b, "none") for b in backends]
+        runs += [RunSpec("hf", args.hf_attn, "none")] if args.baseline == "hf" else []
     return runs
 
 
@@ -412,10 +467,11 @@ def peak_flops_for(device: torch.device, override_tflops: Optional[float]) -> Op
 
 
 def fill_ratios(results: list[RunResult]) -> None:
-    baseline = {r.compile: r.tokens_per_s for r in results if r.system == "hf" and r.tokens_per_s}
+    """Each of our runs against the fastest transformers run of the same process."""
+    best_hf = max((r.tokens_per_s for r in results if r.system == "hf" and r.tokens_per_s), default=None)
     for r in results:
-        if r.system == "ours" and r.tokens_per_s and r.compile in baseline:
-            r.ratio_vs_hf = r.tokens_per_s / baseline[r.compile]
+        if r.system == "ours" and r.tokens_per_s and best_hf:
+            r.ratio_vs_hf = r.tokens_per_s / best_hf
 
 
 def data_summary(batches: list[StepBatch], seq_len: int, seqs_per_chunk: int) -> dict[str, Any]:
@@ -430,18 +486,19 @@ def data_summary(batches: list[StepBatch], seq_len: int, seqs_per_chunk: int) ->
 
 def format_table(results: list[RunResult], device: torch.device) -> str:
     mem_label = "peak mem GiB" if device.type == "cuda" else "RSS hw GiB"
-    header = ["system", "attention", "compile", "tok/step", "tok/s", "ms/step med", "ms/step mean",
-              mem_label, "MFU", "vs HF"]
+    header = ["system", "attention", "compile", "off", "tok/step", "tok/s", "ms/step med", "ms/step mean",
+              mem_label, "MFU", "vs best HF", "warmup s", "graphs"]
     rows, errors = [header], {}
     for r in results:
         if r.error:
             errors[len(rows)] = r.error
-            rows.append([r.system, r.attention, str(r.compile)])
+            rows.append([r.system, r.attention, r.compile, r.options])
             continue
-        rows.append([r.system, r.attention, str(r.compile), f"{r.real_tokens_per_step:.0f}",
+        rows.append([r.system, r.attention, r.compile, r.options, f"{r.real_tokens_per_step:.0f}",
                      f"{r.tokens_per_s:,.0f}", f"{r.step_ms_median:.1f}", f"{r.step_ms_mean:.1f}",
                      f"{r.peak_mem_bytes / 2**30:.2f}", "-" if r.mfu is None else f"{100 * r.mfu:.1f}%",
-                     "-" if r.ratio_vs_hf is None else f"{r.ratio_vs_hf:.2f}x"])
+                     "-" if r.ratio_vs_hf is None else f"{r.ratio_vs_hf:.2f}x", f"{r.warmup_s:.0f}",
+                     f"{r.graphs_compiled}+{r.graphs_compiled_timed}"])
     widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
              + (f"  ERROR {errors[n]}" if n in errors else "") for n, row in enumerate(rows)]
@@ -465,8 +522,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="packed sequences per microbatch chunk (tokens per step = this x seq-len)")
     p.add_argument("--backend", default=None, choices=["sdpa", "flex", "flash", "torch_varlen"],
                    help="our attention backend (default: fastest available here)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile both models (default: on for cuda, off for cpu)")
+    p.add_argument("--compile", default=None, choices=COMPILE_MODES,
+                   help="how to compile ours (transformers: whole model unless none); "
+                        "default regional on cuda, none on cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
                    help="bf16 autocast or plain fp32 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -477,9 +535,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "flex_attention", "eager"],
                    help="transformers' attn_implementation")
     p.add_argument("--sweep", action="store_true",
-                   help="run every available backend x compile mode (plus the baseline) in one process")
-    p.add_argument("--sweep-compile", default=None, choices=["on", "off", "both"],
-                   help="compile modes of --sweep (default: both on cuda, off on cpu)")
+                   help="every available backend, compiled and not, plus the baseline, in one process")
+    p.add_argument("--runs", nargs="+", default=None, metavar="SPEC",
+                   help="explicit configurations in this order, system:attention:compile[:option...] "
+                        "(see RunSpec), e.g. ours:torch_varlen:regional hf:sdpa:none ours:flex:full:-fused")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense TFLOP/s for MFU (default: table by GPU name; none on cpu)")
     p.add_argument("--out-json", type=Path, default=Path("bench_results/step.json"))
@@ -493,9 +552,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
     args.backend = args.backend or default_backend(device)
-    args.compile = on_cuda if args.compile is None else args.compile
+    args.compile = args.compile or ("regional" if on_cuda else "none")
     args.dtype = args.dtype or ("bf16" if on_cuda else "fp32")
-    args.sweep_compile = args.sweep_compile or ("both" if on_cuda else "off")
     if args.steps < 1 or args.warmup < 0 or args.num_chunks < 1:
         raise SystemExit("--steps must be >= 1, --warmup >= 0, --num-chunks >= 1")
 

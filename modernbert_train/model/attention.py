@@ -7,7 +7,9 @@ either side). No token attends across a document boundary. Shapes: q, k, v and t
 (total_tokens, heads, head_dim).
 
 `cache` is a dict that lives for one forward pass: a backend may keep per-batch structures there
-(the FlexAttention block masks) so that 22 layers share one build.
+(the FlexAttention block masks) so that 22 layers share one build. `prepare_attention` fills it
+before the first layer runs, outside any compiled layer; a backend called on an empty cache builds
+what it needs itself.
 """
 from __future__ import annotations
 
@@ -60,19 +62,21 @@ def _padded_layout(cu_seqlens: torch.Tensor, total: int, window: Optional[int]):
     return index, valid, allowed
 
 
+def _sdpa_prepare(cache: dict, cu_seqlens: torch.Tensor, total: int, window: Optional[int]) -> None:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    docs, longest = int((lengths > 0).sum()), int(lengths.max())
+    if docs * longest * longest < total * total:
+        cache[("sdpa", window)] = ("padded", _padded_layout(cu_seqlens, total, window))
+    else:
+        cache[("sdpa", window)] = ("dense", dense_allowed_mask(cu_seqlens, total, window))
+
+
 def sdpa_attention(q, k, v, *, cu_seqlens, max_seqlen, window, cache, scale=None):
     """Reference backend (CPU, small chunks): SDPA over the documents gathered into a padded
     (D, L) batch, or over the whole chunk with a dense (T, T) mask when that is cheaper."""
-    total = q.shape[0]
-    key = ("sdpa", window)
-    if key not in cache:
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        docs, longest = int((lengths > 0).sum()), int(lengths.max())
-        if docs * longest * longest < total * total:
-            cache[key] = ("padded", _padded_layout(cu_seqlens, total, window))
-        else:
-            cache[key] = ("dense", dense_allowed_mask(cu_seqlens, total, window))
-    kind, layout = cache[key]
+    if ("sdpa", window) not in cache:
+        _sdpa_prepare(cache, cu_seqlens, q.shape[0], window)
+    kind, layout = cache[("sdpa", window)]
     if kind == "dense":  # (T, H, D) -> (1, H, T, D)
         out = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)),
                                              attn_mask=layout, scale=scale)
@@ -152,19 +156,23 @@ def _flex_kernel(on_cuda: bool):
     return _compiled_flex
 
 
+def _flex_prepare(cache: dict, cu_seqlens: torch.Tensor, total: int, window: Optional[int]) -> None:
+    # The kernel works on whole blocks: a ragged tail is padded and becomes one more document,
+    # so no real token ever sees it.
+    pad = (-total) % FLEX_BLOCK_SIZE
+    cu = torch.cat([cu_seqlens, cu_seqlens.new_tensor([total + pad])]) if pad else cu_seqlens
+    cache[("flex_mask", window)] = flex_block_mask(cu, total + pad, window)
+
+
 def flex_attention_backend(q, k, v, *, cu_seqlens, max_seqlen, window, cache, scale=None):
     total = q.shape[0]
-    # The kernel works on whole blocks: a ragged tail is padded and becomes one more document,
-    # so no real token ever sees it; its rows are dropped below.
     pad = (-total) % FLEX_BLOCK_SIZE
-    key = ("flex_mask", window)
-    if key not in cache:
-        cu = torch.cat([cu_seqlens, cu_seqlens.new_tensor([total + pad])]) if pad else cu_seqlens
-        cache[key] = flex_block_mask(cu, total + pad, window)
+    if ("flex_mask", window) not in cache:
+        _flex_prepare(cache, cu_seqlens, total, window)
     qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # (1, H, T, D)
-    if pad:
+    if pad:  # the padded rows are dropped below
         qh, kh, vh = (F.pad(x, (0, 0, 0, pad)) for x in (qh, kh, vh))
-    out = _flex_kernel(q.is_cuda)(qh, kh, vh, block_mask=cache[key], scale=scale)
+    out = _flex_kernel(q.is_cuda)(qh, kh, vh, block_mask=cache[("flex_mask", window)], scale=scale)
     return out[0, :, :total].transpose(0, 1)
 
 
@@ -232,6 +240,21 @@ BACKENDS: dict[str, tuple[AttentionFn, Callable[[], Optional[str]]]] = {
     "flash": (flash_attention_backend, _flash_missing),
     "torch_varlen": (torch_varlen_backend, _torch_varlen_missing),
 }
+# Per-forward structures built once for all layers (the varlen kernels need none).
+_PREPARE: dict[str, Callable[[dict, torch.Tensor, int, Optional[int]], None]] = {
+    "sdpa": _sdpa_prepare,
+    "flex": _flex_prepare,
+}
+
+
+def prepare_attention(name: str, cu_seqlens: torch.Tensor, total_tokens: int,
+                      windows: set[Optional[int]]) -> dict:
+    """The per-forward `cache` for backend `name`, filled for each window the layers use."""
+    cache: dict = {}
+    if name in _PREPARE:
+        for window in windows:
+            _PREPARE[name](cache, cu_seqlens, total_tokens, window)
+    return cache
 
 
 def unavailable_reason(name: str) -> Optional[str]:

@@ -32,6 +32,9 @@ class ModernBertConfig:
     mlp_dropout: float = 0.0
     # Run the MLM head only on the masked positions when labels are given.
     sparse_prediction: bool = True
+    # In training, fuse the decoder projection with its cross-entropy over row chunks
+    # (model/linear_cross_entropy.py): no (masked tokens x vocab) logits in memory.
+    fused_head_loss: bool = True
     # sdpa | flex | flash | torch_varlen (model/attention.py).
     attention_backend: str = "sdpa"
     # Special ids of the tokenizer, exported to HF config.json.

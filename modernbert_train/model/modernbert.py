@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modernbert_train.model.attention import get_backend, token_document_ids
+from modernbert_train.model.attention import get_backend, prepare_attention, token_document_ids
 from modernbert_train.model.config import ModernBertConfig
+from modernbert_train.model.linear_cross_entropy import linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -36,6 +37,11 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int) -> to
     """(T,) position of each token inside its document, restarting at 0 per document."""
     doc = token_document_ids(cu_seqlens, total_tokens)
     return torch.arange(total_tokens, device=cu_seqlens.device) - cu_seqlens[doc].long()
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """The loss is computed in fp32 (or fp64 for an fp64 model), never in bf16."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 # --- RoPE ------------------------------------------------------------------------------------------
@@ -147,7 +153,9 @@ class ModernBertModel(nn.Module):
         if position_ids is None:
             position_ids = positions_from_cu_seqlens(cu_seqlens, total)
         global_rope, local_rope = self.global_rope(position_ids), self.local_rope(position_ids)
-        cache: dict = {}  # per-forward attention structures shared by all layers
+        # Per-forward attention structures (block masks) built once, before any layer.
+        cache = prepare_attention(self.config.attention_backend, cu_seqlens, total,
+                                  {layer.attn.window for layer in self.layers})
         x = self.embeddings(input_ids)
         for layer in self.layers:
             rope = global_rope if layer.attn.is_global else local_rope
@@ -169,8 +177,8 @@ class MLMHead(nn.Module):
 @dataclass
 class MLMOutput:
     # Sparse prediction with labels: (M, V) at `masked_positions`; otherwise (T, V) packed or
-    # (B, S, V) when the input was padded.
-    logits: torch.Tensor
+    # (B, S, V) when the input was padded. None when training with the fused head loss.
+    logits: Optional[torch.Tensor]
     loss: Optional[torch.Tensor] = None
     # Number of positions the loss averages over.
     num_predictions: Optional[torch.Tensor] = None
@@ -190,6 +198,19 @@ class ModernBertForMaskedLM(nn.Module):
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
         self.decoder.weight = self.model.embeddings.tok_embeddings.weight  # tied
         self.reset_parameters()
+
+    @staticmethod
+    def prediction_positions(labels: torch.Tensor, slots: Optional[int]) -> torch.Tensor:
+        """(M,) positions the sparse head runs on: exactly the labelled ones, or, given `slots` (an
+        upper bound on their count that the data pipeline guarantees), the labelled ones first and
+        then unlabelled filler up to `slots`, so the shape is fixed and no host sync is needed."""
+        labelled = labels != IGNORE_INDEX
+        if slots is None:
+            return labelled.nonzero().squeeze(-1)
+        if slots > labels.numel():
+            raise ValueError(f"prediction_slots={slots} exceeds the {labels.numel()} tokens of the chunk")
+        order = torch.argsort(labelled.to(torch.uint8), descending=True, stable=True)
+        return order[:slots]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -217,7 +238,8 @@ class ModernBertForMaskedLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None,
                 max_seqlen: Optional[int] = None, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> MLMOutput:
+                labels: Optional[torch.Tensor] = None,
+                prediction_slots: Optional[int] = None) -> MLMOutput:
         padded_shape = None
         if input_ids.dim() == 2:  # (B, S) + attention_mask: unpad once, here
             if attention_mask is None:
@@ -238,16 +260,23 @@ class ModernBertForMaskedLM(nn.Module):
         hidden = self.model(input_ids, cu_seqlens, max_seqlen, position_ids)  # (T, H)
 
         if labels is not None and self.config.sparse_prediction:
-            masked = (labels != IGNORE_INDEX).nonzero().squeeze(-1)  # (M,)
-            logits = self.decoder(self.head(hidden[masked]))  # (M, V)
-            target = labels[masked]
-            loss = F.cross_entropy(logits.float(), target)
-            return MLMOutput(logits, loss, masked.new_tensor(masked.numel()), masked, target)
+            masked = self.prediction_positions(labels, prediction_slots)  # (M,)
+            target = labels[masked]  # IGNORE_INDEX in unused slots
+            num_predictions = (target != IGNORE_INDEX).sum()
+            head_out = self.head(hidden[masked])  # (M, H)
+            if self.training and torch.is_grad_enabled() and self.config.fused_head_loss:
+                # No (M, V) logits in training (model/linear_cross_entropy.py); nothing reads them.
+                loss = linear_cross_entropy(head_out, self.decoder.weight, self.decoder.bias, target,
+                                            ignore_index=IGNORE_INDEX)
+                return MLMOutput(None, loss, num_predictions, masked, target)
+            logits = self.decoder(head_out)  # (M, V)
+            loss = F.cross_entropy(_at_least_fp32(logits), target, ignore_index=IGNORE_INDEX)
+            return MLMOutput(logits, loss, num_predictions, masked, target)
 
         logits = self.decoder(self.head(hidden))  # (T, V)
         loss = num = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(_at_least_fp32(logits), labels, ignore_index=IGNORE_INDEX)
             num = (labels != IGNORE_INDEX).sum()
         if padded_shape is not None:  # re-pad once, at the end
             full = logits.new_zeros(padded_shape.numel(), logits.shape[-1])

@@ -36,10 +36,10 @@ class MaskedTokenAccuracy(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, output: MLMOutput) -> None:
-        logits, labels = output.logits, output.labels
-        if output.masked_positions is None:  # dense head: keep the masked rows only
-            keep = labels != IGNORE_INDEX
-            logits, labels = logits[keep], labels[keep]
+        # Keep the labelled rows only: a dense head has a row per token, a sparse one may have
+        # filler rows (fixed prediction slots).
+        keep = output.labels != IGNORE_INDEX
+        logits, labels = output.logits[keep], output.labels[keep]
         self.correct += (logits.argmax(-1) == labels).sum()
         self.count += labels.numel()
 

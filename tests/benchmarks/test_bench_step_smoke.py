@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import bench_step
-from modernbert_train.data.loader import max_docs_per_chunk
+from modernbert_train.data.chunk_layout import doc_slots
 from modernbert_train.model.config import preset
 
 
@@ -32,7 +32,7 @@ def test_main_writes_both_systems_on_identical_tokens(tmp_path):
     assert ours["masked_tokens_per_step"] == hf["masked_tokens_per_step"], (ours, hf)
     assert ours["chunk_tokens"] == hf["chunk_tokens"] == 8 * 128
     assert ours["ratio_vs_hf"] == pytest.approx(ours["tokens_per_s"] / hf["tokens_per_s"])
-    assert payload["args"]["backend"] == "sdpa" and payload["args"]["compile"] is False
+    assert payload["args"]["backend"] == "sdpa" and payload["args"]["compile"] == "none"
     assert "12 * hidden * attended_pairs" in payload["flop_formula"]
 
 
@@ -45,9 +45,12 @@ def test_step_batch_layouts_hold_the_same_tokens_and_loader_shapes():
     assert torch.equal(torch.cat(rows), packed["input_ids"][:real])
     assert (packed["input_ids"][real:] == cfg.pad_token_id).all()
     assert torch.equal(padded["labels"][padded["attention_mask"].bool()], packed["labels"][:real])
-    # cu_seqlens: the loader's fixed capacity, documents then the pad tail, repeated last value.
+    # cu_seqlens: the loader's layout, documents then the pad tail, slots rounded up to 64 and filled
+    # with the repeated last value; `capacity` is the worst case.
     cu = packed["cu_seqlens"]
-    assert cu.numel() == max_docs_per_chunk(max_seq_len=128, microbatch_seqs=4) + 1, cu.numel()
+    assert cu.numel() == doc_slots(len(np.concatenate(batch.doc_lens)) + 1) + 1, cu.numel()
+    assert packed["cu_seqlens_capacity"].numel() == 4 * 64 + 2
+    assert torch.equal(packed["cu_seqlens_capacity"][:cu.numel()], cu)
     assert int(cu[0]) == 0 and int(cu[-1]) == 4 * 128 and bool((cu[1:] >= cu[:-1]).all())
     lens = np.concatenate(batch.doc_lens)
     assert (lens >= bench_step.MIN_DOC_TOKENS).all() and (lens <= 128).all(), lens

@@ -95,6 +95,42 @@ def test_sparse_head_equals_dense_head_on_masked_positions():
     assert int(out_s.num_predictions) == 23
 
 
+def masked_example(seed=3, tokens=90, every=4):
+    ids = torch.randint(4, 4096, (tokens,), generator=torch.Generator().manual_seed(seed))
+    labels = torch.full_like(ids, -100)
+    labels[::every] = ids[::every]
+    return ids, labels, torch.tensor([0, 40, tokens], dtype=torch.int32)
+
+
+def test_fixed_prediction_slots_give_the_same_loss_and_predictions():
+    model = build()
+    ids, labels, cu = masked_example()
+    exact = model(ids, cu_seqlens=cu, max_seqlen=50, labels=labels)
+    slotted = model(ids, cu_seqlens=cu, max_seqlen=50, labels=labels, prediction_slots=30)
+    assert slotted.logits.shape == (30, 4096) and exact.logits.shape == (23, 4096)
+    assert int(slotted.num_predictions) == int(exact.num_predictions) == 23
+    assert (slotted.masked_positions[:23] == exact.masked_positions).all(), "labelled positions first, in order"
+    assert (slotted.labels[23:] == -100).all(), "filler slots carry no label"
+    assert abs(slotted.loss.item() - exact.loss.item()) < 1e-12
+    with pytest.raises(ValueError, match="prediction_slots=91 exceeds the 90 tokens"):
+        model(ids, cu_seqlens=cu, max_seqlen=50, labels=labels, prediction_slots=91)
+
+
+@pytest.mark.parametrize("slots", [None, 40])
+def test_fused_head_loss_matches_plain_loss_and_gradients(slots):
+    fused, plain = build(fused_head_loss=True).train(), build(fused_head_loss=False).train()
+    ids, labels, cu = masked_example()
+    out_f = fused(ids, cu_seqlens=cu, max_seqlen=50, labels=labels, prediction_slots=slots)
+    out_p = plain(ids, cu_seqlens=cu, max_seqlen=50, labels=labels, prediction_slots=slots)
+    assert out_f.logits is None, "training with the fused loss materialises no logits"
+    assert abs(out_f.loss.item() - out_p.loss.item()) < 1e-12
+    out_f.loss.backward()
+    out_p.loss.backward()
+    for (name, p_f), p_p in zip(fused.named_parameters(), plain.parameters()):
+        err = (p_f.grad - p_p.grad).abs().max().item()
+        assert err < 1e-12, f"{name}: gradient differs by {err}"
+
+
 def test_init_is_truncated_and_output_projections_scaled_by_depth():
     torch.manual_seed(0)
     cfg = preset("base")

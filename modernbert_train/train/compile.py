@@ -1,0 +1,42 @@
+"""How the training step compiles the model: the repeated blocks one by one, or the model whole.
+
+`regional` compiles each encoder layer, the embeddings and the MLM head as their own graphs. The
+22 (or 28) layers share their compiled code (torch >= 2.5 passes a module's parameters to the graph
+as inputs instead of baking them in), so the compile does a few small graphs instead of one big one
+(much faster start-up) and loses only the fusions across layer boundaries, where nothing fuses
+anyway (each layer begins with a residual add feeding a matmul). `full` compiles the whole model as
+one graph. The model itself never calls torch.compile (docs/DESIGN.md).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from modernbert_train.model.modernbert import ModernBertForMaskedLM
+
+CompileMode = Literal["none", "regional", "full"]
+COMPILE_MODES = ("none", "regional", "full")
+
+
+def compile_model(model: ModernBertForMaskedLM, mode: CompileMode) -> nn.Module:
+    """The module to call for training: `model` itself (compiled in place for `regional`) or, for
+    `full`, a compiled wrapper sharing its parameters."""
+    if mode == "none":
+        return model
+    if mode == "regional":
+        for layer in model.model.layers:
+            layer.compile()
+        model.model.embeddings.compile()
+        model.head.compile()
+        return model
+    if mode == "full":
+        return torch.compile(model)
+    raise ValueError(f"unknown compile mode {mode!r}; choose one of {COMPILE_MODES}")
+
+
+def mark_varlen_dims(cu_seqlens: torch.Tensor) -> None:
+    """The number of documents changes from chunk to chunk: tell the compiler up front that this
+    dimension is dynamic, so the first chunk's count is not baked in and nothing recompiles later."""
+    torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)

@@ -13,25 +13,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from streaming import MDSWriter
 
 from modernbert_train.data.loader import LoaderConfig, StreamConfig, build_chunk_dataloader, collate_chunk
 from modernbert_train.data.masking import MaskingConfig, MLMMasker
-from modernbert_train.data.schema import DatasetMeta, mds_columns, write_meta
+from modernbert_train.data.synthetic import tokenizer_sequences, write_dataset
+from modernbert_train.data.tokenizer import TextTokenizer
 
-PAD, CLS, SEP, MASK, UNK = 0, 1, 2, 3, 4
 VOCAB = 50_368  # ModernBERT's tokenizer size: realistic id range for the random replacements
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    cls: int = CLS
-    sep: int = SEP
-    mask: int = MASK
-    pad: int = PAD
-    unk: int = UNK
 
 
 @dataclass(frozen=True)
@@ -43,36 +32,27 @@ class Result:
     real_tokens_per_s: float
 
 
-def packed_samples(num_samples: int, max_seq_len: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """Sequences filled to 90-100% of max_seq_len with documents of 2..max_seq_len/2 tokens."""
-    rng = np.random.default_rng(seed)
-    samples = []
-    for i in range(num_samples):
-        remaining = int(rng.integers(int(0.9 * max_seq_len), max_seq_len + 1))
-        lens = []
-        while remaining >= 2:
-            n = int(rng.integers(2, min(remaining, max_seq_len // 2) + 1))
-            n += remaining - n == 1
-            lens.append(n)
-            remaining -= n
-        ids = np.concatenate([np.r_[CLS, rng.integers(5, VOCAB, n - 2), SEP] for n in lens])
-        samples.append({"input_ids": ids.astype(np.uint16), "doc_lens": np.array(lens, np.int32),
-                        "doc_ids": 1000 * i + np.arange(len(lens), dtype=np.int64), "sample_idx": i})
-    return samples
+def packed_samples(tokenizer: TextTokenizer, num_samples: int, max_seq_len: int, seed: int) -> list[dict]:
+    """The synthetic corpus's packed sequences (data/synthetic.py) as the loader's samples."""
+    return [{"input_ids": seq.input_ids, "doc_lens": seq.doc_lens, "doc_ids": seq.doc_ids, "sample_idx": i}
+            for i, seq in enumerate(tokenizer_sequences(tokenizer, num_samples, max_seq_len=max_seq_len,
+                                                        seed=seed))]
 
 
-def bench_collate(samples, *, microbatch_seqs: int, max_seq_len: int, repeats: int) -> Result:
-    masker = MLMMasker(MaskingConfig(), mask_id=MASK, special_ids=(PAD, CLS, SEP, MASK, UNK),
-                       vocab_size=VOCAB, pad_id=PAD, seed=0)
+def bench_collate(tokenizer: TextTokenizer, samples, *, microbatch_seqs: int, max_seq_len: int,
+                  repeats: int) -> Result:
+    pad = tokenizer.special.pad
+    masker = MLMMasker(MaskingConfig(), mask_id=tokenizer.special.mask, special_ids=tokenizer.special_ids,
+                       vocab_size=tokenizer.tokenizer_vocab_size, pad_id=pad, seed=0)
     groups = [samples[i:i + microbatch_seqs] for i in range(0, len(samples) - microbatch_seqs + 1, microbatch_seqs)]
-    collate_chunk(groups[0], max_seq_len=max_seq_len, microbatch_seqs=microbatch_seqs, pad_id=PAD,
+    collate_chunk(groups[0], max_seq_len=max_seq_len, microbatch_seqs=microbatch_seqs, pad_id=pad,
                   masker=masker, epoch=0)  # warm-up
     real = chunks = 0
     start = time.perf_counter()
     for epoch in range(repeats):
         for group in groups:
             chunk = collate_chunk(group, max_seq_len=max_seq_len, microbatch_seqs=microbatch_seqs,
-                                  pad_id=PAD, masker=masker, epoch=epoch)
+                                  pad_id=pad, masker=masker, epoch=epoch)
             real += int(chunk["num_tokens"])
             chunks += 1
     seconds = time.perf_counter() - start
@@ -80,11 +60,12 @@ def bench_collate(samples, *, microbatch_seqs: int, max_seq_len: int, repeats: i
                   chunks * microbatch_seqs * max_seq_len / seconds, real / seconds)
 
 
-def bench_dataloader(local: str, *, num_workers: int, microbatch_seqs: int, max_seq_len: int) -> Result:
-    cfg = LoaderConfig(streams=(StreamConfig(local=local),), split=None, max_seq_len=max_seq_len,
+def bench_dataloader(tokenizer: TextTokenizer, local: str, *, num_workers: int, microbatch_seqs: int,
+                     max_seq_len: int) -> Result:
+    cfg = LoaderConfig(streams=(StreamConfig(local=local),), split="train", max_seq_len=max_seq_len,
                        microbatch_seqs=microbatch_seqs, mask_rate=0.3, seed=0, num_workers=num_workers)
-    loader = build_chunk_dataloader(cfg, special=SpecialIds(), special_ids=(PAD, CLS, SEP, MASK, UNK),
-                                    vocab_size=VOCAB)
+    loader = build_chunk_dataloader(cfg, special=tokenizer.special, special_ids=tokenizer.special_ids,
+                                    vocab_size=tokenizer.tokenizer_vocab_size)
     real = chunks = 0
     start = time.perf_counter()  # includes worker start-up and shard decompression: a real epoch start
     for chunk in loader:
@@ -106,22 +87,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    samples = packed_samples(args.microbatch_seqs * max(args.collate_chunks, args.shard_chunks),
-                             args.max_seq_len, seed=0)
-    results = [bench_collate(samples[:args.microbatch_seqs * args.collate_chunks],
-                             microbatch_seqs=args.microbatch_seqs, max_seq_len=args.max_seq_len,
-                             repeats=args.collate_repeats)]
     with tempfile.TemporaryDirectory() as tmp:
-        with MDSWriter(out=tmp, columns=mds_columns("uint16"), compression="zstd", hashes=["sha1"],
-                       size_limit=1 << 22) as writer:
-            for sample in samples[:args.microbatch_seqs * args.shard_chunks]:
-                writer.write({k: v for k, v in sample.items() if k != "sample_idx"})
-        write_meta(tmp, DatasetMeta(max_seq_len=args.max_seq_len, vocab_size=VOCAB, tokenizer_vocab_size=VOCAB,
-                                    special_ids=asdict(SpecialIds()), tokenizer_sha256="0" * 64,
-                                    dtype="uint16", split="train"))
+        dataset = write_dataset(tmp, num_sequences=args.microbatch_seqs * args.shard_chunks,
+                                max_seq_len=args.max_seq_len, vocab_size=VOCAB, seed=0)
+        tokenizer = dataset.tokenizer
+        samples = packed_samples(tokenizer, args.microbatch_seqs * args.collate_chunks, args.max_seq_len, seed=1)
+        results = [bench_collate(tokenizer, samples, microbatch_seqs=args.microbatch_seqs,
+                                 max_seq_len=args.max_seq_len, repeats=args.collate_repeats)]
         for num_workers in (0, 2):
-            results.append(bench_dataloader(tmp, num_workers=num_workers, microbatch_seqs=args.microbatch_seqs,
-                                            max_seq_len=args.max_seq_len))
+            results.append(bench_dataloader(tokenizer, tmp, num_workers=num_workers,
+                                            microbatch_seqs=args.microbatch_seqs, max_seq_len=args.max_seq_len))
 
     print(f"chunk = {args.microbatch_seqs} x {args.max_seq_len} tokens")
     print(f"{'benchmark':<28} {'chunks':>7} {'seconds':>8} {'chunk tok/s':>13} {'real tok/s':>13}")

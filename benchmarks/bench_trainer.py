@@ -1,0 +1,475 @@
+"""Trainer-level throughput: the Composer trainer that `train.py RECIPE` builds, timed on synthetic
+shards, against a raw forward/backward/StableAdamW loop on the same chunks in the same process.
+Prints a table and writes JSON. Usage (extra key=value overrides go to the run config last):
+    python benchmarks/bench_trainer.py [--device cpu] [--recipe yamls/base.yaml] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch._dynamo.utils import counters as dynamo_counters
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import reproducibility
+
+from modernbert_train.data.loader import split_batch
+from modernbert_train.data.schema import read_meta
+from modernbert_train.data.synthetic import TOKENIZER_FILENAME, write_dataset
+from modernbert_train.data.tokenizer import TextTokenizer
+from modernbert_train.model.modernbert import ModernBertForMaskedLM
+from modernbert_train.train.builder import build_trainer, fit, model_config_for
+from modernbert_train.train.compile import COMPILE_MODES, compile_model
+from modernbert_train.train.composer_model import chunk_inputs
+from modernbert_train.train.config import RunConfig, load_run_config
+from modernbert_train.train.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+# Small enough for the lent GPU's ~90 s (compilation included) and for a CPU smoke run.
+DEVICE_DEFAULTS = {
+    "cuda": {"recipe": "yamls/base.yaml", "max_seq_len": 1024, "microbatch_seqs": 32,
+             "warmup_batches": 8, "batches": 20, "time_limit_s": 30.0},
+    "cpu": {"recipe": "yamls/tiny.yaml", "max_seq_len": 128, "microbatch_seqs": 8,
+            "warmup_batches": 2, "batches": 4, "time_limit_s": 30.0},
+}
+COMPILE_COUNT_NOTE = ("torch._dynamo.utils.counters['frames']['total'] deltas: frames Dynamo converted "
+                      "(first compiles, recompiles, graph-break resumptions); 'graphs' is "
+                      "counters['stats']['unique_graphs'] (FX graphs compiled)")
+SYNC_NOTE = ("torch.cuda.synchronize only at the start (end of the last warmup batch) and end of each "
+             "timed window; real tokens counted from the host-side batch (no extra syncs)")
+
+
+# --- measurements ---------------------------------------------------------------------------------
+
+@dataclass
+class PhaseResult:
+    loop: str  # "trainer" | "raw"
+    warmup_batches: int
+    timed_batches: int = 0
+    window_s: Optional[float] = None
+    ms_per_step: Optional[float] = None
+    tokens_per_s: Optional[float] = None  # real (non-pad) tokens over the timed window
+    real_tokens_per_step: Optional[float] = None
+    chunk_tokens_per_step: Optional[int] = None  # token slots computed on, padding included
+    host_gap_ms_median: Optional[float] = None  # trainer: batch_end -> next batch_start (host clock)
+    warmup_s: Optional[float] = None  # includes compilation
+    peak_gpu_mem_bytes: Optional[int] = None
+    gpu_mem_at_start_bytes: Optional[int] = None
+    dynamo_frames_warmup: int = 0
+    dynamo_frames_timed: int = 0
+    dynamo_graphs_timed: int = 0
+    loss_last: Optional[float] = None
+    stopped_by_time_limit: bool = False
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def dynamo_counts() -> tuple[int, int]:
+    """(frames Dynamo converted, FX graphs compiled) so far in this process."""
+    return int(dynamo_counters["frames"]["total"]), int(dynamo_counters["stats"]["unique_graphs"])
+
+
+def start_memory(device: torch.device) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    return int(torch.cuda.memory_allocated(device))
+
+
+def peak_memory(device: torch.device) -> Optional[int]:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+class TimedWindow:
+    """One timed span between two synchronizations, and the Dynamo compiles inside it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start_s = self.end_s = 0.0
+        self.frames0 = self.graphs0 = 0
+        self.frames = self.graphs = 0
+
+    def start(self) -> float:
+        synchronize(self.device)
+        self.start_s = time.perf_counter()
+        self.frames0, self.graphs0 = dynamo_counts()
+        return self.start_s
+
+    def stop(self) -> float:
+        synchronize(self.device)
+        self.end_s = time.perf_counter()
+        frames, graphs = dynamo_counts()
+        self.frames, self.graphs = frames - self.frames0, graphs - self.graphs0
+        return self.end_s
+
+    def fill(self, result: PhaseResult, real_tokens: list[int], chunk_tokens: int) -> None:
+        n = len(real_tokens)
+        result.timed_batches = n
+        result.window_s = self.end_s - self.start_s
+        result.dynamo_frames_timed, result.dynamo_graphs_timed = self.frames, self.graphs
+        result.chunk_tokens_per_step = chunk_tokens
+        if n:
+            result.ms_per_step = 1e3 * result.window_s / n
+            result.tokens_per_s = sum(real_tokens) / result.window_s
+            result.real_tokens_per_step = sum(real_tokens) / n
+
+
+class StepTimer(Callback):
+    """Host timestamps per batch and one timed window, opened at the end of the last warmup batch;
+    keeps the host-side step batches so the raw loop can replay them."""
+
+    def __init__(self, device: torch.device, warmup_batches: int, total_batches: int, time_limit_s: float):
+        self.device = device
+        self.warmup_batches = warmup_batches
+        self.total_batches = total_batches
+        self.time_limit_s = time_limit_s
+        self.window = TimedWindow(device)
+        self.result = PhaseResult("trainer", warmup_batches)
+        self.batches: list[dict[str, Any]] = []
+        self.real_tokens: list[int] = []
+        self.batch_start_s: list[float] = []
+        self.batch_end_s: list[float] = []
+        self.fit_start_s = 0.0
+        self.frames0 = 0
+        self.closed = False
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self.result.gpu_mem_at_start_bytes = start_memory(self.device)
+        self.fit_start_s = time.perf_counter()
+        self.frames0 = dynamo_counts()[0]
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        # Still the host batch here: Composer moves each microbatch to the device inside the step.
+        self.batches.append(state.batch)
+        self.real_tokens.append(int(state.batch["num_tokens"].sum()))
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        self.batch_start_s.append(time.perf_counter())
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        done = len(self.batch_end_s) + 1
+        now = time.perf_counter()
+        if done == self.warmup_batches:
+            now = self.window.start()
+            self.result.warmup_s = now - self.fit_start_s
+            self.result.dynamo_frames_warmup = dynamo_counts()[0] - self.frames0
+        elif done > self.warmup_batches and not self.closed:
+            out_of_time = now - self.window.start_s > self.time_limit_s and done < self.total_batches
+            if done == self.total_batches or out_of_time:
+                now = self.close_window(state, done - self.warmup_batches)
+                self.result.stopped_by_time_limit = out_of_time
+                if out_of_time:
+                    state.stop_training()
+        self.batch_end_s.append(now)
+
+    def close_window(self, state: State, timed: int) -> float:
+        self.closed = True
+        end = self.window.stop()
+        w = self.warmup_batches
+        self.window.fill(self.result, self.real_tokens[w:w + timed], int(self.batches[0]["input_ids"].numel()))
+        self.result.peak_gpu_mem_bytes = peak_memory(self.device)
+        loss = (state.total_loss_dict or {}).get("loss/train/total")  # already a host float (Composer)
+        self.result.loss_last = float(loss) if loss is not None else None
+        # The gap before batch i: the data fetch and everything Composer runs between two steps.
+        gaps = [self.batch_start_s[i] - self.batch_end_s[i - 1] for i in range(w, w + timed)]
+        self.result.host_gap_ms_median = 1e3 * statistics.median(gaps)
+        return end
+
+
+# --- the two loops --------------------------------------------------------------------------------
+
+def run_trainer(cfg: RunConfig, device: torch.device, warmup_batches: int, batches: int,
+                time_limit_s: float) -> StepTimer:
+    """The CLI's path: build_trainer + fit on the resolved RunConfig, with the timer added."""
+    trainer = build_trainer(cfg)
+    timer = StepTimer(device, warmup_batches, warmup_batches + batches, time_limit_s)
+    trainer.state.callbacks.append(timer)
+    fit(trainer, cfg)
+    trainer.close()
+    del trainer
+    return timer
+
+
+def run_raw(cfg: RunConfig, device: torch.device, host_batches: list[dict[str, Any]], warmup_batches: int,
+            time_limit_s: float) -> PhaseResult:
+    """The same model, compile mode, optimizer, precision and clipping as the trainer, as a bare loop
+    on the same step batches (moved to the device beforehand): forward, MLM loss, backward, clip, step."""
+    if cfg.precision not in ("amp_bf16", "fp32"):
+        raise SystemExit(f"raw loop: precision {cfg.precision!r} not mirrored (amp_bf16 or fp32)")
+    bf16 = device.type == "cuda" and cfg.precision == "amp_bf16"
+    mb = cfg.data.microbatch_seqs
+    # chunk_inputs on the device copy, as the trainer's forward does (it marks dynamic dimensions).
+    steps = [[chunk_inputs({k: v.to(device) if torch.is_tensor(v) else v for k, v in c.items()})
+              for c in split_batch(b, mb)] for b in host_batches]
+    real_tokens = [int(b["num_tokens"].sum()) for b in host_batches]
+    result = PhaseResult("raw", warmup_batches)
+    torch._dynamo.reset()  # the trainer's compiled frames must not count against this model
+    result.gpu_mem_at_start_bytes = start_memory(device)
+    reproducibility.seed_all(cfg.seed)
+    model = ModernBertForMaskedLM(model_config_for(cfg, TextTokenizer.load(cfg.data.tokenizer))).to(device)
+    model.train()
+    optimizer = build_optimizer(cfg.optimizer, model, device_type=device.type)
+    step_model = compile_model(model, cfg.compile)  # as build_trainer does; compiles at the first call
+    clip = cfg.optimizer.grad_clip_norm
+
+    def step(chunks: list[dict[str, Any]]) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        for inputs in chunks:
+            with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                loss = step_model(**inputs).loss
+            (loss / len(chunks)).backward()  # Composer weights each chunk by its share of the samples
+            total += loss.detach() / len(chunks)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip)
+        optimizer.step()
+        return total
+
+    t0 = time.perf_counter()  # as the trainer's warmup: from the first step, the model already built
+    frames0 = dynamo_counts()[0]
+    for chunks in steps[:warmup_batches]:
+        step(chunks)
+    window = TimedWindow(device)
+    result.warmup_s = window.start() - t0
+    result.dynamo_frames_warmup = dynamo_counts()[0] - frames0
+    loss = None
+    done = 0
+    for chunks in steps[warmup_batches:]:
+        loss = step(chunks)
+        done += 1
+        if time.perf_counter() - window.start_s > time_limit_s and done < len(steps) - warmup_batches:
+            result.stopped_by_time_limit = True
+            break
+    window.stop()
+    window.fill(result, real_tokens[warmup_batches:warmup_batches + done], int(host_batches[0]["input_ids"].numel()))
+    result.peak_gpu_mem_bytes = peak_memory(device)
+    result.loss_last = float(loss) if loss is not None else None
+    return result
+
+
+# --- config and data ------------------------------------------------------------------------------
+
+def run_overrides(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """What turns the recipe into a short, side-effect-free benchmark run (before --data paths)."""
+    global_seqs = args.chunks_per_step * args.microbatch_seqs
+    chosen = [f"compile={args.compile}"] if args.compile else []
+    if args.attention_backend:
+        chosen.append(f"model.attention_backend={args.attention_backend}")
+    return chosen + [
+        "run_name=bench-trainer",
+        f"device={'gpu' if device.type == 'cuda' else 'cpu'}",
+        f"max_duration={args.warmup_batches + args.batches}ba",
+        f"data.max_seq_len={args.max_seq_len}",
+        f"data.microbatch_seqs={args.microbatch_seqs}",
+        "data.eval_streams=[]",
+        "data.demo_root=null",
+        f"batch.global_batch_seqs={global_seqs}",
+        "batch.warmup_start_seqs=null",
+        "batch.warmup_tokens=0",
+        "scheduler.decay_tokens=0",  # a recipe's decay may not fit in a few batches
+        "checkpoint.save_folder=null",
+        "checkpoint.load_path=null",
+        "checkpoint.autoresume=false",
+        "logging.wandb_mode=disabled",
+    ]
+
+
+def sequences_needed(cfg: RunConfig, total_batches: int) -> int:
+    """Sequences for the whole run without an epoch boundary, plus what the workers prefetch."""
+    d = cfg.data
+    chunks = total_batches * cfg.batch.global_batch_seqs // d.microbatch_seqs
+    chunks += max(1, d.num_workers) * (d.prefetch_factor + 1) + 2
+    return chunks * d.microbatch_seqs
+
+
+def index_sequences(split_dir: Path) -> int:
+    index = json.loads((split_dir / "index.json").read_text())
+    return sum(int(shard["samples"]) for shard in index["shards"])
+
+
+def prepare_data(root: Path, cfg: RunConfig, num_sequences: int, seed: int) -> tuple[Path, Path]:
+    """Synthetic shards under root (reused when they fit); returns (tokenizer path, stream root)."""
+    split_dir = root / "train"
+    if (split_dir / "index.json").is_file():
+        meta = read_meta(str(split_dir))
+        have = index_sequences(split_dir)
+        if (meta.max_seq_len, meta.vocab_size) == (cfg.data.max_seq_len, cfg.model.vocab_size) \
+                and have >= num_sequences:
+            log.info("reusing %d synthetic sequences in %s", have, split_dir)
+            return root / TOKENIZER_FILENAME, root
+        raise SystemExit(f"{split_dir} holds {have} sequences of {meta.max_seq_len} tokens, vocab "
+                         f"{meta.vocab_size}; need {num_sequences} of {cfg.data.max_seq_len}, vocab "
+                         f"{cfg.model.vocab_size}: pass another --data-dir")
+    start = time.perf_counter()
+    ds = write_dataset(root, num_sequences=num_sequences, max_seq_len=cfg.data.max_seq_len,
+                       vocab_size=cfg.model.vocab_size, seed=seed)
+    log.info("wrote %d synthetic sequences (fill %.1f%%) to %s in %.1fs", ds.num_sequences,
+             100 * ds.real_tokens / (ds.num_sequences * cfg.data.max_seq_len), ds.split_dir,
+             time.perf_counter() - start)
+    return ds.tokenizer.path, root
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"device": str(device), "python": platform.python_version(),
+                            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    for dist_name in ("mosaicml", "mosaicml-streaming", "torch-optimi", "triton"):
+        try:
+            info[dist_name] = metadata.version(dist_name)
+        except metadata.PackageNotFoundError:
+            info[dist_name] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(results: list[PhaseResult]) -> str:
+    lines = [f"{'loop':<8} {'steps':>5} {'ms/step':>9} {'tok/s':>11} {'real tok/step':>13} "
+             f"{'host gap ms':>11} {'peak GiB':>8} {'compiles':>8} {'warmup s':>8}"]
+    for r in results:
+        peak = None if r.peak_gpu_mem_bytes is None else r.peak_gpu_mem_bytes / 2 ** 30
+        lines.append(f"{r.loop:<8} {r.timed_batches:>5} {_fmt(r.ms_per_step, '.1f'):>9} "
+                     f"{_fmt(r.tokens_per_s, ',.0f'):>11} {_fmt(r.real_tokens_per_step, ',.0f'):>13} "
+                     f"{_fmt(r.host_gap_ms_median, '.2f'):>11} {_fmt(peak, '.2f'):>8} "
+                     f"{r.dynamo_frames_timed:>8} {_fmt(r.warmup_s, '.1f'):>8}")
+    return "\n".join(lines)
+
+
+def ratios(trainer: PhaseResult, raw: PhaseResult) -> dict[str, Optional[float]]:
+    ok = trainer.ms_per_step and raw.ms_per_step
+    return {"step_time_trainer_over_raw": trainer.ms_per_step / raw.ms_per_step if ok else None,
+            "tokens_per_s_trainer_over_raw": trainer.tokens_per_s / raw.tokens_per_s if ok else None}
+
+
+def payload_header(args: argparse.Namespace, device: torch.device, cfg: RunConfig,
+                   overrides: list[str]) -> dict[str, Any]:
+    return {
+        "machine": machine_info(device),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "run_config_overrides": overrides,
+        "precision": cfg.precision if device.type == "cuda" else "fp32",
+        "model_preset": cfg.model.preset,
+        "attention_backend": cfg.model.attention_backend,
+        "compile": cfg.compile,
+        "measurement": SYNC_NOTE,
+        "compile_count": COMPILE_COUNT_NOTE,
+        "results": [],
+        "ratios": None,
+    }
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="extra key=value run-config overrides, applied last")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p.add_argument("--recipe", default=None, help="default: yamls/base.yaml on cuda, yamls/tiny.yaml on cpu")
+    p.add_argument("--max-seq-len", type=int, default=None, help="default: 1024 on cuda, 128 on cpu")
+    p.add_argument("--microbatch-seqs", type=int, default=None, help="sequences per chunk; default 32 / 8")
+    p.add_argument("--chunks-per-step", type=int, default=1, help="global batch = this x microbatch-seqs")
+    p.add_argument("--warmup-batches", type=int, default=None, help="untimed (compilation); default 8 / 2")
+    p.add_argument("--batches", type=int, default=None, help="timed batches; default 20 / 4")
+    p.add_argument("--time-limit-s", type=float, default=None,
+                   help="stop a timed window after this long (the raw loop then runs as many steps)")
+    p.add_argument("--attention-backend", default=None, choices=["sdpa", "flex", "flash", "torch_varlen"],
+                   help="default: the recipe's model.attention_backend")
+    p.add_argument("--compile", default=None, choices=COMPILE_MODES,
+                   help="how both loops compile the model (train/compile.py); default: the recipe's")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="write (or reuse) the synthetic shards here instead of a temp dir")
+    p.add_argument("--seed", type=int, default=0, help="synthetic data seed")
+    p.add_argument("--out-json", type=Path, default=Path("bench_results/trainer.json"))
+    args = p.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        p.error(f"overrides must be key=value, got {bad}")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ["WANDB_MODE"] = "disabled"
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for key, value in DEVICE_DEFAULTS[device.type].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.warmup_batches < 1 or args.batches < 1:
+        raise SystemExit("--warmup-batches and --batches must be >= 1 (the window opens after a warmup batch)")
+
+    overrides = run_overrides(args, device)
+    probe = load_run_config(args.recipe, overrides + args.overrides)
+    with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
+        scratch = Path(tmp)
+        tokenizer_path, stream_root = prepare_data(
+            args.data_dir or scratch / "data", probe,
+            sequences_needed(probe, args.warmup_batches + args.batches), args.seed)
+        overrides += [f"data.tokenizer='{tokenizer_path}'", f"data.train_streams=[{{local: '{stream_root}'}}]",
+                      "data.train_split=train", f"run_dir='{scratch / 'run'}'"]
+        cfg = load_run_config(args.recipe, overrides + args.overrides)
+        payload = payload_header(args, device, cfg, overrides + args.overrides)
+
+        timer = run_trainer(cfg, device, args.warmup_batches, args.batches, args.time_limit_s)
+        results = [timer.result]
+        payload["results"] = [asdict(timer.result)]
+        write_json(args.out_json, payload)  # a raw loop that fails (e.g. out of memory) keeps this
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        replay = timer.batches[:args.warmup_batches + timer.result.timed_batches]
+        results.append(run_raw(cfg, device, replay, args.warmup_batches, args.time_limit_s))
+
+    payload["results"] = [asdict(r) for r in results]
+    payload["ratios"] = ratios(*results)
+    write_json(args.out_json, payload)
+
+    r = payload["ratios"]
+    print(f"\n{args.recipe} (model {cfg.model.preset}, {cfg.model.attention_backend}, compile={cfg.compile}, "
+          f"{payload['precision']}) on {payload['machine'].get('gpu') or payload['machine']['cpu']}, "
+          f"torch {torch.__version__}, composer {payload['machine']['mosaicml']}: "
+          f"{args.chunks_per_step} x {args.microbatch_seqs} x {args.max_seq_len} tokens/step")
+    print(format_table(results))
+    if r["step_time_trainer_over_raw"] is not None:
+        print(f"trainer / raw step time: {r['step_time_trainer_over_raw']:.3f} "
+              f"(trainer reaches {100 * r['tokens_per_s_trainer_over_raw']:.1f}% of raw tokens/s)")
+    print(f"compiles = Dynamo frames converted in the timed window; host gap = median batch_end -> "
+          f"next batch_start on the host clock (trainer only)\nJSON: {args.out_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,7 +25,7 @@ import torch
 from modernbert_train.data.chunk_layout import doc_slots, prediction_slots
 from modernbert_train.data.masking import IGNORE_INDEX, MaskingConfig, MLMMasker
 from modernbert_train.data.packing import BestFitPacker, PackedSequence
-from modernbert_train.model.attention import unavailable_reason
+from modernbert_train.model.attention import fastest_available, unavailable_reason
 from modernbert_train.model.config import ModernBertConfig, preset
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
 from modernbert_train.train.compile import COMPILE_MODES, compile_model, mark_varlen_dims
@@ -260,6 +260,7 @@ class RunResult:
     graphs_compiled_timed: Optional[int] = None  # ... and during the timed steps (should be 0)
     loss_first: Optional[float] = None
     loss_last: Optional[float] = None
+    top_kernels: Optional[list[dict[str, Any]]] = None  # --profile: where the step's device time goes
     ratio_vs_hf: Optional[float] = None  # tokens/s over transformers' with the same compile setting
     error: Optional[str] = None
 
@@ -313,6 +314,23 @@ def hf_inputs(batch: StepBatch, spec: RunSpec) -> tuple[dict[str, Any], int, int
     return dict(p), int(p["attention_mask"].sum()), int((p["labels"] != IGNORE_INDEX).sum())
 
 
+def profile_kernels(step_fn, num_steps: int, device: torch.device, top: int = 25) -> list[dict[str, Any]]:
+    """Device time per kernel (or CPU op on the CPU) over `num_steps` more steps, most first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for i in range(num_steps):
+            step_fn(i)
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if device.type == "cuda"
+                                                 else e.self_cpu_time_total) > 0]
+    key = (lambda e: e.self_device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    total = sum(key(e) for e in events) or 1
+    rows = sorted(events, key=key, reverse=True)[:top]
+    return [{"name": e.key[:120], "calls_per_step": e.count / num_steps, "ms_per_step": key(e) / 1e3 / num_steps,
+             "share": key(e) / total} for e in rows]
+
+
 def graphs_compiled() -> int:
     from torch._dynamo.utils import counters
     return int(counters["stats"]["unique_graphs"])
@@ -331,7 +349,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *, device: torch.device,
-               dtype: str, warmup: int, steps: int, peak_flops: Optional[float], seed: int) -> RunResult:
+               dtype: str, warmup: int, steps: int, peak_flops: Optional[float], seed: int,
+               profile_steps: int = 0) -> RunResult:
     """Build, (compile,) warm up and time one system; any failure is recorded, not raised."""
     chunk_tokens = int(batches[0].packed["input_ids"].numel())
     result = RunResult(spec.system, spec.attention, spec.compile, spec.label, dtype, chunk_tokens)
@@ -392,6 +411,8 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
         result.peak_mem_bytes = peak_memory_bytes(device)
         result.loss_first, result.loss_last = float(losses[0]), float(losses[-1])
         result.graphs_compiled_timed = graphs_compiled() - graphs_before - result.graphs_compiled
+        if profile_steps:
+            result.top_kernels = profile_kernels(lambda i: step(warmup + steps + i), profile_steps, device)
     except Exception as err:  # noqa: BLE001 - the benchmark records any failure and moves on
         result.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:500]
         log.warning("%s/%s compile=%s failed: %s", spec.system, spec.attention, spec.compile, result.error)
@@ -407,11 +428,7 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
 # --- planning, machine description, output ----------------------------------------------------------
 
 def default_backend(device: torch.device) -> str:
-    if device.type == "cuda":
-        for name in ("torch_varlen", "flash", "flex"):
-            if unavailable_reason(name) is None:
-                return name
-    return "sdpa"
+    return fastest_available(device.type)
 
 
 def plan_runs(args: argparse.Namespace, device: torch.device) -> list[RunSpec]:
@@ -524,7 +541,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="our attention backend (default: fastest available here)")
     p.add_argument("--compile", default=None, choices=COMPILE_MODES,
                    help="how to compile ours (transformers: whole model unless none); "
-                        "default regional on cuda, none on cpu")
+                        "default full on cuda, none on cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
                    help="bf16 autocast or plain fp32 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -543,6 +560,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="peak dense TFLOP/s for MFU (default: table by GPU name; none on cpu)")
     p.add_argument("--out-json", type=Path, default=Path("bench_results/step.json"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile this many steps and print the top kernels by device time")
     return p.parse_args(argv)
 
 
@@ -552,7 +571,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
     args.backend = args.backend or default_backend(device)
-    args.compile = args.compile or ("regional" if on_cuda else "none")
+    args.compile = args.compile or ("full" if on_cuda else "none")
     args.dtype = args.dtype or ("bf16" if on_cuda else "fp32")
     if args.steps < 1 or args.warmup < 0 or args.num_chunks < 1:
         raise SystemExit("--steps must be >= 1, --warmup >= 0, --num-chunks >= 1")
@@ -581,6 +600,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for spec in plan_runs(args, device):
         log.info("running %s", spec)
         results.append(run_config(spec, cfg, batches, device=device, dtype=args.dtype, warmup=args.warmup,
+                                  profile_steps=args.profile,
                                   steps=args.steps, peak_flops=peak_flops, seed=args.seed))
         fill_ratios(results)
         payload["results"] = [asdict(r) for r in results]
@@ -592,6 +612,11 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{summary['chunk_tokens']} tokens/chunk, fill {100 * summary['fill']:.1f}%, "
           f"{summary['documents_per_chunk']:.0f} docs/chunk (median {summary['doc_len_median']:.0f} tokens)")
     print(format_table(results, device))
+    for r in results:
+        if r.top_kernels:
+            print(f"\ntop kernels, {r.system}/{r.attention}/{r.compile}/{r.options}: ms/step  share  calls/step  name")
+            for k in r.top_kernels:
+                print(f"  {k['ms_per_step']:8.2f}  {100 * k['share']:5.1f}%  {k['calls_per_step']:6.0f}  {k['name']}")
     print(f"HF layout: {HF_LAYOUT_NOTE}.")
     print(f"JSON: {args.out_json}")
     return 0 if all(r.error is None for r in results) else 1

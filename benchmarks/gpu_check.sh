@@ -1,47 +1,65 @@
 #!/usr/bin/env bash
-# The one GPU check: model GPU tests, then the step benchmark sweeps, results into $OUT (default
-# bench_results/gpu). Run from the repo root on the lent GPU machine, with carry [".whl"]:
+# The one GPU check: step benchmarks (ours vs transformers, plus one ablation per optimisation),
+# the trainer-level benchmark, then the GPU tests. Results into $OUT (default bench_results/gpu):
+# log.txt (everything printed), step_*.json, trainer.json. Run from the repo root on the lent GPU
+# machine, with carry [".whl"] (made here by ../shared/device/fetch-wheels.sh .whl, plus boto3,
+# botocore, s3transfer, jmespath and zstandard wheels for Python 3.12):
 #   bash benchmarks/gpu_check.sh
-# Each stage has its own time limit (seconds, T_* to override; they sum to ~530 so one 600 s `run`
-# holds all) so a slow compile cannot eat the others; a sweep runs the fastest backend and the
-# baseline first and rewrites its JSON after every configuration, so a stage cut short keeps those.
+# Each stage has its own time limit (T_* to override; they sum to ~560 s so one 600 s `run` holds
+# all); a step benchmark rewrites its JSON after every configuration, so a stage cut short keeps
+# what it measured. Most important first.
 set -uo pipefail
 OUT=${OUT:-bench_results/gpu}
 mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
 PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
 
-# Composer, Streaming and optimi are not on the GPU image: install the wheels carried in .whl
-# (made here by ../shared/device/fetch-wheels.sh .whl) into a private site dir.
 if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
 else
-  echo "WARNING: no .whl/ (run ../shared/device/fetch-wheels.sh .whl and carry it): optimi is missing," \
-       "so every benchmark configuration will fail at the optimizer"
+  echo "WARNING: no .whl/: composer, streaming and optimi are missing; most stages will fail"
   export PYTHONPATH=$PWD
 fi
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
+export WANDB_MODE=disabled
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
-  | tee -a "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-echo "== pytest tests/model (backends run on the GPU where present; gpu-marked ones need it)"
-# Exit code 5 = no test selected: not a failure.
-timeout ${T_PYTEST:-90} $PY -m pytest -q -ra tests/model -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT/pytest_gpu.txt"
-rc=${PIPESTATUS[0]}; [ "$rc" = 5 ] && rc=0
-echo "pytest rc=$rc" | tee -a "$OUT/pytest_gpu.txt"
-
-bench() {  # name, seconds, args...
+stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
-  echo "== bench $name: $*"
-  timeout "$limit" $PY benchmarks/bench_step.py --preset base --out-json "$OUT/step_$name.json" "$@" \
-    2>&1 | grep -v '^INFO' | tail -n 25 | tee "$OUT/step_$name.txt"
-  echo "bench $name rc=${PIPESTATUS[0]}"
+  echo "== $name (limit ${limit}s): $*"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | grep -v -E '^(INFO|W[0-9]{4} )'
+  echo "== $name rc=${PIPESTATUS[0]} in $((SECONDS - start))s"
 }
-# The pretraining shape (the recipe's 96 seqs too) and the context-extension shape (12 x 8192).
-bench 1024x32 ${T_1024x32:-240} --seq-len 1024 --seqs-per-chunk 32 --sweep --sweep-compile both --steps 10 --warmup 3
-bench 1024x96 ${T_1024x96:-100} --seq-len 1024 --seqs-per-chunk 96 --sweep --sweep-compile on --steps 5 --warmup 3
-bench 8192x12 ${T_8192x12:-100} --seq-len 8192 --seqs-per-chunk 12 --sweep --sweep-compile on --steps 5 --warmup 3
-echo "== done; JSON in $OUT"
+step() {  # name, seconds, bench_step args...
+  local name=$1 limit=$2; shift 2
+  stage "step $name" "$limit" $PY benchmarks/bench_step.py --preset base --out-json "$OUT/step_$name.json" "$@"
+}
+V=torch_varlen
+
+# Numerical parity of every fast path on this GPU first (gpu-marked tests only; a per-test limit so
+# a hung test cannot hide the summary).
+stage pytest ${T_PYTEST:-100} $PY -m pytest -q -ra -m gpu --timeout 45 --tb=short -p no:cacheprovider \
+  tests/model tests/train/test_compile.py
+# Pretraining shape, 32 x 1024: ours (every optimisation, the recipe's full compile) vs transformers
+# eager and compiled, then each optimisation turned off once (regional compile: cheap recompiles),
+# eager, and the other backends.
+step 1024x32 ${T_1024x32:-200} --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 --runs \
+  ours:$V:full hf:sdpa:none hf:sdpa:full ours:$V:regional ours:$V:regional:-fused \
+  ours:$V:regional:-slots ours:flex:regional ours:$V:none ours:$V:regional:capacity
+# ModernBERT's own microbatch (96 x 1024: the memory target) and the context-extension shape.
+step 1024x96 ${T_1024x96:-90} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 --baseline none \
+  --profile 2 --runs ours:$V:full ours:$V:full:-fused
+step 8192x12 ${T_8192x12:-60} --seq-len 8192 --seqs-per-chunk 12 --steps 5 --warmup 3 --baseline none --runs \
+  ours:$V:full
+# The real Composer trainer on synthetic shards (the recipe's microbatch, 2 chunks per step),
+# against the raw loop on the same chunks.
+stage trainer ${T_TRAINER:-110} $PY benchmarks/bench_trainer.py --device cuda --max-seq-len 1024 \
+  --microbatch-seqs 96 --chunks-per-step 2 --warmup-batches 3 --batches 8 --time-limit-s 60 \
+  --attention-backend $V --compile full --out-json "$OUT/trainer.json"
+echo "== done; results in $OUT"

@@ -257,6 +257,20 @@ def prepare_attention(name: str, cu_seqlens: torch.Tensor, total_tokens: int,
     return cache
 
 
+# Fastest first, as measured on an H200 with torch 2.11 (benchmarks/README.md): varlen_attn 335k
+# tokens/s, FlexAttention 308k; flash-attn was not installable there (unmeasured, same kernel family).
+_FASTEST_ON_CUDA = ("torch_varlen", "flash", "flex")
+
+
+def fastest_available(device_type: str) -> str:
+    """The backend `attention_backend: auto` resolves to: the fastest that runs here."""
+    if device_type == "cuda":
+        for name in _FASTEST_ON_CUDA:
+            if unavailable_reason(name) is None:
+                return name
+    return "sdpa"
+
+
 def unavailable_reason(name: str) -> Optional[str]:
     """None if the backend can run here, else why not and how to fix it."""
     if name not in BACKENDS:

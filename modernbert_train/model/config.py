@@ -35,7 +35,8 @@ class ModernBertConfig:
     # In training, fuse the decoder projection with its cross-entropy over row chunks
     # (model/linear_cross_entropy.py): no (masked tokens x vocab) logits in memory.
     fused_head_loss: bool = True
-    # sdpa | flex | flash | torch_varlen (model/attention.py).
+    # sdpa | flex | flash | torch_varlen (model/attention.py); a run config may also say auto
+    # (the fastest available, resolved by the trainer).
     attention_backend: str = "sdpa"
     # Special ids of the tokenizer, exported to HF config.json.
     pad_token_id: int = 50283

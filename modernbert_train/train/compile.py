@@ -6,6 +6,7 @@ as inputs instead of baking them in), so the compile does a few small graphs ins
 (much faster start-up) and loses only the fusions across layer boundaries, where nothing fuses
 anyway (each layer begins with a residual add feeding a matmul). `full` compiles the whole model as
 one graph. The model itself never calls torch.compile (docs/DESIGN.md).
+Compilation is lazy: the first training step pays for it.
 """
 from __future__ import annotations
 
@@ -21,19 +22,18 @@ COMPILE_MODES = ("none", "regional", "full")
 
 
 def compile_model(model: ModernBertForMaskedLM, mode: CompileMode) -> nn.Module:
-    """The module to call for training: `model` itself (compiled in place for `regional`) or, for
-    `full`, a compiled wrapper sharing its parameters."""
-    if mode == "none":
-        return model
+    """Compile `model` in place (nn.Module.compile: parameter names and state dicts unchanged) and
+    return it."""
     if mode == "regional":
         for layer in model.model.layers:
             layer.compile()
         model.model.embeddings.compile()
         model.head.compile()
-        return model
-    if mode == "full":
-        return torch.compile(model)
-    raise ValueError(f"unknown compile mode {mode!r}; choose one of {COMPILE_MODES}")
+    elif mode == "full":
+        model.compile()
+    elif mode != "none":
+        raise ValueError(f"unknown compile mode {mode!r}; choose one of {COMPILE_MODES}")
+    return model
 
 
 def mark_varlen_dims(cu_seqlens: torch.Tensor) -> None:

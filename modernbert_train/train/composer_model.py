@@ -6,6 +6,7 @@ from composer.models import ComposerModel
 from torchmetrics import Metric
 
 from modernbert_train.model.modernbert import IGNORE_INDEX, MLMOutput, ModernBertForMaskedLM
+from modernbert_train.train.compile import mark_varlen_dims
 
 
 class MaskedTokenLoss(Metric):
@@ -51,9 +52,11 @@ def chunk_inputs(batch: dict) -> dict:
     """One varlen chunk, as the loader stacks it (leading dim 1), in the model's packed form."""
     def flat(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1) if x.dim() > 1 else x
-    return dict(input_ids=flat(batch["input_ids"]), cu_seqlens=flat(batch["cu_seqlens"]),
+    cu_seqlens = flat(batch["cu_seqlens"])
+    mark_varlen_dims(cu_seqlens)
+    return dict(input_ids=flat(batch["input_ids"]), cu_seqlens=cu_seqlens,
                 position_ids=flat(batch["position_ids"]), max_seqlen=int(batch["max_seqlen"]),
-                labels=flat(batch["labels"]))
+                labels=flat(batch["labels"]), prediction_slots=int(batch["prediction_slots"]))
 
 
 class MLMComposerModel(ComposerModel):

@@ -27,7 +27,7 @@ def reference_attention(q, k, v, cu_seqlens, window):
         qd, kd, vd = q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
         scores = qd @ kd.transpose(-1, -2) * scale  # (N, L, L)
         if window is not None:
-            idx = torch.arange(e - s)
+            idx = torch.arange(e - s, device=q.device)
             scores = scores.masked_fill((idx[:, None] - idx[None, :]).abs() > window // 2, float("-inf"))
         out[s:e] = (scores.softmax(-1) @ vd).transpose(0, 1)
     return out
@@ -146,3 +146,12 @@ def test_flex_block_mask_has_no_dense_intermediate_and_matches_rule():
         assert not (full & listed).any(), "a block is both full and partial"
         # The block structure is sparse, not everything-partial: most blocks are skipped.
         assert (listed | full).sum() < nb * nb / 2, f"{int((listed | full).sum())} of {nb * nb} blocks visited"
+
+
+def test_auto_resolves_to_a_backend_that_runs_here():
+    from modernbert_train.model.attention import fastest_available
+    assert fastest_available("cpu") == "sdpa"
+    on_cuda = fastest_available("cuda")
+    assert on_cuda in ("torch_varlen", "flash", "flex") and unavailable_reason(on_cuda) is None, on_cuda
+    if torch.cuda.is_available() and unavailable_reason("torch_varlen") is None:
+        assert on_cuda == "torch_varlen", "the fastest measured backend wins when it can run"

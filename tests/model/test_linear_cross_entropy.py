@@ -58,3 +58,19 @@ def test_bf16_autocast_close_to_fp32_and_grad_dtypes_follow_inputs():
     for g_want, g_got, name in ((wx, gx, "x"), (ww, gw, "w"), (wb, gb, "b")):
         rel = ((g_want - g_got).norm() / g_want.norm()).item()
         assert rel < 3e-2, f"grad {name}: relative error {rel}"
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_autocast_matches_fp32_reference():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    x, w, b, target = problem(rows=3000, hidden=256, vocab=4096, dtype=torch.float32)
+    x, w, b = (t.detach().cuda().requires_grad_() for t in (x, w, b))
+    target = target.cuda()
+    want = F.cross_entropy(F.linear(x, w, b), target, ignore_index=IGNORE)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = linear_cross_entropy(x, w, b, target, chunk_rows=1024)
+    assert abs(got.item() - want.item()) / want.item() < 2e-2, (got.item(), want.item())
+    for g_want, g_got, name in zip(grads_of(want, [x, w, b]), grads_of(got, [x, w, b]), "xwb"):
+        rel = ((g_want - g_got).norm() / g_want.norm()).item()
+        assert rel < 3e-2, f"grad {name}: relative error {rel}"

@@ -9,7 +9,6 @@ import contextlib
 import gc
 import json
 import logging
-import math
 import platform
 import resource
 import statistics
@@ -24,7 +23,8 @@ import torch
 
 from modernbert_train.data.chunk_layout import doc_slots, prediction_slots
 from modernbert_train.data.masking import IGNORE_INDEX, MaskingConfig, MLMMasker
-from modernbert_train.data.packing import BestFitPacker, PackedSequence
+from modernbert_train.data import synthetic
+from modernbert_train.data.packing import PackedSequence
 from modernbert_train.model.attention import fastest_available, unavailable_reason
 from modernbert_train.model.config import ModernBertConfig, preset
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
@@ -32,11 +32,6 @@ from modernbert_train.train.compile import COMPILE_MODES, compile_model, mark_va
 
 log = logging.getLogger(__name__)
 
-# Document lengths (tokens, [CLS] and [SEP] included): lognormal, a web-text-like long tail.
-DOC_LEN_MEDIAN_TOKENS = 250
-DOC_LEN_LOG_SIGMA = 1.0  # ~16% of documents exceed 680 tokens, ~2% exceed 1850
-MIN_DOC_TOKENS = 16
-PACK_BUFFER_DOCS = 1000  # the shard CLI's default best-fit buffer
 MASK_RATE = 0.3
 
 # Peak dense bf16 tensor FLOP/s (no sparsity), matched by substring of the device name, first hit.
@@ -67,32 +62,13 @@ def max_docs_per_chunk(seq_len: int, seqs_per_chunk: int) -> int:
     return seqs_per_chunk * (seq_len // 2) + 1
 
 
-def document_lengths(rng: np.random.Generator, n: int, seq_len: int) -> np.ndarray:
-    raw = rng.lognormal(mean=math.log(DOC_LEN_MEDIAN_TOKENS), sigma=DOC_LEN_LOG_SIGMA, size=n)
-    return np.clip(np.rint(raw), MIN_DOC_TOKENS, seq_len).astype(np.int64)
-
-
 def packed_sequences(cfg: ModernBertConfig, seq_len: int, count: int,
                      rng: np.random.Generator) -> list[PackedSequence]:
-    """`count` packed sequences from one stream of random documents, through the shard-time packer.
-
-    Sequences emitted before the packer's buffer first fills are dropped: they are the lucky exact
-    fits, fuller than what the packer emits for the rest of a corpus.
-    """
-    specials = [cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id, cfg.pad_token_id]
-    ordinary = np.setdiff1d(np.arange(cfg.vocab_size), specials)
-    packer = BestFitPacker(seq_len, PACK_BUFFER_DOCS)
-    out: list[PackedSequence] = []
-    doc_id = 0
-    while len(out) < count:
-        for n in document_lengths(rng, 256, seq_len):
-            body = ordinary[rng.integers(0, ordinary.size, int(n) - 2)]
-            piece = np.concatenate([[cfg.cls_token_id], body, [cfg.sep_token_id]])
-            ready = packer.add(piece, doc_id)
-            doc_id += 1
-            if doc_id > PACK_BUFFER_DOCS:
-                out.extend(ready)
-    return out[:count]
+    """`count` packed sequences of random documents through the shard-time packer (data/synthetic.py)."""
+    return synthetic.packed_sequences(rng, count, max_seq_len=seq_len, vocab_size=cfg.vocab_size,
+                                      cls_id=cfg.cls_token_id, sep_id=cfg.sep_token_id,
+                                      special_ids=(cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id,
+                                                   cfg.pad_token_id))
 
 
 @dataclass

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from benchmarks import bench_step
+from modernbert_train.data import synthetic
 from modernbert_train.data.chunk_layout import doc_slots
 from modernbert_train.model.config import preset
 
@@ -53,7 +54,7 @@ def test_step_batch_layouts_hold_the_same_tokens_and_loader_shapes():
     assert torch.equal(packed["cu_seqlens_capacity"][:cu.numel()], cu)
     assert int(cu[0]) == 0 and int(cu[-1]) == 4 * 128 and bool((cu[1:] >= cu[:-1]).all())
     lens = np.concatenate(batch.doc_lens)
-    assert (lens >= bench_step.MIN_DOC_TOKENS).all() and (lens <= 128).all(), lens
+    assert (lens >= synthetic.MIN_DOC_TOKENS).all() and (lens <= 128).all(), lens
     assert torch.equal(cu[1:lens.size + 1].long(), torch.from_numpy(np.cumsum(lens))), cu[:lens.size + 1]
     starts = packed["position_ids"] == 0
     assert int(starts[:real].sum()) == lens.size, (int(starts[:real].sum()), lens.size)

@@ -47,17 +47,22 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 # --- RoPE ------------------------------------------------------------------------------------------
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for one theta, computed from position ids (no cache tied to a length)."""
+    """cos/sin for one theta, looked up by position id in tables computed once.
 
-    def __init__(self, head_dim: int, theta: float):
+    A table lookup, not cos/sin of position x frequency in the step: compiled, the latter is fused
+    into every RoPE kernel and recomputed per head, which made those kernels compute-bound (~9% of
+    an H200 step at 96 x 1024, benchmarks/README.md)."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)  # (max_positions, Dh)
+        self.register_buffer("cos_table", emb.cos(), persistent=False)
+        self.register_buffer("sin_table", emb.sin(), persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids.float()[:, None] * self.inv_freq[None, :]  # (T, Dh/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, Dh)
-        return emb.cos(), emb.sin()
+        return self.cos_table[position_ids], self.sin_table[position_ids]  # (T, Dh) each
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -143,8 +148,10 @@ class ModernBertModel(nn.Module):
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(EncoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_norm = layer_norm(config)
-        self.global_rope = RotaryEmbedding(config.head_dim, config.global_rope_theta)
-        self.local_rope = RotaryEmbedding(config.head_dim, config.local_rope_theta)
+        self.global_rope = RotaryEmbedding(config.head_dim, config.global_rope_theta,
+                                           config.max_position_embeddings)
+        self.local_rope = RotaryEmbedding(config.head_dim, config.local_rope_theta,
+                                          config.max_position_embeddings)
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

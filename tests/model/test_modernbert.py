@@ -161,3 +161,15 @@ def test_bad_configs_fail_at_construction():
         ModernBertForMaskedLM(tiny(vocab_size=4000))
     with pytest.raises(ValueError, match="unknown model preset"):
         preset("huge")
+
+
+def test_rope_tables_equal_cos_sin_of_position_times_frequency():
+    from modernbert_train.model.modernbert import RotaryEmbedding
+    rope = RotaryEmbedding(head_dim=64, theta=160_000.0, max_positions=8192)
+    positions = torch.tensor([0, 1, 2, 63, 64, 1023, 8191])
+    inv_freq = 1.0 / (160_000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    cos, sin = rope(positions)
+    assert cos.shape == sin.shape == (7, 64)
+    assert torch.equal(cos, torch.cat((angles, angles), -1).cos()), "cos table differs from cos(pos * freq)"
+    assert torch.equal(sin, torch.cat((angles, angles), -1).sin()), "sin table differs from sin(pos * freq)"

@@ -181,7 +181,8 @@ class RunSpec:
     e.g. `ours:torch_varlen:regional`, `hf:sdpa:none`, `ours:torch_varlen:full:-fused:capacity`.
     Options (ours only) turn off one optimisation each, to measure what it buys: `-fused` (plain
     decoder + cross-entropy over materialised logits), `-slots` (sparse head over exactly the masked
-    positions: a host sync and a data-dependent shape per step), `capacity` (worst-case
+    positions: a host sync and a data-dependent shape per step), `mem=0.7` (an activation memory
+    budget for the compiler's partitioner: recompute more, save memory), `capacity` (worst-case
     `cu_seqlens` length instead of the document count rounded up to 64)."""
 
     system: str  # "ours" | "hf"
@@ -190,11 +191,16 @@ class RunSpec:
     fused_loss: bool = True
     prediction_slots: bool = True
     doc_slots: str = "bucket"
+    # torch._functorch.config.activation_memory_budget for this run (1.0: the default, save what
+    # the partitioner picks for speed; lower: recompute more to save activation memory).
+    memory_budget: float = 1.0
 
     @property
     def label(self) -> str:
         off = [name for name, on in (("-fused", self.fused_loss), ("-slots", self.prediction_slots)) if not on]
-        return ",".join(off + ([self.doc_slots] if self.doc_slots != "bucket" else [])) or "-"
+        off += [self.doc_slots] if self.doc_slots != "bucket" else []
+        off += [f"mem={self.memory_budget:g}"] if self.memory_budget != 1.0 else []
+        return ",".join(off) or "-"
 
     @staticmethod
     def parse(text: str) -> RunSpec:
@@ -203,14 +209,20 @@ class RunSpec:
             raise ValueError(f"run spec {text!r}: expected system:attention:compile[:option...] with "
                              f"system ours|hf and compile one of {COMPILE_MODES}")
         options = set(parts[3:])
-        unknown = options - {"-fused", "-slots", "capacity"}
+        budgets = {o for o in options if o.startswith("mem=")}
+        options -= budgets
+        try:
+            budget = float(budgets.pop()[4:]) if len(budgets) == 1 else 1.0
+        except ValueError:
+            budget = -1.0
+        unknown = (options - {"-fused", "-slots", "capacity"}) | ({"mem=?"} if len(budgets) > 0 or not 0 < budget <= 1 else set())
         if unknown or (options and parts[0] == "hf") or (parts[0] == "hf" and parts[2] == "regional"):
             raise ValueError(f"run spec {text!r}: options {sorted(unknown) or sorted(options)} / compile "
                              "mode not valid here (options -fused -slots capacity are for ours; "
                              "transformers compiles none or full)")
         return RunSpec(parts[0], parts[1], parts[2], fused_loss="-fused" not in options,
                        prediction_slots="-slots" not in options,
-                       doc_slots="capacity" if "capacity" in options else "bucket")
+                       doc_slots="capacity" if "capacity" in options else "bucket", memory_budget=budget)
 
 
 @dataclass
@@ -337,6 +349,7 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
         model = (build_ours(cfg, spec) if spec.system == "ours"
                  else build_hf(cfg, spec.attention)).to(device).train()
         optimizer = build_optimizer(model, device)
+        torch._functorch.config.activation_memory_budget = spec.memory_budget
         compiled = compile_model(model, spec.compile) if spec.system == "ours" else \
             (torch.compile(model) if spec.compile == "full" else model)
         make_inputs = ours_inputs if spec.system == "ours" else hf_inputs

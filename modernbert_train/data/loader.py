@@ -14,9 +14,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from streaming import Stream, StreamingDataset
+from streaming.base.dataset import _ShardState  # private in Streaming 0.13: see prepare_shard
 from streaming.base.world import World
 from torch.utils.data import DataLoader
 
+from modernbert_train.data.chunk_layout import doc_slots, prediction_slots
 from modernbert_train.data.masking import IGNORE_INDEX, MaskingConfig, MLMMasker
 from modernbert_train.data.schema import (
     DOC_IDS_COLUMN,
@@ -66,19 +68,23 @@ class SpecialTokenIds(Protocol):
     pad: int
 
 
-def max_docs_per_chunk(*, max_seq_len: int, microbatch_seqs: int) -> int:
-    """Fixed document capacity of a chunk: the most documents that can ever occur, plus the pad tail.
+class ShardReadError(RuntimeError):
+    """A shard could not be downloaded, verified or decompressed; the message names it."""
 
-    A document piece is at least MIN_DOC_TOKENS long, so a packed sequence holds at most
-    max_seq_len // 2 of them. The bound is guaranteed rather than tuned, so no chunk can overflow
-    and `cu_seqlens` has one shape for the whole run (compiled graphs never recompile).
-    """
-    return microbatch_seqs * (max_seq_len // MIN_DOC_TOKENS) + 1
+
+# Checked when a shard is downloaded or decompressed; `modernbert-shard` writes it into every index
+# (shard.MDS_HASHES). A shard already decompressed in the local cache is not checked again.
+SHARD_HASH = "xxh64"
 
 
 class PackedSequenceDataset(StreamingDataset):
     """StreamingDataset of packed sequences; each sample also carries its global `sample_idx`
     and the `epoch` being iterated (the masking key), and its token ids are checked against the vocab.
+
+    A shard that fails to download, verify or decompress is an error naming it, raised by the reader
+    of its first sample. Streaming 0.13 only logs such a failure from its download-ahead thread, ends
+    the epoch early (samples silently skipped) and leaves the shard marked as being prepared (a later
+    reader of it waits forever).
     """
 
     def __init__(self, *, vocab_size: int, **kwargs: Any) -> None:
@@ -90,7 +96,21 @@ class PackedSequenceDataset(StreamingDataset):
             raise
         self.vocab_size = int(vocab_size)
         self._iter_epoch: int | None = None  # set in each worker when its iteration starts
+        self._unreadable_shards: set[int] = set()  # failed in this process's download-ahead threads
+        self._check_shard_hashes()
         self.drop_storage_clients()
+
+    def _check_shard_hashes(self) -> None:
+        """Verify shards against SHARD_HASH where the stream's index records it for every file."""
+        for stream_id, stream in enumerate(self.streams):
+            infos = [info for shard_id in np.flatnonzero(self.stream_per_shard == stream_id)
+                     for pair in self.shards[shard_id].file_pairs for info in pair if info]
+            if all(SHARD_HASH in info.hashes for info in infos):
+                stream.validate_hash = SHARD_HASH  # Stream's own (public) setting, read per shard
+            else:
+                log.warning("stream remote=%r local=%r: its index has no %s hashes, so damaged shards "
+                            "are caught only if they fail to decompress or decode (re-shard with "
+                            "modernbert-shard to get them)", stream.remote, stream.local, SHARD_HASH)
 
     def drop_storage_clients(self) -> None:
         """Forget the object-store clients (and their keep-alive sockets) of every stream.
@@ -103,6 +123,40 @@ class PackedSequenceDataset(StreamingDataset):
         for stream in self.streams:
             stream._downloader.clean_up()  # Streaming's own per-download reset hook
 
+    def _stream_of(self, shard_id: int) -> str:
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        return f"stream remote={stream.remote!r} local={stream.local!r}"
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        # Streaming 0.13's download-ahead threads call with blocking=False, readers (get_item) with
+        # blocking=True. A shard those threads failed on is left to its readers from then on:
+        # otherwise they would download it again for each of its samples.
+        if not blocking and shard_id in self._unreadable_shards:
+            return
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as err:
+            shard = self.shards[shard_id]
+            stream = self.streams[self.stream_per_shard[shard_id]]
+            if stream.remote not in (None, stream.local):
+                # A cached copy that failed is dropped, so the next attempt downloads it again
+                # rather than trusting it (raw) or failing on the same bytes (compressed).
+                shard.evict()
+            # Streaming leaves the shard PREPARING, where its readers in every worker wait forever.
+            # LOCAL, not REMOTE: Streaming's ready threads wait for LOCAL; each reader then finds no
+            # raw file and prepares the shard again itself (Streaming's path for an evicted shard).
+            # Only the thread that set PREPARING changes it, so no lock is needed.
+            self._shard_states[shard_id] = _ShardState.LOCAL
+            files = [info.basename for pair in shard.file_pairs for info in pair if info]
+            error = ShardReadError(f"shard {' / '.join(files)} of {self._stream_of(shard_id)} could not "
+                                   f"be read: {type(err).__name__}: {err}")
+            if blocking:
+                raise error from err
+            # Raising in a download-ahead thread would only end the epoch early (and when both of
+            # them fail, Streaming waits forever for them to exit): the reader raises, in order.
+            self._unreadable_shards.add(shard_id)
+            log.warning("%s; its reader will try once more", error)
+
     def _resume_incr_epoch(self) -> tuple[int, int]:
         # The one place where a worker learns which epoch it iterates; recorded here because the
         # shared next_epoch counter is only updated by the local leader, after a barrier (racy).
@@ -112,11 +166,9 @@ class PackedSequenceDataset(StreamingDataset):
 
     def _describe_sample(self, idx: int) -> str:
         shard_id, shard_sample_id = self.spanner[idx]
-        stream = self.streams[self.stream_per_shard[shard_id]]
         shard = self.shards[shard_id]
         shard_name = shard.file_pairs[0][0].basename if shard.file_pairs else f"#{shard_id}"
-        return (f"sample {idx} (row {shard_sample_id} of shard {shard_name}, stream "
-                f"remote={stream.remote!r} local={stream.local!r})")
+        return f"sample {idx} (row {shard_sample_id} of shard {shard_name}, {self._stream_of(shard_id)})"
 
     def get_item(self, idx: int, retry: int = 7) -> dict[str, Any]:
         sample = super().get_item(idx, retry)
@@ -148,13 +200,14 @@ def collate_chunk(
     """Join up to `microbatch_seqs` packed sequences into one varlen chunk (DESIGN.md layout).
 
     Each sequence is masked on its own with key (epoch, sample_idx), so the mask is the same in
-    any worker, process or resumed run. Extra field `doc_ids` (int64, (D_max,), -1 padded) gives
-    the source document of each slot of `cu_seqlens` (pad tail and empty slots: -1).
+    any worker, process or resumed run. `cu_seqlens` has `chunk_layout.doc_slots(D) + 1` entries
+    (unused slots repeat the end: empty documents); `prediction_slots` bounds the masked tokens.
+    Extra field `doc_ids` (int64, one per `cu_seqlens` slot) gives the source document of each slot
+    (pad tail and empty slots: -1).
     """
     if not 1 <= len(samples) <= microbatch_seqs:
         raise ValueError(f"a chunk takes 1..{microbatch_seqs} sequences, got {len(samples)}")
     chunk_tokens = microbatch_seqs * max_seq_len
-    max_docs = max_docs_per_chunk(max_seq_len=max_seq_len, microbatch_seqs=microbatch_seqs)
 
     input_ids = np.full(chunk_tokens, pad_id, dtype=np.int64)
     labels = np.full(chunk_tokens, IGNORE_INDEX, dtype=np.int64)
@@ -178,13 +231,15 @@ def collate_chunk(
         offset += n
 
     doc_lens = np.concatenate(doc_lens_parts).astype(np.int64)
-    doc_ids = np.full(max_docs, -1, dtype=np.int64)
-    doc_ids[:doc_lens.size] = np.concatenate(doc_ids_parts)
+    real_docs = doc_lens.size
     if offset < chunk_tokens:  # the pad tail is its own document so no real token attends to it
         doc_lens = np.append(doc_lens, chunk_tokens - offset)
+    slots = doc_slots(doc_lens.size)
+    doc_ids = np.full(slots, -1, dtype=np.int64)
+    doc_ids[:real_docs] = np.concatenate(doc_ids_parts)
     starts = np.zeros(doc_lens.size + 1, dtype=np.int64)
     np.cumsum(doc_lens, out=starts[1:])
-    cu_seqlens = np.full(max_docs + 1, chunk_tokens, dtype=np.int32)  # repeated last = empty docs
+    cu_seqlens = np.full(slots + 1, chunk_tokens, dtype=np.int32)  # repeated last = empty docs
     cu_seqlens[:starts.size] = starts
     position_ids = np.arange(chunk_tokens, dtype=np.int64) - np.repeat(starts[:-1], doc_lens)
 
@@ -194,6 +249,8 @@ def collate_chunk(
         "cu_seqlens": torch.from_numpy(cu_seqlens),
         "position_ids": torch.from_numpy(position_ids),
         "max_seqlen": max_seq_len,
+        "prediction_slots": prediction_slots(chunk_tokens=chunk_tokens, num_sequences=microbatch_seqs,
+                                             mask_rate=masker.cfg.mask_rate),
         "num_tokens": torch.tensor(offset, dtype=torch.int64),
         "sample_idx": torch.from_numpy(sample_idx),
         "doc_ids": torch.from_numpy(doc_ids),
@@ -251,7 +308,7 @@ def check_stream_metas(cfg: LoaderConfig, *, special: SpecialTokenIds, vocab_siz
 def build_packed_dataset(cfg: LoaderConfig, *, vocab_size: int) -> PackedSequenceDataset:
     if not cfg.streams:
         raise ValueError("LoaderConfig.streams is empty: give at least one stream")
-    streams = [
+    streams = [  # hash checks: set per stream once its index is read (_check_shard_hashes)
         Stream(local=s.local, remote=s.remote, split=cfg.split, proportion=s.proportion,
                download_timeout=cfg.download_timeout_s)
         for s in cfg.streams
@@ -337,6 +394,30 @@ def split_batch(batch: dict[str, Any], microbatch_size: int) -> list[dict[str, A
             for i in range(k)]
 
 
+# Per-chunk Python ints that are the same for every chunk of a loader.
+_CHUNK_CONSTANTS = ("max_seqlen", "prediction_slots")
+# Per-document fields whose length varies from chunk to chunk, and the value that pads them.
+_DOC_SLOT_FIELDS = {"doc_ids": -1}
+
+
+def stack_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack chunks into one step batch (k, ...). `cu_seqlens` and `doc_ids` are padded to the
+    longest among them with empty documents (repeated end offset, doc id -1)."""
+    slots = max(c["cu_seqlens"].numel() for c in chunks)
+    batch: dict[str, Any] = {key: chunks[0][key] for key in _CHUNK_CONSTANTS}
+    for key in chunks[0]:
+        if key in _CHUNK_CONSTANTS:
+            continue
+        values = [c[key] for c in chunks]
+        if key == "cu_seqlens":
+            values = [torch.cat([v, v[-1:].expand(slots - v.numel())]) for v in values]
+        elif key in _DOC_SLOT_FIELDS:
+            values = [torch.cat([v, v.new_full((slots - 1 - v.numel(),), _DOC_SLOT_FIELDS[key])])
+                      for v in values]
+        batch[key] = torch.stack(values)
+    return batch
+
+
 @dataclass(frozen=True)
 class StepBatcherState:
     epoch: int
@@ -375,9 +456,7 @@ class StepBatcher:
         if k < 1:
             raise ValueError(f"chunks_per_step({self.state.samples_seen}) = {k}, need >= 1")
         chunks = [self._next_chunk() for _ in range(k)]
-        batch = {key: torch.stack([c[key] for c in chunks]) for key in chunks[0] if key != "max_seqlen"}
-        batch["max_seqlen"] = chunks[0]["max_seqlen"]
-        return batch
+        return stack_chunks(chunks)
 
     def _next_chunk(self) -> dict[str, Any]:
         fresh_epochs_without_data = 0
@@ -398,7 +477,7 @@ class StepBatcher:
                 self._iterator = None
                 self.state = StepBatcherState(s.epoch + 1, 0, s.samples_seen)
                 continue
-            except ValueError:  # bad data: the message already names the shard and sample
+            except (ValueError, ShardReadError):  # bad data: the message already names the shard
                 raise
             except Exception as err:  # DataLoader timeout, dead worker, failed or refused download
                 raise RuntimeError(

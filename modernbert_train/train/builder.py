@@ -17,11 +17,13 @@ from composer.utils import dist, get_device, reproducibility
 from modernbert_train.data.loader import (LoaderConfig, StepBatcher, StreamConfig, build_chunk_dataloader,
                                           num_samples_in_batch, num_tokens_in_batch, split_batch)
 from modernbert_train.data.tokenizer import TextTokenizer
+from modernbert_train.model.attention import fastest_available
 from modernbert_train.model.config import ModernBertConfig
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
 from modernbert_train.train.callbacks import (DataResumption, DataTrace, NonFiniteLossGuard,
                                               PackingEfficiency, RunInfo, StalledDataGuard)
-from modernbert_train.train.checkpointing import RemoteRetention, preflight_save_folder
+from modernbert_train.train.checkpointing import RemoteRetention, checkpoint_saver, preflight_save_folder
+from modernbert_train.train.compile import compile_model
 from modernbert_train.train.composer_model import MLMComposerModel
 from modernbert_train.train.config import RunConfig, StreamSpec
 from modernbert_train.train.loggers import MetricsFileLogger, WandBCompatLogger
@@ -38,14 +40,19 @@ def resolve_device(cfg: RunConfig) -> str:
 
 
 def model_config_for(cfg: RunConfig, tokenizer: TextTokenizer) -> ModernBertConfig:
-    """The model config with the tokenizer's facts (special ids) filled in and the vocab checked."""
+    """The model config with the tokenizer's facts (special ids) filled in, the vocab checked and
+    `attention_backend: auto` resolved for this machine."""
     if cfg.model.vocab_size < tokenizer.padded_vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer "
                          f"{cfg.data.tokenizer} needs ({tokenizer.tokenizer_vocab_size} tokens, padded "
                          f"to {tokenizer.padded_vocab_size})")
     s = tokenizer.special
+    backend = cfg.model.attention_backend
+    if backend == "auto":
+        backend = fastest_available("cuda" if resolve_device(cfg) == "gpu" else "cpu")
+        log.info("attention_backend auto -> %s", backend)
     return replace(cfg.model, pad_token_id=s.pad, cls_token_id=s.cls, sep_token_id=s.sep,
-                   mask_token_id=s.mask)
+                   mask_token_id=s.mask, attention_backend=backend)
 
 
 def total_tokens(cfg: RunConfig) -> int:
@@ -149,6 +156,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     # same initial model as the run it replaces.
     reproducibility.seed_all(cfg.seed)
     model = ModernBertForMaskedLM(model_cfg)
+    compile_model(model, cfg.compile)  # in place: parameter names and checkpoints are unchanged
     composer_model = MLMComposerModel(model)
     optimizer = build_optimizer(cfg.optimizer, model, device_type="cuda" if device == "gpu" else "cpu")
     scheduler = build_scheduler(cfg.scheduler, total_tokens(cfg))
@@ -167,6 +175,8 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     ]
     if cfg.logging.data_trace:
         callbacks.append(DataTrace(run_dir))
+    if ck.save_folder:
+        callbacks.append(checkpoint_saver(ck))
     if ck.save_folder and ck.save_folder.startswith("s3://") and ck.keep_remote:
         callbacks.append(RemoteRetention(ck.save_folder, keep=ck.keep_remote))
     loggers = []
@@ -208,13 +218,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         console_log_interval=cfg.logging.log_interval,
         run_name=cfg.run_name,
         seed=cfg.seed,
-        save_folder=ck.save_folder,
-        save_filename="ep{epoch}-ba{batch}-rank{rank}.pt",
-        save_interval=ck.save_interval,
-        save_num_checkpoints_to_keep=ck.keep_local if ck.keep_local is not None else -1,
-        # Under autoresume a checkpoint newer than `latest` is one a crash interrupted: the
-        # resumed run must be able to write that batch again.
-        save_overwrite=ck.autoresume and ck.save_folder is not None,
+        # Checkpoints: the CheckpointSaver in `callbacks` (checkpointing.checkpoint_saver).
         autoresume=ck.autoresume and ck.save_folder is not None,
         load_path=ck.load_path,
         load_weights_only=ck.load_weights_only,
@@ -225,6 +229,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         # The data state comes from our own callback (exact sample count); Composer must not
         # replay batches to catch up.
         spin_dataloaders=False,
-        compile_config={} if cfg.compile else None,
+        # Compiled above, by us: regionally by default, which Composer's compile_config cannot do.
+        compile_config=None,
         parallelism_config=parallelism,
     )

@@ -14,6 +14,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from modernbert_train.model.config import ModernBertConfig, preset
+from modernbert_train.train.compile import COMPILE_MODES
 
 
 @dataclass
@@ -122,7 +123,9 @@ class RunConfig:
     # "auto": cuda if available else cpu.
     device: str = "auto"
     precision: str = "amp_bf16"
-    compile: bool = True
+    # How the model is compiled (train/compile.py): full (one graph; the fastest step: 8% over
+    # regional on an H200), regional (each layer; 3x faster start-up) or none.
+    compile: str = "full"
     # "ddp" or "fsdp" when more than one process.
     parallelism: str = "ddp"
     # Where the run writes its local files (metrics, resolved config, local checkpoint copies).
@@ -215,12 +218,25 @@ def validate(cfg: RunConfig) -> None:
                         f"data.eval_mask_rate={d.eval_mask_rate}")
     if not d.train_streams:
         problems.append("data.train_streams is empty: name at least one MDS dataset")
+    if cfg.compile not in COMPILE_MODES:
+        problems.append(f"compile={cfg.compile!r}: use one of {', '.join(COMPILE_MODES)}")
     if cfg.parallelism not in ("ddp", "fsdp"):
         problems.append(f"parallelism={cfg.parallelism!r}: use 'ddp' or 'fsdp'")
     if cfg.scheduler.name not in ("wsd", "constant", "decay"):
         problems.append(f"scheduler.name={cfg.scheduler.name!r}: use wsd, constant or decay")
     if cfg.scheduler.decay_shape not in ("one_minus_sqrt", "linear"):
         problems.append(f"scheduler.decay_shape={cfg.scheduler.decay_shape!r}: one_minus_sqrt or linear")
+    o = cfg.optimizer
+    if not o.lr > 0:
+        problems.append(f"optimizer.lr={o.lr} must be > 0")
+    if len(o.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in o.betas):
+        problems.append(f"optimizer.betas={list(o.betas)} must be two numbers in [0, 1)")
+    if not o.eps > 0:
+        problems.append(f"optimizer.eps={o.eps} must be > 0")
+    if not o.weight_decay >= 0:
+        problems.append(f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    if o.grad_clip_norm is not None and not o.grad_clip_norm >= 0:
+        problems.append(f"optimizer.grad_clip_norm={o.grad_clip_norm} must be >= 0 (0 or null: no clipping)")
     if cfg.logging.wandb_mode not in ("online", "offline", "disabled"):
         problems.append(f"logging.wandb_mode={cfg.logging.wandb_mode!r}: online/offline/disabled")
     try:

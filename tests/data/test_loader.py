@@ -7,27 +7,31 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from streaming import MDSWriter
+from streaming import MDSWriter, Stream
 
 from modernbert_train.data.loader import (
     LoaderConfig,
+    ShardReadError,
     StepBatcher,
     StreamConfig,
     build_chunk_dataloader,
     collate_chunk,
-    max_docs_per_chunk,
+    stack_chunks,
     num_samples_in_batch,
     num_tokens_in_batch,
     split_batch,
 )
+from modernbert_train.data.chunk_layout import doc_slots
 from modernbert_train.data.masking import IGNORE_INDEX, MaskingConfig, MLMMasker
 from modernbert_train.data.schema import DatasetMeta, mds_columns, write_meta
+from modernbert_train.data.shard import MDS_HASHES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PAD, CLS, SEP, MASK, UNK = 0, 1, 2, 3, 4
@@ -73,9 +77,10 @@ def dataset_meta(**overrides) -> DatasetMeta:
     return replace(base, **overrides)
 
 
-def write_shards(out: str, samples: list[dict[str, np.ndarray]], meta: DatasetMeta | None = None) -> None:
+def write_shards(out: str, samples: list[dict[str, np.ndarray]], meta: DatasetMeta | None = None,
+                 hashes: list[str] = MDS_HASHES) -> None:
     """MDS shards (several, small) plus the metadata file, as the shard writer lays them out."""
-    with MDSWriter(out=out, columns=COLUMNS, compression="zstd", hashes=["sha1"], size_limit=1 << 12) as writer:
+    with MDSWriter(out=out, columns=COLUMNS, compression="zstd", hashes=hashes, size_limit=1 << 12) as writer:
         for sample in samples:
             writer.write(sample)
     write_meta(out, meta or dataset_meta())
@@ -108,14 +113,15 @@ def assert_chunk_matches(chunk: dict, samples: list[dict[str, np.ndarray]], *, m
                          microbatch_seqs: int) -> None:
     """Every invariant of the chunk layout, against the packed sequences it claims to hold."""
     T = microbatch_seqs * max_seq_len
-    max_docs = max_docs_per_chunk(max_seq_len=max_seq_len, microbatch_seqs=microbatch_seqs)
     picked = [samples[i] for i in chunk["sample_idx"].tolist()]
     ids = np.concatenate([s["input_ids"] for s in picked]).astype(np.int64)
     lens = np.concatenate([s["doc_lens"] for s in picked])
     n = ids.size
+    slots = doc_slots(lens.size + (n < T))  # the documents and the pad tail, rounded up to 64
+    assert slots % 64 == 0 and slots >= lens.size + (n < T), slots
     assert chunk["input_ids"].shape == (T,) and chunk["input_ids"].dtype == torch.int64
-    assert chunk["cu_seqlens"].shape == (max_docs + 1,) and chunk["cu_seqlens"].dtype == torch.int32
-    assert chunk["doc_ids"].shape == (max_docs,) and chunk["max_seqlen"] == max_seq_len
+    assert chunk["cu_seqlens"].shape == (slots + 1,) and chunk["cu_seqlens"].dtype == torch.int32
+    assert chunk["doc_ids"].shape == (slots,) and chunk["max_seqlen"] == max_seq_len
     assert int(chunk["num_tokens"]) == n, (int(chunk["num_tokens"]), n)
     # No token lost or duplicated; the tail is padding and never a label.
     original = unmasked(chunk)
@@ -125,6 +131,7 @@ def assert_chunk_matches(chunk: dict, samples: list[dict[str, np.ndarray]], *, m
     labels = chunk["labels"].numpy()
     selected = labels != IGNORE_INDEX
     assert not np.isin(ids[selected[:n]], SPECIAL_IDS).any()
+    assert selected.sum() <= chunk["prediction_slots"] <= T, (selected.sum(), chunk["prediction_slots"])
     assert (chunk["input_ids"].numpy()[~selected] == original[~selected]).all()
     # cu_seqlens: the documents, then the pad tail as one document, then repeats of T.
     cu = chunk["cu_seqlens"].numpy().astype(np.int64)
@@ -161,15 +168,31 @@ def test_collate_invariants(num_seqs, full):
 
 
 def test_collate_worst_case_document_count_fits():
-    # Every document is the minimum [CLS][SEP]: the fixed capacity is exactly reached.
+    # Every document is the minimum [CLS][SEP]: the most documents a chunk can hold.
     sample = {"input_ids": np.tile(np.array([CLS, SEP], np.uint16), MAX_SEQ_LEN // 2),
               "doc_lens": np.full(MAX_SEQ_LEN // 2, 2, np.int32),
               "doc_ids": np.arange(MAX_SEQ_LEN // 2, dtype=np.int64), "sample_idx": 0}
     chunk = collate_chunk([sample] * MICROBATCH_SEQS, max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS,
                           pad_id=PAD, masker=make_masker(1), epoch=0)
-    assert (np.diff(chunk["cu_seqlens"].numpy())[:-1] == 2).all()
-    # doc_ids follows the document slots of cu_seqlens; the one slot left is the (empty) pad tail's.
-    assert (chunk["doc_ids"].numpy()[:-1] != -1).all() and chunk["doc_ids"][-1] == -1
+    docs = MICROBATCH_SEQS * MAX_SEQ_LEN // 2  # the chunk is full: no pad tail
+    cu = chunk["cu_seqlens"].numpy()
+    assert cu.size == doc_slots(docs) + 1 and (np.diff(cu)[:docs] == 2).all() and (cu[docs:] == cu[-1]).all()
+    # doc_ids follows the document slots of cu_seqlens; the slots left over are empty documents.
+    assert (chunk["doc_ids"].numpy()[:docs] != -1).all() and (chunk["doc_ids"].numpy()[docs:] == -1).all()
+
+
+def test_masked_tokens_never_exceed_the_prediction_slots():
+    # Short sequences and documents maximise the rounding up of each sequence's masked count.
+    masker = MLMMasker(MaskingConfig(mask_rate=0.3), mask_id=MASK, special_ids=[CLS, SEP], vocab_size=VOCAB,
+                       pad_id=PAD, seed=0)
+    for seed in range(40):
+        samples = make_packed_samples(MICROBATCH_SEQS, max_seq_len=MAX_SEQ_LEN, seed=seed, full=seed % 2 == 0)
+        for s_idx, s in enumerate(samples):
+            s["sample_idx"] = s_idx
+        chunk = collate_chunk(samples, max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS, pad_id=PAD,
+                              masker=masker, epoch=seed)
+        masked = int((chunk["labels"] != IGNORE_INDEX).sum())
+        assert masked <= chunk["prediction_slots"], (seed, masked, chunk["prediction_slots"])
 
 
 def test_collate_masks_per_sequence_by_epoch_and_sample_idx():
@@ -202,15 +225,30 @@ def test_split_batch_and_counts():
         s["sample_idx"] = s_idx
     kw = dict(max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS, pad_id=PAD, masker=make_masker(1), epoch=0)
     chunks = [collate_chunk(samples[:4], **kw), collate_chunk(samples[4:], **kw)]
-    batch = {k: torch.stack([c[k] for c in chunks]) for k in chunks[0] if k != "max_seqlen"}
-    batch["max_seqlen"] = MAX_SEQ_LEN
+    # One chunk with many more documents: stacking pads the other's cu_seqlens / doc_ids.
+    chunks[1] = collate_chunk([{"input_ids": np.tile(np.array([CLS, SEP], np.uint16), MAX_SEQ_LEN // 2),
+                                "doc_lens": np.full(MAX_SEQ_LEN // 2, 2, np.int32),
+                                "doc_ids": np.arange(MAX_SEQ_LEN // 2, dtype=np.int64), "sample_idx": 4 + i}
+                               for i in range(4)], **kw)
+    samples[4:] = [{"input_ids": np.zeros(MAX_SEQ_LEN)}] * 4
+    assert chunks[0]["cu_seqlens"].numel() < chunks[1]["cu_seqlens"].numel()
+    batch = stack_chunks(chunks)
     assert num_samples_in_batch(batch) == 8
     assert num_tokens_in_batch(batch) == sum(s["input_ids"].size for s in samples)
     parts = split_batch(batch, MICROBATCH_SEQS)
     assert len(parts) == 2
+    slots = chunks[1]["cu_seqlens"].numel()
     for part, chunk in zip(parts, chunks):
         assert part.keys() == chunk.keys()
-        assert all(part[k] == chunk[k] if k == "max_seqlen" else torch.equal(part[k], chunk[k]) for k in chunk)
+        for k in chunk:
+            if k in ("max_seqlen", "prediction_slots"):
+                assert part[k] == chunk[k], k
+            elif k in ("cu_seqlens", "doc_ids"):  # padded with empty documents
+                n = chunk[k].numel()
+                assert part[k].numel() == slots - (k == "doc_ids") and torch.equal(part[k][:n], chunk[k]), k
+                assert (part[k][n:] == (chunk[k][-1] if k == "cu_seqlens" else -1)).all(), k
+            else:
+                assert torch.equal(part[k], chunk[k]), k
         assert num_samples_in_batch(part) == MICROBATCH_SEQS
     with pytest.raises(ValueError, match="microbatch_size"):
         split_batch(batch, 1)
@@ -417,6 +455,69 @@ def test_mismatched_metadata_is_rejected(tmp_path, meta, match):
     write_shards(str(tmp_path / "bad"), make_packed_samples(8, max_seq_len=MAX_SEQ_LEN, seed=18), meta)
     with pytest.raises(ValueError, match=rf"stream .*bad does not match the run: .*{match}"):
         build_loader(loader_config([str(tmp_path / "ok"), str(tmp_path / "bad")], num_workers=0))
+
+
+def _flip_bytes(path: Path) -> bytes:
+    """Damage `path` in place (64 bytes inverted in the middle); returns the original bytes."""
+    good = path.read_bytes()
+    middle = len(good) // 2
+    path.write_bytes(good[:middle] + bytes(b ^ 0xFF for b in good[middle:middle + 64]) + good[middle + 64:])
+    return good
+
+
+def test_damaged_shard_is_named_and_its_cached_copy_downloaded_again(tmp_path):
+    """A remote shard that fails its hash check is an error naming it (not a shorter epoch), and
+    its cached copy is dropped: once the remote is repaired, the same cache reads every sample."""
+    samples = make_packed_samples(48, max_seq_len=MAX_SEQ_LEN, seed=19)
+    write_shards(str(tmp_path / "remote"), samples)
+    victim = sorted((tmp_path / "remote").glob("shard.*.mds.zstd"))[2]
+    good = _flip_bytes(victim)
+    cache = tmp_path / "cache"
+    cfg = loader_config([], streams=(StreamConfig(local=str(cache), remote=str(tmp_path / "remote")),),
+                        num_workers=0, shuffle=False)
+    chunks = 0
+    with pytest.raises(ShardReadError, match=rf"shard {victim.stem} / {victim.name} of stream .*"
+                                             rf"Checksum failure: .*{victim.name}"):
+        for _ in build_loader(cfg):
+            chunks += 1
+    assert chunks < 48 // MICROBATCH_SEQS, chunks
+    assert not (cache / victim.name).exists() and not (cache / victim.stem).exists(), sorted(os.listdir(cache))
+
+    victim.write_bytes(good)
+    seen = [i for chunk in build_loader(cfg) for i in chunk["sample_idx"].tolist()]
+    assert seen == list(range(48)), seen
+
+
+@pytest.mark.parametrize("seed", [1, 2])  # orders in which one worker waited forever on the other's failure
+def test_damaged_shard_is_named_with_two_workers_reading_it(tmp_path, monkeypatch, seed):
+    """While one worker downloads the damaged shard (3 s here), the other reaches it and waits. It
+    must get the error too rather than wait until the DataLoader timeout (not naming the shard)."""
+    write_shards(str(tmp_path / "remote"), make_packed_samples(192, max_seq_len=MAX_SEQ_LEN, seed=seed))
+    victim = sorted((tmp_path / "remote").glob("shard.*.mds.zstd"))[3]
+    _flip_bytes(victim)
+    download = Stream._download_file
+
+    def slow_victim(stream, from_basename, to_basename=None):
+        if from_basename == victim.name:
+            time.sleep(3)
+        return download(stream, from_basename, to_basename)
+
+    monkeypatch.setattr(Stream, "_download_file", slow_victim)  # forked workers inherit it
+    cfg = loader_config([], streams=(StreamConfig(local=str(tmp_path / "cache"), remote=str(tmp_path / "remote")),),
+                        num_workers=2, shuffle=True, seed=seed, download_timeout_s=15)
+    batcher = StepBatcher(build_loader(cfg), chunks_per_step=lambda seen: 1)
+    # A worker left waiting ends in the DataLoader timeout (30 s), a RuntimeError not naming the shard.
+    with pytest.raises(ShardReadError, match=rf"shard {victim.stem} / {victim.name} of stream"):
+        for _ in range(192 // MICROBATCH_SEQS):
+            next(batcher)
+
+
+def test_index_without_xxh64_loads_unchecked_with_a_warning(tmp_path, caplog):
+    write_shards(str(tmp_path / "ds"), make_packed_samples(8, max_seq_len=MAX_SEQ_LEN, seed=20), hashes=["sha1"])
+    loader = build_loader(loader_config([str(tmp_path / "ds")], num_workers=0, shuffle=False))
+    assert loader.dataset.streams[0].validate_hash is None
+    assert f"local={str(tmp_path / 'ds')!r}: its index has no xxh64 hashes" in caplog.text, caplog.text
+    assert [i for chunk in loader for i in chunk["sample_idx"].tolist()] == list(range(8))
 
 
 def test_stalled_download_becomes_an_error_naming_the_stream(tmp_path, monkeypatch):

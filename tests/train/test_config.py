@@ -31,7 +31,7 @@ def test_base_recipe_is_modernbert_base_phase_one():
         8e-4, [0.9, 0.98], 1e-6, 1e-5)
     assert cfg.scheduler.warmup_tokens == 3_000_000_000
     assert (cfg.batch.warmup_start_seqs, cfg.batch.warmup_tokens) == (768, 50_000_000_000)
-    assert cfg.data.mask_rate == 0.3 and cfg.precision == "amp_bf16" and cfg.compile
+    assert cfg.data.mask_rate == 0.3 and cfg.precision == "amp_bf16" and cfg.compile == "full"
     assert cfg.checkpoint.save_folder.startswith("s3://")
 
 
@@ -77,6 +77,36 @@ def test_incompatible_settings_fail_at_startup(overrides, expected):
     with pytest.raises(ConfigError) as e:
         load_run_config(YAMLS[0].parent / "tiny.yaml", overrides)
     assert expected in str(e.value), str(e.value)
+
+
+def test_bad_optimizer_numbers_are_all_listed_in_one_message():
+    with pytest.raises(ConfigError) as e:
+        load_run_config(YAMLS[0].parent / "tiny.yaml", ["optimizer.lr=0", "optimizer.betas=[0.9,1.0]",
+                                                        "optimizer.eps=-1e-8", "optimizer.weight_decay=-0.1",
+                                                        "optimizer.grad_clip_norm=-1"])
+    message = str(e.value)
+    for expected in ["optimizer.lr=0.0 must be > 0", "optimizer.betas=[0.9, 1.0] must be two numbers in [0, 1)",
+                     "optimizer.eps=-1e-08 must be > 0", "optimizer.weight_decay=-0.1 must be >= 0",
+                     "optimizer.grad_clip_norm=-1.0 must be >= 0"]:
+        assert expected in message, message
+    assert message.count("\n  - ") == 5, message
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["optimizer.lr=-8e-4"], "optimizer.lr=-0.0008 must be > 0"),
+    (["optimizer.betas=[0.9]"], "optimizer.betas=[0.9] must be two numbers in [0, 1)"),
+    (["optimizer.betas=[-0.1,0.98]"], "optimizer.betas=[-0.1, 0.98] must be two numbers"),
+], ids=["negative-lr", "one-beta", "negative-beta"])
+def test_bad_optimizer_number_fails_at_startup(overrides, expected):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(YAMLS[0].parent / "tiny.yaml", overrides)
+    assert expected in str(e.value), str(e.value)
+
+
+def test_edge_optimizer_numbers_are_accepted():
+    cfg = load_run_config(YAMLS[0].parent / "tiny.yaml", ["optimizer.betas=[0,0.999]", "optimizer.weight_decay=0",
+                                                          "optimizer.grad_clip_norm=null"])
+    assert (cfg.optimizer.betas, cfg.optimizer.weight_decay, cfg.optimizer.grad_clip_norm) == ([0.0, 0.999], 0.0, None)
 
 
 def test_missing_required_key():

@@ -104,7 +104,12 @@ class RunInfo(Callback):
 class NonFiniteLossGuard(Callback):
     """Stops the run at the first NaN/inf loss, naming the batch, and refuses to checkpoint
     non-finite weights (an inf gradient can poison the weights while the loss is still finite), so
-    the last good checkpoint stays `latest`. Runs before Composer's CheckpointSaver."""
+    the last good checkpoint stays `latest`. Runs before Composer's CheckpointSaver.
+
+    Batches are named by their index in metrics.jsonl and the data trace (from 0). At batch_end
+    Composer's `state.timestamp` already counts the finished batch; `previous_timestamp` is the
+    one that batch was logged under.
+    """
 
     def batch_end(self, state: State, logger: Logger) -> None:
         loss = state.loss
@@ -112,10 +117,11 @@ class NonFiniteLossGuard(Callback):
         for value in values:
             v = float(value.detach().float().sum().item()) if hasattr(value, "detach") else float(value)
             if not math.isfinite(v):
+                at = state.previous_timestamp
                 raise RuntimeError(
-                    f"non-finite training loss {v} at batch {int(state.timestamp.batch)} "
-                    f"(token {int(state.timestamp.token)}); stopping before this state is checkpointed. "
-                    "Resume from the last checkpoint, perhaps with a lower lr.")
+                    f"non-finite training loss {v} at batch {int(at.batch)} (token {int(at.token)}); "
+                    "stopping before this state is checkpointed. Resume from the last checkpoint, "
+                    "perhaps with a lower lr.")
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         from composer.callbacks import CheckpointSaver
@@ -129,7 +135,7 @@ class NonFiniteLossGuard(Callback):
         dist.all_reduce(bad)
         if int(bad):
             raise RuntimeError(
-                f"{int(bad)} non-finite weights after batch {int(state.timestamp.batch)}; not "
+                f"{int(bad)} non-finite weights after batch {int(state.previous_timestamp.batch)}; not "
                 "checkpointing them, the last good checkpoint stays latest. Resume from it, "
                 "perhaps with a lower lr or gradient clipping.")
 

@@ -1,7 +1,8 @@
-"""Checkpoint storage: a pre-flight check of the save folder and keep-N retention on the bucket.
+"""Checkpoint storage: Composer's CheckpointSaver as this project configures it, a pre-flight check
+of the save folder, and keep-N retention on the bucket.
 
-Composer's `save_num_checkpoints_to_keep` prunes only local copies; `RemoteRetention` prunes the
-remote ones, never touching a checkpoint that the `latest` symlink object does not already vouch for.
+The saver's `num_checkpoints_to_keep` prunes only local copies; `RemoteRetention` prunes the remote
+ones, never touching a checkpoint that the `latest` symlink object does not already vouch for.
 """
 from __future__ import annotations
 
@@ -15,18 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import botocore.exceptions as bex
+from composer.callbacks import CheckpointSaver
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import S3ObjectStore, dist, format_name_with_dist, parse_uri
 
+from modernbert_train.train.config import CheckpointConfig
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_FREE_BYTES = 1 << 30
-# Composer's default names (Trainer(save_filename=..., save_latest_filename=...)): monolithic
-# checkpoints are `ep{E}-ba{B}-rank0.pt`, sharded ones a folder `ep{E}-ba{B}/`; the latest pointer
-# is an object `latest-rank0.pt.symlink` whose body is the target's object name.
+# Checkpoint names (`checkpoint_saver`; Composer's defaults): monolithic checkpoints are
+# `ep{E}-ba{B}-rank0.pt`, sharded ones a folder `ep{E}-ba{B}/`; the latest pointer is an object
+# `latest-rank0.pt.symlink` whose body is the target's object name.
+CHECKPOINT_FILENAME = "ep{epoch}-ba{batch}-rank{rank}.pt"
+LATEST_FILENAME = "latest-rank{rank}.pt"
 _CHECKPOINT_NAME = re.compile(r"^ep(?P<epoch>\d+)-ba(?P<batch>\d+)(?:-rank\d+\.pt|/)")
-DEFAULT_LATEST_NAME = "latest-rank0.pt"
+DEFAULT_LATEST_NAME = LATEST_FILENAME.format(rank=0)
 
 
 class CheckpointStorageError(RuntimeError):
@@ -74,6 +80,31 @@ def _explain_s3_error(err: Exception, *, folder: str, bucket: str, endpoint: str
                     f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's permissions")
         return f"{where}: S3 error {code} (HTTP {status}): {err}"
     return f"{where}: {type(err).__name__}: {err}"
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+def checkpoint_saver(ck: CheckpointConfig) -> CheckpointSaver:
+    """Composer's CheckpointSaver for `ck.save_folder`, built here rather than by
+    Trainer(save_folder=...):
+
+    - for an s3:// folder, Composer 0.32.1's Trainer looks for the autoresume copy under a
+      cwd-relative `s3:/bucket/prefix/` folder and reuses a copy an earlier launch downloaded there
+      instead of the bucket's newer `latest`; the saver's own local folder is a fresh temporary one,
+      so every launch downloads what `latest` names now;
+    - with autoresume, existing checkpoints newer than `latest` are ones a crash interrupted
+      (written in place, or uploaded before `latest` moved): they must be overwritten when the
+      run gets there again, where Composer would refuse to start or to upload.
+    """
+    _, _, prefix = parse_uri(ck.save_folder)
+    return CheckpointSaver(
+        folder=ck.save_folder, filename=CHECKPOINT_FILENAME,
+        remote_file_name=_join(prefix, CHECKPOINT_FILENAME), latest_filename=LATEST_FILENAME,
+        latest_remote_file_name=_join(prefix, LATEST_FILENAME), overwrite=ck.autoresume,
+        save_interval=ck.save_interval,
+        num_checkpoints_to_keep=ck.keep_local if ck.keep_local is not None else -1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,16 +1,22 @@
-"""Save-folder pre-flight and remote keep-N retention, against a real S3 server (rclone)."""
+"""The checkpoint saver's settings, save-folder pre-flight and remote keep-N retention, against a
+real S3 server (rclone)."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
+from dataclasses import replace
+from pathlib import Path
 
 import boto3
 import pytest
 
 from modernbert_train.train.checkpointing import (CheckpointStorageError, RemoteRetention,
-                                                  _s3_store, list_remote_checkpoints,
+                                                  _s3_store, checkpoint_saver, list_remote_checkpoints,
                                                   preflight_save_folder,
                                                   prune_remote_checkpoints, read_latest_target)
+from modernbert_train.train.config import CheckpointConfig
 
 
 def _client():
@@ -20,6 +26,32 @@ def _client():
 def _keys(bucket: str = "test-bucket", prefix: str = "") -> list[str]:
     pages = _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+# ---------------------------------------------------------------- saver
+
+
+def test_saver_for_a_bucket_stages_each_launch_in_a_fresh_folder_outside_the_cwd(tmp_path, monkeypatch):
+    """Autoresume looks for `latest` in the saver's local folder: one left by an earlier launch
+    (Composer's Trainer used a cwd-relative `s3:/bucket/...`) would hide the bucket's newer one."""
+    monkeypatch.chdir(tmp_path)
+    ck = CheckpointConfig(save_folder="s3://test-bucket/runs/tiny", save_interval="4ba", keep_local=2)
+    first, second = checkpoint_saver(ck), checkpoint_saver(replace(ck, autoresume=False))
+    try:
+        for saver in (first, second):
+            assert Path(saver.folder).is_absolute() and saver.folder.startswith(tempfile.gettempdir()), saver.folder
+            assert not Path(saver.folder).is_relative_to(tmp_path), saver.folder
+        assert first.folder != second.folder
+        assert first.remote_file_name.filename == "runs/tiny/ep{epoch}-ba{batch}-rank{rank}.pt"
+        assert first.latest_remote_file_name.filename == "runs/tiny/latest-rank{rank}.pt"
+        assert first.num_checkpoints_to_keep == 2
+        # Under autoresume a checkpoint newer than `latest` is one a crash interrupted: overwritable.
+        assert (first.overwrite, second.overwrite) == (True, False)
+    finally:
+        for saver in (first, second):  # folder = mkdtemp()/runs/tiny
+            staging = Path(saver.folder).parents[1]
+            if staging.parent == Path(tempfile.gettempdir()) and staging.name.startswith("tmp"):
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- pre-flight: local

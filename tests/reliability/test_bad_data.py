@@ -16,14 +16,6 @@ from modernbert_train.data.schema import META_FILENAME, mds_columns
 from modernbert_train.data.tokenizer import TextTokenizer
 from tests.reliability.conftest import DemoData, run_train, trained_batches
 
-STREAMING_SWALLOWS_SHARD_ERRORS = (
-    "Streaming 0.13 reports a failed shard preparation (download, hash check, decompression) only "
-    "by printing it from its prepare thread and ending the epoch early; the loader does not surface "
-    "it, so a bad shard silently shortens every epoch (samples skipped) or ends in a misleading "
-    "'yield no full chunk' error; fix in loader.py: re-raise the background error naming the shard, "
-    "and validate_hash='xxh64' (see docs/RELIABILITY.md)")
-
-
 def _zip_shards(split_dir: Path) -> list[Path]:
     index = json.loads((split_dir / "index.json").read_text())
     return [split_dir / s["zip_data"]["basename"] for s in index["shards"]]
@@ -56,7 +48,6 @@ def _loader(data_dir: Path, demo: DemoData, *, split: str = "train", microbatch_
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(reason=STREAMING_SWALLOWS_SHARD_ERRORS, strict=True)
 @pytest.mark.parametrize("damage", ["flipped", "truncated"])
 def test_damaged_shard_is_an_error_naming_it_not_a_shorter_epoch(tmp_path, demo_data, multi_shard_data, damage):
     victim = _damaged_copy(multi_shard_data, tmp_path / "mds", damage, shard_index=3)
@@ -72,7 +63,6 @@ def test_damaged_shard_is_an_error_naming_it_not_a_shorter_epoch(tmp_path, demo_
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(reason=STREAMING_SWALLOWS_SHARD_ERRORS, strict=True)
 def test_damaged_shard_stops_training_with_its_name(tmp_path, demo_data, multi_shard_data):
     """Through the CLI, reading in order (no shuffle), a truncated shard after three good ones: the
     run must stop with an error naming the shard. (Without the fix Streaming leaves the shard

@@ -43,15 +43,17 @@ def test_diverging_loss_stops_naming_the_batch_and_latest_stays_finite(tmp_path,
     result = run_train(demo_data, tmp_path, "max_duration=12ba", f"checkpoint.save_folder={ckpt}",
                        "checkpoint.save_interval=1ba", "optimizer.lr=1e6", "optimizer.grad_clip_norm=null")
     assert result.returncode != 0, result.tail()
-    match = re.search(r"non-finite training loss (nan|inf|-inf) at batch (\d+) \(token \d+\)", result.output)
+    match = re.search(r"non-finite training loss (nan|inf|-inf) at batch (\d+) \(token (\d+)\)", result.output)
     assert match, result.tail()
-    steps_done = int(match[2])  # Composer's batch count: the bad batch is index steps_done - 1
-    losses = {r["batch"]: r["loss/train/total"] for r in metrics_rows(tmp_path / "run") if "loss/train/total" in r}
-    assert losses[steps_done - 1] is None, losses  # NaN/inf are written as null
-    assert all(math.isfinite(losses[b]) for b in range(steps_done - 1)), losses
-    assert not (ckpt / f"ep0-ba{steps_done}-rank0.pt").exists(), "the bad batch was checkpointed"
+    bad, token = int(match[2]), int(match[3])  # named as metrics.jsonl names that batch
+    rows = {r["batch"]: r for r in metrics_rows(tmp_path / "run") if "loss/train/total" in r}
+    assert rows[bad]["loss/train/total"] is None, rows  # NaN/inf are written as null
+    assert rows[bad]["tokens"] == token, (rows[bad], token)
+    assert all(math.isfinite(rows[b]["loss/train/total"]) for b in range(bad)), rows
+    # Checkpoint ep0-baN holds the N batches 0..N-1: the last one holds every batch before the bad one.
+    assert not (ckpt / f"ep0-ba{bad + 1}-rank0.pt").exists(), "the bad batch was checkpointed"
     latest = os.readlink(ckpt / "latest-rank0.pt")
-    assert latest == f"ep0-ba{steps_done - 1}-rank0.pt", latest
+    assert latest == f"ep0-ba{bad}-rank0.pt", latest
     assert _finite(ckpt / latest)
 
 
@@ -61,6 +63,8 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, demo_data):
     result = run_train(demo_data, tmp_path, "max_duration=12ba", f"checkpoint.save_folder={ckpt}",
                        "checkpoint.save_interval=4ba", env={**env, "FAULT_STEP": "8"})
     assert result.returncode != 0, result.tail()
-    assert "non-finite" in result.output and "batch 8" in result.output, result.tail()
+    # Step 8 is batch 7 in metrics.jsonl, the last one trained; its checkpoint would be ep0-ba8.
+    trained = max(r["batch"] for r in metrics_rows(tmp_path / "run") if "loss/train/total" in r)
+    assert trained == 7 and "non-finite weights after batch 7;" in result.output, (trained, result.tail())
     assert os.readlink(ckpt / "latest-rank0.pt") == "ep0-ba4-rank0.pt"
     assert not (ckpt / "ep0-ba8-rank0.pt").exists(), "a checkpoint with NaN weights was written"

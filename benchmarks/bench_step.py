@@ -175,6 +175,14 @@ def model_flops(cfg: ModernBertConfig, *, real_tokens: int, masked_tokens: int, 
 
 # --- one system, one configuration ------------------------------------------------------------------
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One configuration. Written on the command line as system:attention:compile[:option...],
@@ -209,13 +217,12 @@ class RunSpec:
             raise ValueError(f"run spec {text!r}: expected system:attention:compile[:option...] with "
                              f"system ours|hf and compile one of {COMPILE_MODES}")
         options = set(parts[3:])
-        budgets = {o for o in options if o.startswith("mem=")}
-        options -= budgets
-        try:
-            budget = float(budgets.pop()[4:]) if len(budgets) == 1 else 1.0
-        except ValueError:
-            budget = -1.0
-        unknown = (options - {"-fused", "-slots", "capacity"}) | ({"mem=?"} if len(budgets) > 0 or not 0 < budget <= 1 else set())
+        budgets = [float(o[4:]) for o in options if o.startswith("mem=") and _is_number(o[4:])]
+        options -= {o for o in options if o.startswith("mem=") and _is_number(o[4:])}
+        budget = budgets[0] if len(budgets) == 1 and 0 < budgets[0] <= 1 else 1.0
+        unknown = options - {"-fused", "-slots", "capacity"}
+        if len(budgets) > 1 or budget != (budgets[0] if budgets else 1.0):
+            unknown.add("mem= (one budget in (0, 1])")
         if unknown or (options and parts[0] == "hf") or (parts[0] == "hf" and parts[2] == "regional"):
             raise ValueError(f"run spec {text!r}: options {sorted(unknown) or sorted(options)} / compile "
                              "mode not valid here (options -fused -slots capacity are for ours; "

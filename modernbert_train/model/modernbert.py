@@ -263,6 +263,9 @@ class ModernBertForMaskedLM(nn.Module):
             raise ValueError("packed input_ids (T,) need cu_seqlens; padded input is (B, S)")
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if max_seqlen > self.config.max_position_embeddings:  # the RoPE tables end there
+            raise ValueError(f"documents of up to {max_seqlen} tokens, but the model's RoPE covers "
+                             f"max_position_embeddings={self.config.max_position_embeddings}")
 
         hidden = self.model(input_ids, cu_seqlens, max_seqlen, position_ids)  # (T, H)
 

@@ -156,7 +156,8 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     # same initial model as the run it replaces.
     reproducibility.seed_all(cfg.seed)
     model = ModernBertForMaskedLM(model_cfg)
-    compile_model(model, cfg.compile)  # in place: parameter names and checkpoints are unchanged
+    # In place: parameter names and checkpoints are unchanged.
+    compile_model(model, cfg.compile, cfg.compile_memory_budget)
     composer_model = MLMComposerModel(model)
     optimizer = build_optimizer(cfg.optimizer, model, device_type="cuda" if device == "gpu" else "cpu")
     scheduler = build_scheduler(cfg.scheduler, total_tokens(cfg))

@@ -7,12 +7,17 @@ as inputs instead of baking them in), so the compile does a few small graphs ins
 anyway (each layer begins with a residual add feeding a matmul). `full` compiles the whole model as
 one graph. The model itself never calls torch.compile (docs/DESIGN.md).
 Compilation is lazy: the first training step pays for it.
+
+`memory_budget` trades speed for activation memory: below 1.0 the compiler's partitioner saves
+less for the backward pass and recomputes the rest (cheap pointwise work first), aiming at that
+fraction of the activation memory it would otherwise keep.
 """
 from __future__ import annotations
 
 from typing import Literal
 
 import torch
+import torch._functorch.config
 import torch.nn as nn
 
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
@@ -21,9 +26,14 @@ CompileMode = Literal["none", "regional", "full"]
 COMPILE_MODES = ("none", "regional", "full")
 
 
-def compile_model(model: ModernBertForMaskedLM, mode: CompileMode) -> nn.Module:
+def compile_model(model: ModernBertForMaskedLM, mode: CompileMode, memory_budget: float = 1.0) -> nn.Module:
     """Compile `model` in place (nn.Module.compile: parameter names and state dicts unchanged) and
-    return it."""
+    return it. `memory_budget` in (0, 1] is process-wide (the partitioner reads it when the first
+    step compiles): a training process compiles one model."""
+    if not 0.0 < memory_budget <= 1.0:
+        raise ValueError(f"memory_budget={memory_budget}: use a fraction in (0, 1] (1.0 = save what is fastest)")
+    if mode != "none":
+        torch._functorch.config.activation_memory_budget = memory_budget
     if mode == "regional":
         for layer in model.model.layers:
             layer.compile()

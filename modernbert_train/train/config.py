@@ -126,6 +126,9 @@ class RunConfig:
     # How the model is compiled (train/compile.py): full (one graph; the fastest step: 8% over
     # regional on an H200), regional (each layer; 3x faster start-up) or none.
     compile: str = "full"
+    # Activation memory the compiled step keeps, as a fraction of what it keeps for speed alone
+    # (train/compile.py); lower recomputes more in the backward pass. Ignored with compile: none.
+    compile_memory_budget: float = 1.0
     # "ddp" or "fsdp" when more than one process.
     parallelism: str = "ddp"
     # Where the run writes its local files (metrics, resolved config, local checkpoint copies).
@@ -220,6 +223,8 @@ def validate(cfg: RunConfig) -> None:
         problems.append("data.train_streams is empty: name at least one MDS dataset")
     if cfg.compile not in COMPILE_MODES:
         problems.append(f"compile={cfg.compile!r}: use one of {', '.join(COMPILE_MODES)}")
+    if not 0.0 < cfg.compile_memory_budget <= 1.0:
+        problems.append(f"compile_memory_budget={cfg.compile_memory_budget}: use a fraction in (0, 1]")
     if cfg.parallelism not in ("ddp", "fsdp"):
         problems.append(f"parallelism={cfg.parallelism!r}: use 'ddp' or 'fsdp'")
     if cfg.scheduler.name not in ("wsd", "constant", "decay"):

@@ -173,3 +173,13 @@ def test_rope_tables_equal_cos_sin_of_position_times_frequency():
     assert cos.shape == sin.shape == (7, 64)
     assert torch.equal(cos, torch.cat((angles, angles), -1).cos()), "cos table differs from cos(pos * freq)"
     assert torch.equal(sin, torch.cat((angles, angles), -1).sin()), "sin table differs from sin(pos * freq)"
+
+
+def test_document_longer_than_the_rope_tables_is_a_clear_error():
+    model = build()  # tiny: max_position_embeddings 512
+    ids = torch.randint(4, 4096, (600,))
+    with pytest.raises(ValueError, match="documents of up to 513 tokens.*max_position_embeddings=512"):
+        model(ids, cu_seqlens=torch.tensor([0, 87, 600], dtype=torch.int32))
+    with pytest.raises(ValueError, match="up to 600 tokens"):
+        model(ids[None, :])
+    model(ids[:512][None, :])  # exactly the table length is fine

@@ -96,7 +96,9 @@ def test_bad_optimizer_numbers_are_all_listed_in_one_message():
     (["optimizer.lr=-8e-4"], "optimizer.lr=-0.0008 must be > 0"),
     (["optimizer.betas=[0.9]"], "optimizer.betas=[0.9] must be two numbers in [0, 1)"),
     (["optimizer.betas=[-0.1,0.98]"], "optimizer.betas=[-0.1, 0.98] must be two numbers"),
-], ids=["negative-lr", "one-beta", "negative-beta"])
+    (["compile_memory_budget=0"], "compile_memory_budget=0.0: use a fraction in (0, 1]"),
+    (["compile_memory_budget=1.5"], "compile_memory_budget=1.5: use a fraction in (0, 1]"),
+], ids=["negative-lr", "one-beta", "negative-beta", "zero-memory-budget", "memory-budget-above-1"])
 def test_bad_optimizer_number_fails_at_startup(overrides, expected):
     with pytest.raises(ConfigError) as e:
         load_run_config(YAMLS[0].parent / "tiny.yaml", overrides)

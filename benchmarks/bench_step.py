@@ -199,8 +199,8 @@ class RunSpec:
     fused_loss: bool = True
     prediction_slots: bool = True
     doc_slots: str = "bucket"
-    # torch._functorch.config.activation_memory_budget for this run (1.0: the default, save what
-    # the partitioner picks for speed; lower: recompute more to save activation memory).
+    # The compiler's activation memory budget for this run (train/compile.py; 1.0: save what the
+    # partitioner picks for speed; lower: recompute more to save activation memory).
     memory_budget: float = 1.0
 
     @property
@@ -356,8 +356,8 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
         model = (build_ours(cfg, spec) if spec.system == "ours"
                  else build_hf(cfg, spec.attention)).to(device).train()
         optimizer = build_optimizer(model, device)
-        torch._functorch.config.activation_memory_budget = spec.memory_budget
-        compiled = compile_model(model, spec.compile) if spec.system == "ours" else \
+        torch._functorch.config.activation_memory_budget = 1.0  # transformers' compile: the default
+        compiled = compile_model(model, spec.compile, spec.memory_budget) if spec.system == "ours" else \
             (torch.compile(model) if spec.compile == "full" else model)
         make_inputs = ours_inputs if spec.system == "ours" else hf_inputs
         autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bf16" \

@@ -4,9 +4,13 @@
 # log.txt (everything printed), step_*.json, trainer.json. Run from the repo root on the lent GPU
 # machine, with carry [".whl"] (made here by ../shared/device/fetch-wheels.sh .whl, plus boto3,
 # botocore, s3transfer, jmespath and zstandard wheels for Python 3.12):
-#   bash benchmarks/gpu_check.sh
-# Each stage has its own time limit (T_* to override; they sum to ~570 s so one 600 s `run` holds
-# all); a step benchmark rewrites its JSON after every configuration, so a stage cut short keeps
+#   bash benchmarks/gpu_check.sh [STAGE...]     (default: every stage, in the order below)
+# Stages: pytest step1024x32 rope-before step1024x96 step8192x12 trainer pytest-compiled.
+# `rope-before` runs the model as it was before the RoPE tables (commit ff9614a) for a side-by-side
+# ratio; it needs that tree exported to .whl/old_src (git archive ff9614a | tar -x -C .whl/old_src).
+# Each stage has its own time limit (T_* to override). All stages need ~700 s: two 600 s `run` calls,
+# e.g. `pytest step1024x32 rope-before step1024x96 pytest-compiled` (~545 s), then
+# `step8192x12 trainer` (~150 s). A step benchmark rewrites its JSON after every configuration, so a stage cut short keeps
 # what it measured. Most important first.
 set -uo pipefail
 OUT=${OUT:-bench_results/gpu}
@@ -29,6 +33,8 @@ export WANDB_MODE=disabled
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
+STAGES=" ${*:-pytest step1024x32 rope-before step1024x96 step8192x12 trainer pytest-compiled} "
+want() { [[ $STAGES == *" $1 "* ]]; }
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s): $*"
@@ -44,24 +50,31 @@ V=torch_varlen
 
 # Numerical parity of the attention kernels and the fused loss on this GPU first (gpu-marked tests;
 # a per-test limit so a hung test cannot hide the summary). The compiled-model tests run last.
-stage pytest ${T_PYTEST:-60} $PY -m pytest -q -ra -m gpu --timeout 30 --tb=short -p no:cacheprovider tests/model
-# Pretraining shape, 32 x 1024: ours (the recipe's full compile) vs transformers eager and compiled,
-# and ours compiled per layer. Ablations of single optimisations: add e.g. ours:$V:regional:-fused
-# ours:$V:regional:-slots ours:flex:regional ours:$V:none (regional recompiles are cheap).
-step 1024x32 ${T_1024x32:-150} --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 --runs \
-  ours:$V:full hf:sdpa:none hf:sdpa:full ours:$V:regional
-# ModernBERT's own microbatch (96 x 1024: the memory target; mem=0.7 is an activation memory budget
-# for the compiler) and the context-extension shape.
-step 1024x96 ${T_1024x96:-130} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 --baseline none \
-  --profile 2 --runs ours:$V:full ours:$V:full:mem=0.7 ours:$V:full:-fused
-step 8192x12 ${T_8192x12:-50} --seq-len 8192 --seqs-per-chunk 12 --steps 5 --warmup 3 --baseline none --runs \
-  ours:$V:full
+want pytest && stage pytest ${T_PYTEST:-60} $PY -m pytest -v -ra -m gpu --timeout 30 --tb=short \
+  -p no:cacheprovider tests/model
+# Pretraining shape, 32 x 1024: ours (the recipe's full compile) vs transformers eager and compiled.
+# Ablations of single optimisations: add e.g. ours:$V:regional:-fused ours:$V:regional:-slots
+# ours:flex:regional ours:$V:none (regional recompiles are cheap).
+want step1024x32 && step 1024x32 ${T_1024x32:-150} --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 \
+  --runs ours:$V:full hf:sdpa:none hf:sdpa:full
+# The same step with the model from before the RoPE tables (same data, same machine, own process).
+if want rope-before && [[ -d .whl/old_src ]]; then
+  stage "step 1024x32 rope-before" ${T_ROPE:-75} env PYTHONPATH=/tmp/site:$PWD/.whl/old_src \
+    $PY .whl/old_src/benchmarks/bench_step.py --preset base --out-json "$OUT/step_1024x32_rope_before.json" \
+    --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 --baseline none --runs ours:$V:full
+fi
+# ModernBERT's own microbatch (96 x 1024: the memory target; mem=X is the compiler's activation
+# memory budget, config compile_memory_budget) with a kernel profile, and the context-extension shape.
+want step1024x96 && step 1024x96 ${T_1024x96:-170} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
+  --baseline none --profile 2 --runs ours:$V:full ours:$V:full:mem=0.7 ours:$V:full:mem=0.5
+want step8192x12 && step 8192x12 ${T_8192x12:-60} --seq-len 8192 --seqs-per-chunk 12 --steps 5 --warmup 3 \
+  --baseline none --runs ours:$V:full
 # The real Composer trainer on synthetic shards (the recipe's microbatch, 2 chunks per step),
 # against the raw loop on the same chunks.
-stage trainer ${T_TRAINER:-90} $PY benchmarks/bench_trainer.py --device cuda --max-seq-len 1024 \
+want trainer && stage trainer ${T_TRAINER:-90} $PY benchmarks/bench_trainer.py --device cuda --max-seq-len 1024 \
   --microbatch-seqs 96 --chunks-per-step 2 --warmup-batches 3 --batches 8 --time-limit-s 40 \
   --attention-backend $V --compile full --out-json "$OUT/trainer.json"
 # The compiled fast path (every backend, full and per-layer compile) against the eager reference.
-stage pytest-compiled ${T_PYTEST_COMPILED:-90} $PY -m pytest -q -ra -m gpu --timeout 80 --tb=short \
-  -p no:cacheprovider tests/train/test_compile.py
+want pytest-compiled && stage pytest-compiled ${T_PYTEST_COMPILED:-90} $PY -m pytest -v -ra -m gpu \
+  --timeout 80 --tb=short -p no:cacheprovider tests/train/test_compile.py
 echo "== done; results in $OUT"

@@ -11,8 +11,8 @@
 # ratio; it needs that tree exported to .whl/old_src (git archive ff9614a | tar -x -C .whl/old_src).
 # Each stage has its own time limit (T_* to override). All stages need ~780 s: two 600 s `run` calls,
 # e.g. `pytest step1024x32 rope-before step1024x96 pytest-compiled` (~545 s), then
-# `large1024x88 step8192x12 trainer` (~230 s). A step benchmark rewrites its JSON after every configuration, so a stage cut short keeps
-# what it measured. Most important first.
+# `large1024x88 step8192x12 trainer` (~230 s). A step benchmark rewrites its JSON after every
+# configuration, so a stage cut short keeps what it measured. Most important first.
 set -uo pipefail
 OUT=${OUT:-bench_results/gpu}
 mkdir -p "$OUT"

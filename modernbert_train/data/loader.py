@@ -57,6 +57,9 @@ class LoaderConfig:
     num_canonical_nodes: int | None = None
     download_timeout_s: float = 60
     persistent_workers: bool = False
+    # Pinned chunks (CUDA only): the DataLoader's pin thread unpickles and pins them off the main
+    # thread, and Composer's non_blocking host-to-device copies become truly asynchronous.
+    pin_memory: bool = False
 
 
 class SpecialTokenIds(Protocol):
@@ -359,6 +362,7 @@ def build_chunk_dataloader(
         num_workers=cfg.num_workers,
         prefetch_factor=cfg.prefetch_factor if workers else None,
         persistent_workers=cfg.persistent_workers and workers,
+        pin_memory=cfg.pin_memory,
         worker_init_fn=_fresh_worker_connections,
         # A hung download or worker becomes an error instead of a silent stall. Twice Streaming's own
         # per-shard timeout, so Streaming's more specific error (naming the shard) wins when it fires.
@@ -400,11 +404,18 @@ _CHUNK_CONSTANTS = ("max_seqlen", "prediction_slots")
 _DOC_SLOT_FIELDS = {"doc_ids": -1}
 
 
-def stack_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+def stack_chunks(chunks: list[dict[str, Any]], *, pin_memory: bool = False) -> dict[str, Any]:
     """Stack chunks into one step batch (k, ...). `cu_seqlens` and `doc_ids` are padded to the
-    longest among them with empty documents (repeated end offset, doc id -1)."""
-    slots = max(c["cu_seqlens"].numel() for c in chunks)
+    longest among them with empty documents (repeated end offset, doc id -1).
+
+    One chunk becomes a view (no copy, pinned stays pinned); with `pin_memory` (CUDA), several
+    are stacked straight into pinned memory.
+    """
     batch: dict[str, Any] = {key: chunks[0][key] for key in _CHUNK_CONSTANTS}
+    if len(chunks) == 1:
+        batch.update({key: value.unsqueeze(0) for key, value in chunks[0].items() if key not in batch})
+        return batch
+    slots = max(c["cu_seqlens"].numel() for c in chunks)
     for key in chunks[0]:
         if key in _CHUNK_CONSTANTS:
             continue
@@ -414,7 +425,8 @@ def stack_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
         elif key in _DOC_SLOT_FIELDS:
             values = [torch.cat([v, v.new_full((slots - 1 - v.numel(),), _DOC_SLOT_FIELDS[key])])
                       for v in values]
-        batch[key] = torch.stack(values)
+        out = torch.empty((len(values), *values[0].shape), dtype=values[0].dtype, pin_memory=pin_memory)
+        batch[key] = torch.stack(values, out=out)
     return batch
 
 
@@ -447,6 +459,8 @@ class StepBatcher:
         ]
         self.state = StepBatcherState(epoch=0, samples_in_epoch=0, samples_seen=0)
         self._iterator: Iterator[dict[str, Any]] | None = None
+        # The DataLoader pins only where an accelerator exists; so does stack_chunks.
+        self.pin_memory = bool(loader.pin_memory) and torch.cuda.is_available()
 
     def __iter__(self) -> StepBatcher:
         return self
@@ -456,7 +470,7 @@ class StepBatcher:
         if k < 1:
             raise ValueError(f"chunks_per_step({self.state.samples_seen}) = {k}, need >= 1")
         chunks = [self._next_chunk() for _ in range(k)]
-        return stack_chunks(chunks)
+        return stack_chunks(chunks, pin_memory=self.pin_memory)
 
     def _next_chunk(self) -> dict[str, Any]:
         fresh_epochs_without_data = 0

@@ -77,7 +77,7 @@ def build_train_data(cfg: RunConfig, tokenizer: TextTokenizer) -> tuple[DataSpec
         LoaderConfig(streams=_streams(d.train_streams), split=d.train_split, max_seq_len=d.max_seq_len,
                      microbatch_seqs=d.microbatch_seqs, mask_rate=d.mask_rate, seed=cfg.seed,
                      shuffle=d.shuffle, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor,
-                     download_timeout_s=d.stall_timeout_s),
+                     download_timeout_s=d.stall_timeout_s, pin_memory=resolve_device(cfg) == "gpu"),
         special=tokenizer.special, special_ids=tokenizer.special_ids,
         vocab_size=tokenizer.tokenizer_vocab_size)
     world = dist.get_world_size()
@@ -100,7 +100,7 @@ def build_eval_data(cfg: RunConfig, tokenizer: TextTokenizer) -> DataSpec | None
         LoaderConfig(streams=_streams(d.eval_streams), split=d.eval_split, max_seq_len=d.max_seq_len,
                      microbatch_seqs=d.microbatch_seqs, mask_rate=d.eval_mask_rate, seed=cfg.seed,
                      shuffle=False, num_workers=min(d.num_workers, 1), prefetch_factor=d.prefetch_factor,
-                     download_timeout_s=d.stall_timeout_s),
+                     download_timeout_s=d.stall_timeout_s, pin_memory=resolve_device(cfg) == "gpu"),
         special=tokenizer.special, special_ids=tokenizer.special_ids,
         vocab_size=tokenizer.tokenizer_vocab_size)
     return DataSpec(loader, get_num_samples_in_batch=num_samples_in_batch,

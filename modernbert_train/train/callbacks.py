@@ -109,13 +109,27 @@ class NonFiniteLossGuard(Callback):
     Batches are named by their index in metrics.jsonl and the data trace (from 0). At batch_end
     Composer's `state.timestamp` already counts the finished batch; `previous_timestamp` is the
     one that batch was logged under.
+
+    The loss checked is the one Composer has just logged, `state.total_loss_dict`: host floats over
+    every microbatch, summed over the ranks (so all ranks stop at the same batch), and no device
+    sync of our own. Only when Composer did not refresh it (an fp16 step the grad scaler skipped)
+    is the last microbatch's `state.loss` read from the device.
     """
 
-    def batch_end(self, state: State, logger: Logger) -> None:
+    def __init__(self) -> None:
+        self._seen_total_loss: dict[str, float] | None = None
+
+    def _losses(self, state: State) -> list[float]:
+        total = state.total_loss_dict
+        if total and total is not self._seen_total_loss:  # Composer builds a new dict per batch
+            self._seen_total_loss = total
+            return [float(v) for v in total.values()]
         loss = state.loss
         values = loss.values() if isinstance(loss, dict) else [loss]
-        for value in values:
-            v = float(value.detach().float().sum().item()) if hasattr(value, "detach") else float(value)
+        return [float(v.detach().float().sum().item()) if hasattr(v, "detach") else float(v) for v in values]
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        for v in self._losses(state):
             if not math.isfinite(v):
                 at = state.previous_timestamp
                 raise RuntimeError(

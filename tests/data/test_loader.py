@@ -254,6 +254,26 @@ def test_split_batch_and_counts():
         split_batch(batch, 1)
 
 
+def test_one_chunk_steps_are_views_of_the_chunk():
+    """k = 1 (the usual step after batch warmup): the same batch as stacking, without a copy, so a
+    chunk the DataLoader pinned stays pinned for Composer's non_blocking host-to-device copy."""
+    samples = make_packed_samples(4, max_seq_len=MAX_SEQ_LEN, seed=7)
+    for s_idx, s in enumerate(samples):
+        s["sample_idx"] = s_idx
+    chunk = collate_chunk(samples, max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS, pad_id=PAD,
+                          masker=make_masker(1), epoch=0)
+    batch = stack_chunks([chunk])
+    assert batch.keys() == chunk.keys(), (batch.keys(), chunk.keys())
+    for key, value in chunk.items():
+        if not torch.is_tensor(value):
+            assert batch[key] == value, key
+            continue
+        stacked = torch.stack([value])
+        assert batch[key].dtype == stacked.dtype and torch.equal(batch[key], stacked), key
+        assert batch[key].data_ptr() == value.data_ptr(), f"{key} was copied"
+    assert split_batch(batch, MICROBATCH_SEQS)[0]["input_ids"].shape == chunk["input_ids"].shape
+
+
 # ---------------------------------------------------------------- Streaming: epochs and resume
 
 

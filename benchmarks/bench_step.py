@@ -27,6 +27,7 @@ from modernbert_train.data import synthetic
 from modernbert_train.data.packing import PackedSequence
 from modernbert_train.model.attention import fastest_available, unavailable_reason
 from modernbert_train.model.config import ModernBertConfig, preset
+from modernbert_train.model.flops import FLOP_FORMULA, training_flops
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
 from modernbert_train.train.compile import COMPILE_MODES, compile_model, mark_varlen_dims
 
@@ -42,16 +43,6 @@ HF_LAYOUT_NOTE = ("transformers gets each packed sequence as one row of a padded
                   "each other and positions run 0..n-1 per row (how HF users train on packed data); "
                   "same tokens, same labels, same matmul FLOPs; attention FLOPs counted per row")
 
-FLOP_FORMULA = (
-    "model FLOPs per step = 6 * P_enc * real_tokens + 12 * hidden * attended_pairs "
-    "+ 6 * P_head * masked_tokens, where P_enc = layers * (4 * hidden^2 + 3 * hidden * intermediate) "
-    "(Wqkv, attn Wo, GeGLU Wi (2 x intermediate), mlp Wo; no embeddings, no norms), "
-    "P_head = hidden^2 + hidden * vocab (head.dense + tied decoder, run on masked tokens only), "
-    "attended_pairs = sum over layers and attention spans of the (query, key) pairs allowed "
-    "(global layer: L^2 per span of L tokens; local layer: pairs with |i - j| <= local_attention // 2), "
-    "12 * hidden per pair = (QK^T + PV) 4 * hidden forward, x3 for forward + backward; "
-    "spans are documents for ours and whole rows for transformers; padding counts nowhere"
-)
 
 
 # --- data: packed documents, masked, in both layouts ----------------------------------------------
@@ -141,36 +132,11 @@ def build_step_batches(cfg: ModernBertConfig, seq_len: int, seqs_per_chunk: int,
             for i in range(num_chunks)]
 
 
-# --- FLOPs -------------------------------------------------------------------------------------------
-
-def window_pairs(length: np.ndarray, half: int) -> np.ndarray:
-    """(query, key) pairs with |i - j| <= half inside spans of `length` tokens."""
-    k = np.minimum(half, length - 1)
-    return length + 2 * (k * length - k * (k + 1) // 2)
-
-
-def attended_pairs(cfg: ModernBertConfig, span_lens: np.ndarray) -> int:
-    """Allowed (query, key) pairs summed over all layers, for attention spans of these lengths."""
-    span_lens = span_lens.astype(np.int64)
-    n_global = sum(cfg.is_global_layer(i) for i in range(cfg.num_hidden_layers))
-    n_local = cfg.num_hidden_layers - n_global
-    return int(n_global * (span_lens ** 2).sum()
-               + n_local * window_pairs(span_lens, cfg.local_attention // 2).sum())
-
-
 def attention_spans(batch: StepBatch, system: str) -> np.ndarray:
     """Lengths of the token runs that attend among themselves: documents for ours, rows for HF."""
     if system == "ours":
         return np.concatenate(batch.doc_lens)
     return np.array([lens.sum() for lens in batch.doc_lens])
-
-
-def model_flops(cfg: ModernBertConfig, *, real_tokens: int, masked_tokens: int, pairs: int) -> float:
-    """Training FLOPs of one step (see FLOP_FORMULA)."""
-    hidden, inter = cfg.hidden_size, cfg.intermediate_size
-    p_enc = cfg.num_hidden_layers * (4 * hidden * hidden + 3 * hidden * inter)
-    p_head = hidden * hidden + hidden * cfg.vocab_size
-    return 6.0 * p_enc * real_tokens + 12.0 * hidden * pairs + 6.0 * p_head * masked_tokens
 
 
 # --- one system, one configuration ------------------------------------------------------------------
@@ -391,7 +357,7 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
             losses.append(loss)
             times_s.append(seconds)
             spans = attention_spans(batches[i % len(batches)], spec.system)
-            flops += model_flops(cfg, real_tokens=real, masked_tokens=masked, pairs=attended_pairs(cfg, spans))
+            flops += training_flops(cfg, real_tokens=real, masked_tokens=masked, span_lengths=spans)
             real_total += real
             masked_total += masked
         total_s = sum(times_s)

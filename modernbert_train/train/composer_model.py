@@ -5,6 +5,7 @@ import torch
 from composer.models import ComposerModel
 from torchmetrics import Metric
 
+from modernbert_train.model.flops import training_flops
 from modernbert_train.model.modernbert import IGNORE_INDEX, MLMOutput, ModernBertForMaskedLM
 from modernbert_train.train.compile import mark_varlen_dims
 
@@ -20,7 +21,7 @@ class MaskedTokenLoss(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, output: MLMOutput) -> None:
-        n = output.labels.ne(IGNORE_INDEX).sum()
+        n = output.num_predictions  # the positions output.loss averages over
         self.loss_sum += output.loss.detach().double() * n
         self.count += n
 
@@ -83,22 +84,9 @@ class MLMComposerModel(ComposerModel):
         metric.update(outputs)
 
     def flops_per_batch(self, batch: dict) -> float:
-        """Training FLOPs of one batch (forward + backward = 3x forward), for Composer's MFU.
-
-        Per token: 2 x (dense weights, embedding lookup excluded) for the matmuls; attention
-        scores and values add 4 x hidden per attended (query, key) pair, counted per document
-        (sum of length^2 on global layers, length x min(length, window + 1) on local ones); the
-        MLM head and decoder run only on the masked tokens.
-        """
-        cfg = self.model.config
-        tokens = float(batch["num_tokens"].sum())
-        masked = float((batch["labels"] != IGNORE_INDEX).sum())
-        h, layers = cfg.hidden_size, cfg.num_hidden_layers
-        per_token_layer = 2 * (4 * h * h + 3 * h * cfg.intermediate_size)
-        lengths = batch["cu_seqlens"].diff(dim=-1).double()
-        global_pairs = float((lengths * lengths).sum())
-        local_pairs = float((lengths * lengths.clamp(max=cfg.local_attention + 1)).sum())
-        n_global = sum(cfg.is_global_layer(i) for i in range(layers))
-        attn = 4 * h * (n_global * global_pairs + (layers - n_global) * local_pairs)
-        head = 2 * (h * h + h * cfg.vocab_size)
-        return 3.0 * (tokens * layers * per_token_layer + attn + masked * head)
+        """Training FLOPs of one batch for Composer's MFU: model/flops.py's formula over the batch's
+        documents (the loader's host tensors: no device sync)."""
+        lengths = batch["cu_seqlens"].diff(dim=-1).reshape(-1).numpy(force=True)
+        return training_flops(self.model.config, real_tokens=int(batch["num_tokens"].sum()),
+                              masked_tokens=int((batch["labels"] != IGNORE_INDEX).sum()),
+                              span_lengths=lengths)

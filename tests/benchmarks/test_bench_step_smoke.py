@@ -58,11 +58,3 @@ def test_step_batch_layouts_hold_the_same_tokens_and_loader_shapes():
     assert torch.equal(cu[1:lens.size + 1].long(), torch.from_numpy(np.cumsum(lens))), cu[:lens.size + 1]
     starts = packed["position_ids"] == 0
     assert int(starts[:real].sum()) == lens.size, (int(starts[:real].sum()), lens.size)
-
-
-@pytest.mark.parametrize("length, half, expected", [(1, 2, 1), (3, 1, 7), (5, 64, 25), (10, 2, 44)])
-def test_window_pairs_counts_the_band(length, half, expected):
-    i = np.arange(length)
-    brute = int((np.abs(i[:, None] - i[None, :]) <= half).sum())
-    got = int(bench_step.window_pairs(np.array([length]), half)[0])
-    assert got == brute == expected, (got, brute, expected)

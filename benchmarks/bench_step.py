@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch._inductor.config
 
 from modernbert_train.data.chunk_layout import doc_slots, prediction_slots
 from modernbert_train.data.masking import IGNORE_INDEX, MaskingConfig, MLMMasker
@@ -156,7 +157,8 @@ class RunSpec:
     Options (ours only) turn off one optimisation each, to measure what it buys: `-fused` (plain
     decoder + cross-entropy over materialised logits), `-slots` (sparse head over exactly the masked
     positions: a host sync and a data-dependent shape per step), `mem=0.7` (an activation memory
-    budget for the compiler's partitioner: recompute more, save memory), `capacity` (worst-case
+    budget for the compiler's partitioner: recompute more, save memory), `cdt` (inductor's
+    coordinate-descent tuning of kernel block sizes: a longer compile), `capacity` (worst-case
     `cu_seqlens` length instead of the document count rounded up to 64)."""
 
     system: str  # "ours" | "hf"
@@ -168,12 +170,14 @@ class RunSpec:
     # The compiler's activation memory budget for this run (train/compile.py; 1.0: save what the
     # partitioner picks for speed; lower: recompute more to save activation memory).
     memory_budget: float = 1.0
+    coordinate_descent_tuning: bool = False
 
     @property
     def label(self) -> str:
         off = [name for name, on in (("-fused", self.fused_loss), ("-slots", self.prediction_slots)) if not on]
         off += [self.doc_slots] if self.doc_slots != "bucket" else []
         off += [f"mem={self.memory_budget:g}"] if self.memory_budget != 1.0 else []
+        off += ["cdt"] if self.coordinate_descent_tuning else []
         return ",".join(off) or "-"
 
     @staticmethod
@@ -186,16 +190,17 @@ class RunSpec:
         budgets = [float(o[4:]) for o in options if o.startswith("mem=") and _is_number(o[4:])]
         options -= {o for o in options if o.startswith("mem=") and _is_number(o[4:])}
         budget = budgets[0] if len(budgets) == 1 and 0 < budgets[0] <= 1 else 1.0
-        unknown = options - {"-fused", "-slots", "capacity"}
+        unknown = options - {"-fused", "-slots", "capacity", "cdt"}
         if len(budgets) > 1 or budget != (budgets[0] if budgets else 1.0):
             unknown.add("mem= (one budget in (0, 1])")
         if unknown or (options and parts[0] == "hf") or (parts[0] == "hf" and parts[2] == "regional"):
             raise ValueError(f"run spec {text!r}: options {sorted(unknown) or sorted(options)} / compile "
-                             "mode not valid here (options -fused -slots capacity are for ours; "
+                             "mode not valid here (options -fused -slots capacity cdt mem= are for ours; "
                              "transformers compiles none or full)")
         return RunSpec(parts[0], parts[1], parts[2], fused_loss="-fused" not in options,
                        prediction_slots="-slots" not in options,
-                       doc_slots="capacity" if "capacity" in options else "bucket", memory_budget=budget)
+                       doc_slots="capacity" if "capacity" in options else "bucket", memory_budget=budget,
+                       coordinate_descent_tuning="cdt" in options)
 
 
 @dataclass
@@ -323,6 +328,7 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
                  else build_hf(cfg, spec.attention)).to(device).train()
         optimizer = build_optimizer(model, device)
         torch._functorch.config.activation_memory_budget = 1.0  # transformers' compile: the default
+        torch._inductor.config.coordinate_descent_tuning = spec.coordinate_descent_tuning
         compiled = compile_model(model, spec.compile, spec.memory_budget) if spec.system == "ours" else \
             (torch.compile(model) if spec.compile == "full" else model)
         make_inputs = ours_inputs if spec.system == "ours" else hf_inputs

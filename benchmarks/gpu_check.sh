@@ -5,13 +5,14 @@
 # machine, with carry [".whl"] (made here by ../shared/device/fetch-wheels.sh .whl, plus boto3,
 # botocore, s3transfer, jmespath and zstandard wheels for Python 3.12):
 #   bash benchmarks/gpu_check.sh [STAGE...]     (default: every stage, in the order below)
-# Stages: pytest step1024x32 rope-before step1024x96 large1024x88 step8192x12 trainer pytest-compiled.
+# Stages: pytest step1024x32 rope-before step1024x96 large tuning step8192x12 trainer
+# pytest-compiled.
 # COMPILED_TESTS=flex (a pytest -k expression) narrows the last stage.
 # `rope-before` runs the model as it was before the RoPE tables (commit ff9614a) for a side-by-side
 # ratio; it needs that tree exported to .whl/old_src (git archive ff9614a | tar -x -C .whl/old_src).
-# Each stage has its own time limit (T_* to override). All stages need ~780 s: two 600 s `run` calls,
+# Each stage has its own time limit (T_* to override). All stages need ~930 s: two 600 s `run` calls,
 # e.g. `pytest step1024x32 rope-before step1024x96 pytest-compiled` (~545 s), then
-# `large1024x88 step8192x12 trainer` (~230 s). A step benchmark rewrites its JSON after every
+# `large tuning step8192x12 trainer` (~380 s). A step benchmark rewrites its JSON after every
 # configuration, so a stage cut short keeps what it measured. Most important first.
 set -uo pipefail
 OUT=${OUT:-bench_results/gpu}
@@ -34,7 +35,7 @@ export WANDB_MODE=disabled
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-STAGES=" ${*:-pytest step1024x32 rope-before step1024x96 large1024x88 step8192x12 trainer pytest-compiled} "
+STAGES=" ${*:-pytest step1024x32 rope-before step1024x96 large tuning step8192x12 trainer pytest-compiled} "
 want() { [[ $STAGES == *" $1 "* ]]; }
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -68,11 +69,15 @@ fi
 # memory budget, config compile_memory_budget) with a kernel profile, and the context-extension shape.
 want step1024x96 && step 1024x96 ${T_1024x96:-170} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
   --baseline none --profile 2 --runs ours:$V:full ours:$V:full:mem=0.7 ours:$V:full:mem=0.5
-# ModernBERT-large at yamls/large.yaml's microbatch (88 x 1024) with the memory budget: does it fit an
-# 80 GB H100?
-want large1024x88 && stage "step large1024x88" ${T_LARGE:-80} $PY benchmarks/bench_step.py --preset large \
-  --out-json "$OUT/step_large1024x88.json" --seq-len 1024 --seqs-per-chunk 88 --steps 4 --warmup 2 \
-  --baseline none --runs ours:$V:full:mem=0.7
+# ModernBERT-large at yamls/large.yaml's microbatch (44 x 1024, halved from ModernBERT's 88 on an
+# estimate of its activation memory): does it fit an 80 GB H100, and how fast is it?
+want large && stage "step large1024x44" ${T_LARGE:-90} $PY benchmarks/bench_step.py --preset large \
+  --out-json "$OUT/step_large1024x44.json" --seq-len 1024 --seqs-per-chunk 44 --steps 4 --warmup 2 \
+  --baseline none --runs ours:$V:full
+# Inductor's coordinate-descent tuning of block sizes (the pointwise and norm kernels run ~3x above
+# their memory-traffic bound at 96 x 1024; benchmarks/README.md), against the run above.
+want tuning && step 1024x96_cdt ${T_TUNING:-150} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
+  --baseline none --runs ours:$V:full:cdt
 want step8192x12 && step 8192x12 ${T_8192x12:-60} --seq-len 8192 --seqs-per-chunk 12 --steps 5 --warmup 3 \
   --baseline none --runs ours:$V:full
 # The real Composer trainer on synthetic shards (the recipe's microbatch, 2 chunks per step),

@@ -58,3 +58,13 @@ def test_step_batch_layouts_hold_the_same_tokens_and_loader_shapes():
     assert torch.equal(cu[1:lens.size + 1].long(), torch.from_numpy(np.cumsum(lens))), cu[:lens.size + 1]
     starts = packed["position_ids"] == 0
     assert int(starts[:real].sum()) == lens.size, (int(starts[:real].sum()), lens.size)
+
+
+def test_run_specs_parse_options_and_reject_bad_ones():
+    spec = bench_step.RunSpec.parse("ours:torch_varlen:full:mem=0.7:cdt")
+    assert (spec.memory_budget, spec.coordinate_descent_tuning, spec.label) == (0.7, True, "mem=0.7,cdt"), spec
+    assert bench_step.RunSpec.parse("hf:sdpa:full").label == "-"
+    for bad in ["ours:torch_varlen:full:mem=1.5", "ours:torch_varlen:full:fast", "hf:sdpa:full:cdt",
+                "ours:torch_varlen:jit"]:
+        with pytest.raises(ValueError, match="run spec"):
+            bench_step.RunSpec.parse(bad)

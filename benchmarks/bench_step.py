@@ -142,14 +142,6 @@ def attention_spans(batch: StepBatch, system: str) -> np.ndarray:
 
 # --- one system, one configuration ------------------------------------------------------------------
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
 @dataclass(frozen=True)
 class RunSpec:
     """One configuration. Written on the command line as system:attention:compile[:option...],
@@ -187,13 +179,18 @@ class RunSpec:
             raise ValueError(f"run spec {text!r}: expected system:attention:compile[:option...] with "
                              f"system ours|hf and compile one of {COMPILE_MODES}")
         options = set(parts[3:])
-        budgets = [float(o[4:]) for o in options if o.startswith("mem=") and _is_number(o[4:])]
-        options -= {o for o in options if o.startswith("mem=") and _is_number(o[4:])}
-        budget = budgets[0] if len(budgets) == 1 and 0 < budgets[0] <= 1 else 1.0
+        budgets = {o for o in options if o.startswith("mem=")}
+        options -= budgets
         unknown = options - {"-fused", "-slots", "capacity", "cdt"}
-        if len(budgets) > 1 or budget != (budgets[0] if budgets else 1.0):
-            unknown.add("mem= (one budget in (0, 1])")
-        if unknown or (options and parts[0] == "hf") or (parts[0] == "hf" and parts[2] == "regional"):
+        budget = 1.0
+        if budgets:
+            try:
+                budget = float(next(iter(budgets))[4:])
+            except ValueError:
+                budget = -1.0
+            if len(budgets) > 1 or not 0 < budget <= 1:
+                unknown.add("mem= (one budget in (0, 1])")
+        if unknown or ((options or budgets) and parts[0] == "hf") or (parts[0] == "hf" and parts[2] == "regional"):
             raise ValueError(f"run spec {text!r}: options {sorted(unknown) or sorted(options)} / compile "
                              "mode not valid here (options -fused -slots capacity cdt mem= are for ours; "
                              "transformers compiles none or full)")

@@ -5,13 +5,12 @@
 # machine, with carry [".whl"] (made here by ../shared/device/fetch-wheels.sh .whl, plus boto3,
 # botocore, s3transfer, jmespath and zstandard wheels for Python 3.12):
 #   bash benchmarks/gpu_check.sh [STAGE...]     (default: every stage, in the order below)
-# Stages: pytest step1024x32 rope-before step1024x96 large tuning step8192x12 trainer
-# pytest-compiled.
+# Stages: pytest step1024x32 step1024x96 large tuning step8192x12 trainer pytest-compiled.
 # COMPILED_TESTS=flex (a pytest -k expression) narrows the last stage.
-# `rope-before` runs the model as it was before the RoPE tables (commit ff9614a) for a side-by-side
-# ratio; it needs that tree exported to .whl/old_src (git archive ff9614a | tar -x -C .whl/old_src).
-# Each stage has its own time limit (T_* to override). All stages need ~930 s: two 600 s `run` calls,
-# e.g. `pytest step1024x32 rope-before step1024x96 pytest-compiled` (~545 s), then
+# To compare against an older version, export its tree (git archive REV modernbert_train benchmarks
+# | tar -x -C .whl/old_src) and run its bench_step.py with PYTHONPATH=/tmp/site:.whl/old_src.
+# Each stage has its own time limit (T_* to override). All stages need ~850 s: two 600 s `run` calls,
+# e.g. `pytest step1024x32 step1024x96 pytest-compiled` (~470 s), then
 # `large tuning step8192x12 trainer` (~380 s). A step benchmark rewrites its JSON after every
 # configuration, so a stage cut short keeps what it measured. Most important first.
 set -uo pipefail
@@ -35,7 +34,7 @@ export WANDB_MODE=disabled
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-STAGES=" ${*:-pytest step1024x32 rope-before step1024x96 large tuning step8192x12 trainer pytest-compiled} "
+STAGES=" ${*:-pytest step1024x32 step1024x96 large tuning step8192x12 trainer pytest-compiled} "
 want() { [[ $STAGES == *" $1 "* ]]; }
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -59,12 +58,6 @@ want pytest && stage pytest ${T_PYTEST:-60} $PY -m pytest -v -ra -m gpu --timeou
 # ours:flex:regional ours:$V:none (regional recompiles are cheap).
 want step1024x32 && step 1024x32 ${T_1024x32:-150} --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 \
   --runs ours:$V:full hf:sdpa:none hf:sdpa:full
-# The same step with the model from before the RoPE tables (same data, same machine, own process).
-if want rope-before && [[ -d .whl/old_src ]]; then
-  stage "step 1024x32 rope-before" ${T_ROPE:-75} env PYTHONPATH=/tmp/site:$PWD/.whl/old_src \
-    $PY .whl/old_src/benchmarks/bench_step.py --preset base --out-json "$OUT/step_1024x32_rope_before.json" \
-    --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 --baseline none --runs ours:$V:full
-fi
 # ModernBERT's own microbatch (96 x 1024: the memory target; mem=X is the compiler's activation
 # memory budget, config compile_memory_budget) with a kernel profile, and the context-extension shape.
 want step1024x96 && step 1024x96 ${T_1024x96:-170} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
@@ -75,7 +68,7 @@ want large && stage "step large1024x44" ${T_LARGE:-90} $PY benchmarks/bench_step
   --out-json "$OUT/step_large1024x44.json" --seq-len 1024 --seqs-per-chunk 44 --steps 4 --warmup 2 \
   --baseline none --runs ours:$V:full
 # Inductor's coordinate-descent tuning of block sizes (the pointwise and norm kernels run ~3x above
-# their memory-traffic bound at 96 x 1024; benchmarks/README.md), against the run above.
+# their memory-traffic bound at 96 x 1024; benchmarks/README.md), against step1024x96's full run.
 want tuning && step 1024x96_cdt ${T_TUNING:-150} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
   --baseline none --runs ours:$V:full:cdt
 want step8192x12 && step 8192x12 ${T_8192x12:-60} --seq-len 8192 --seqs-per-chunk 12 --steps 5 --warmup 3 \

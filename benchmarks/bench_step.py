@@ -148,7 +148,8 @@ class RunSpec:
     e.g. `ours:torch_varlen:regional`, `hf:sdpa:none`, `ours:torch_varlen:full:-fused:capacity`.
     Options (ours only) turn off one optimisation each, to measure what it buys: `-fused` (plain
     decoder + cross-entropy over materialised logits), `-slots` (sparse head over exactly the masked
-    positions: a host sync and a data-dependent shape per step), `mem=0.7` (an activation memory
+    positions: a host sync and a data-dependent shape per step), `-lnmem` (nn.LayerNorm, which keeps
+    its fp32 input for backward, instead of model/layer_norm.py), `mem=0.7` (an activation memory
     budget for the compiler's partitioner: recompute more, save memory), `cdt` (inductor's
     coordinate-descent tuning of kernel block sizes: a longer compile), `capacity` (worst-case
     `cu_seqlens` length instead of the document count rounded up to 64)."""
@@ -158,6 +159,7 @@ class RunSpec:
     compile: str  # none | regional | full (transformers: none | full)
     fused_loss: bool = True
     prediction_slots: bool = True
+    low_memory_norm: bool = True
     doc_slots: str = "bucket"
     # The compiler's activation memory budget for this run (train/compile.py; 1.0: save what the
     # partitioner picks for speed; lower: recompute more to save activation memory).
@@ -166,7 +168,8 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        off = [name for name, on in (("-fused", self.fused_loss), ("-slots", self.prediction_slots)) if not on]
+        off = [name for name, on in (("-fused", self.fused_loss), ("-slots", self.prediction_slots),
+                                     ("-lnmem", self.low_memory_norm)) if not on]
         off += [self.doc_slots] if self.doc_slots != "bucket" else []
         off += [f"mem={self.memory_budget:g}"] if self.memory_budget != 1.0 else []
         off += ["cdt"] if self.coordinate_descent_tuning else []
@@ -181,7 +184,7 @@ class RunSpec:
         options = set(parts[3:])
         budgets = {o for o in options if o.startswith("mem=")}
         options -= budgets
-        unknown = options - {"-fused", "-slots", "capacity", "cdt"}
+        unknown = options - {"-fused", "-slots", "-lnmem", "capacity", "cdt"}
         budget = 1.0
         if budgets:
             try:
@@ -192,10 +195,10 @@ class RunSpec:
                 unknown.add("mem= (one budget in (0, 1])")
         if unknown or ((options or budgets) and parts[0] == "hf") or (parts[0] == "hf" and parts[2] == "regional"):
             raise ValueError(f"run spec {text!r}: options {sorted(unknown) or sorted(options)} / compile "
-                             "mode not valid here (options -fused -slots capacity cdt mem= are for ours; "
+                             "mode not valid here (options -fused -slots -lnmem capacity cdt mem= are for ours; "
                              "transformers compiles none or full)")
         return RunSpec(parts[0], parts[1], parts[2], fused_loss="-fused" not in options,
-                       prediction_slots="-slots" not in options,
+                       prediction_slots="-slots" not in options, low_memory_norm="-lnmem" not in options,
                        doc_slots="capacity" if "capacity" in options else "bucket", memory_budget=budget,
                        coordinate_descent_tuning="cdt" in options)
 
@@ -229,7 +232,8 @@ class RunResult:
 
 
 def build_ours(cfg: ModernBertConfig, spec: RunSpec) -> torch.nn.Module:
-    return ModernBertForMaskedLM(replace(cfg, attention_backend=spec.attention, fused_head_loss=spec.fused_loss))
+    return ModernBertForMaskedLM(replace(cfg, attention_backend=spec.attention, fused_head_loss=spec.fused_loss,
+                                         low_memory_norm=spec.low_memory_norm))
 
 
 def build_hf(cfg: ModernBertConfig, attn_implementation: str) -> torch.nn.Module:

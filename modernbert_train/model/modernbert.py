@@ -8,6 +8,7 @@ What is notable, top to bottom:
   sliding window (|i - j| <= local_attention // 2). Global and local layers use their own RoPE
   theta. The kernel is chosen by name (model/attention.py); the model never branches on it.
 - GeGLU MLP: Wi -> (input, gate), GELU(input) * gate -> Wo; no biases.
+- LayerNorms without bias; their backward works from their output (model/layer_norm.py).
 - Final LayerNorm, then the MLM head: dense -> GELU -> LayerNorm -> decoder tied to the token
   embeddings; the decoder's bias is the only bias in the model. With labels, the head runs only
   on the masked positions (sparse prediction).
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from modernbert_train.model.attention import get_backend, prepare_attention, token_document_ids
 from modernbert_train.model.config import ModernBertConfig
+from modernbert_train.model.layer_norm import LayerNorm
 from modernbert_train.model.linear_cross_entropy import linear_cross_entropy
 
 IGNORE_INDEX = -100
@@ -75,6 +77,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # --- blocks ----------------------------------------------------------------------------------------
 
 def layer_norm(config: ModernBertConfig) -> nn.LayerNorm:
+    if config.low_memory_norm:  # same forward and parameter; backward from the output
+        return LayerNorm(config.hidden_size, eps=config.norm_eps)
     return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
 
 

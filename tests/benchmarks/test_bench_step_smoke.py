@@ -64,7 +64,11 @@ def test_run_specs_parse_options_and_reject_bad_ones():
     spec = bench_step.RunSpec.parse("ours:torch_varlen:full:mem=0.7:cdt")
     assert (spec.memory_budget, spec.coordinate_descent_tuning, spec.label) == (0.7, True, "mem=0.7,cdt"), spec
     assert bench_step.RunSpec.parse("hf:sdpa:full").label == "-"
+    plain_norm = bench_step.RunSpec.parse("ours:torch_varlen:full:-lnmem")
+    assert (plain_norm.low_memory_norm, plain_norm.label) == (False, "-lnmem"), plain_norm
+    model = bench_step.build_ours(preset("tiny"), plain_norm)
+    assert type(model.model.final_norm) is torch.nn.LayerNorm, type(model.model.final_norm)
     for bad in ["ours:torch_varlen:full:mem=1.5", "ours:torch_varlen:full:mem=x", "ours:torch_varlen:full:fast",
-                "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "ours:torch_varlen:jit"]:
+                "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "hf:sdpa:full:-lnmem", "ours:torch_varlen:jit"]:
         with pytest.raises(ValueError, match="run spec"):
             bench_step.RunSpec.parse(bad)

@@ -396,6 +396,59 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
 
 # --- planning, machine description, output ----------------------------------------------------------
 
+def saved_activations(spec: RunSpec, cfg: ModernBertConfig, batch: StepBatch, *, device: torch.device,
+                      dtype: str, seed: int) -> dict[str, Any]:
+    """What one forward keeps for its backward pass: the autograd saved tensors, each storage once,
+    parameters left out, grouped by (shape, dtype). No timing. On CPU a compiled run uses the
+    compiler's partitioner without Inductor's code generation (backend aot_eager_decomp_partition):
+    the same choice of what to save, and it works under bf16 autocast, where Inductor's CPU code
+    does not (torch 2.7)."""
+    if spec.system != "ours":
+        raise ValueError(f"{spec}: --saved-activations measures our model only")
+    torch.manual_seed(seed)
+    torch._dynamo.reset()
+    model = build_ours(cfg, spec).to(device).train()
+    if device.type == "cpu" and spec.compile != "none":
+        if spec.compile != "full":
+            raise ValueError(f"{spec}: on CPU --saved-activations compiles full or none")
+        torch._functorch.config.activation_memory_budget = spec.memory_budget
+        model.compile(backend="aot_eager_decomp_partition")
+    else:
+        compile_model(model, spec.compile, spec.memory_budget)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+    groups: dict[str, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in params and key not in storages:
+            storages[key] = storage.nbytes()
+            group = f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+            groups[group] = groups.get(group, 0) + storage.nbytes()
+        return t
+
+    kwargs, real, _ = ours_inputs(batch, spec)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast:
+        loss = model(**kwargs).loss
+    loss.backward()
+    total = sum(storages.values())
+    chunk_tokens = int(batch.packed["input_ids"].numel())
+    return {"run": f"{spec.system}:{spec.attention}:{spec.compile}", "options": spec.label, "dtype": dtype,
+            "chunk_tokens": chunk_tokens, "saved_bytes": total, "saved_bytes_per_token": total / chunk_tokens,
+            "groups": dict(sorted(groups.items(), key=lambda kv: -kv[1]))}
+
+
+def format_saved_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| run | off | saved MiB | KB/token | largest groups (MiB) |", "|---|---|---|---|---|"]
+    for r in rows:
+        top = ", ".join(f"{name}: {b / 2**20:.1f}" for name, b in list(r["groups"].items())[:3])
+        lines.append(f"| {r['run']} | {r['options']} | {r['saved_bytes'] / 2**20:,.1f} | "
+                     f"{r['saved_bytes_per_token'] / 1024:.1f} | {top} |")
+    return "\n".join(lines)
+
+
 def default_backend(device: torch.device) -> str:
     return fastest_available(device.type)
 
@@ -529,6 +582,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="peak dense TFLOP/s for MFU (default: table by GPU name; none on cpu)")
     p.add_argument("--out-json", type=Path, default=Path("bench_results/step.json"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--saved-activations", action="store_true",
+                   help="instead of timing, count what one forward keeps for backward (ours only)")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after timing, profile this many steps and print the top kernels by device time")
     return p.parse_args(argv)
@@ -546,6 +602,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit("--steps must be >= 1, --warmup >= 0, --num-chunks >= 1")
 
     cfg = preset(args.preset)
+    cfg.num_hidden_layers = args.layers or cfg.num_hidden_layers
     if args.seq_len > cfg.max_position_embeddings:
         log.warning("seq_len %d > preset %s max_position_embeddings %d: raised for this benchmark",
                     args.seq_len, args.preset, cfg.max_position_embeddings)
@@ -565,6 +622,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         else "process RSS high-water (getrusage ru_maxrss), cumulative over runs",
         "results": [],
     }
+    if args.saved_activations:
+        rows = []
+        for spec in plan_runs(args, device):
+            rows.append(saved_activations(spec, cfg, batches[0], device=device, dtype=args.dtype, seed=args.seed))
+            payload["results"] = rows
+            write_json(args.out_json, payload)
+        print(f"\nsaved for backward, {args.preset} ({cfg.num_hidden_layers} layers), one {args.seqs_per_chunk} x "
+              f"{args.seq_len} chunk, {args.dtype}, torch {torch.__version__}:")
+        print(format_saved_table(rows))
+        print(f"JSON: {args.out_json}")
+        return 0
     results: list[RunResult] = []
     for spec in plan_runs(args, device):
         log.info("running %s", spec)

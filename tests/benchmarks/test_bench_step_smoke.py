@@ -64,7 +64,7 @@ def test_run_specs_parse_options_and_reject_bad_ones():
     spec = bench_step.RunSpec.parse("ours:torch_varlen:full:mem=0.7:cdt")
     assert (spec.memory_budget, spec.coordinate_descent_tuning, spec.label) == (0.7, True, "mem=0.7,cdt"), spec
     assert bench_step.RunSpec.parse("hf:sdpa:full").label == "-"
-    plain_norm = bench_step.RunSpec.parse("ours:torch_varlen:full:-lnmem")
+    plain_norm = bench_step.RunSpec.parse("ours:sdpa:full:-lnmem")
     assert (plain_norm.low_memory_norm, plain_norm.label) == (False, "-lnmem"), plain_norm
     model = bench_step.build_ours(preset("tiny"), plain_norm)
     assert type(model.model.final_norm) is torch.nn.LayerNorm, type(model.model.final_norm)
@@ -72,3 +72,21 @@ def test_run_specs_parse_options_and_reject_bad_ones():
                 "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "hf:sdpa:full:-lnmem", "ours:torch_varlen:jit"]:
         with pytest.raises(ValueError, match="run spec"):
             bench_step.RunSpec.parse(bad)
+
+
+def test_saved_activations_mode_counts_what_backward_keeps(tmp_path):
+    """Eager, fp32: nn.LayerNorm (-lnmem) additionally keeps each norm's input, a (tokens, hidden)
+    fp32 tensor per norm whose output feeds a matmul (tiny preset: 2 + 2 x 3 of them)."""
+    out = tmp_path / "saved.json"
+    rc = bench_step.main(["--preset", "tiny", "--seq-len", "128", "--seqs-per-chunk", "8", "--device", "cpu",
+                          "--saved-activations", "--runs", "ours:sdpa:none", "ours:sdpa:none:-lnmem",
+                          "--out-json", str(out)])
+    rows = {r["options"]: r for r in json.loads(out.read_text())["results"]}
+    assert rc == 0 and sorted(rows) == ["-", "-lnmem"], rows
+    ours, plain = rows["-"], rows["-lnmem"]
+    tokens, hidden = 8 * 128, preset("tiny").hidden_size
+    assert ours["chunk_tokens"] == tokens
+    assert ours["saved_bytes"] == sum(ours["groups"].values())
+    assert plain["saved_bytes"] - ours["saved_bytes"] >= 8 * tokens * hidden * 4, (plain["saved_bytes"], ours["saved_bytes"])
+    key = f"({tokens}, {hidden}) float32"
+    assert plain["groups"][key] - ours["groups"][key] == 8 * tokens * hidden * 4, (plain["groups"][key], ours["groups"][key])

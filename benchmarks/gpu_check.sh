@@ -5,14 +5,14 @@
 # machine, with carry [".whl"] (made here by ../shared/device/fetch-wheels.sh .whl, plus boto3,
 # botocore, s3transfer, jmespath and zstandard wheels for Python 3.12):
 #   bash benchmarks/gpu_check.sh [STAGE...]     (default: every stage, in the order below)
-# Stages: pytest step1024x32 step1024x96 pytest-compiled large tuning step8192x12 trainer.
+# Stages: pytest step1024x32 step1024x96 pytest-compiled saved large tuning step8192x12 trainer.
 # COMPILED_TESTS=flex (a pytest -k expression) narrows the last stage.
 # To compare against an older version, export its tree (git archive REV modernbert_train benchmarks
 # | tar -x -C .whl/old_src) and run its bench_step.py with PYTHONPATH=/tmp/site:.whl/old_src.
 # Each stage has its own time limit (T_* to override). All stages need ~900 s, more than one lent
 # session's 15 device minutes with the machine's start: run the default order in one call with
 # timeout_s=600 (it gets through step1024x96 and usually pytest-compiled's place in line, ~520 s;
-# most important first), then `large tuning step8192x12 trainer` if time is left. A step benchmark
+# most important first), then `saved large tuning step8192x12 trainer` if time is left. A step benchmark
 # rewrites its JSON after every configuration, so a stage cut short keeps what it measured.
 set -uo pipefail
 OUT=${OUT:-bench_results/gpu}
@@ -35,7 +35,7 @@ export WANDB_MODE=disabled
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-STAGES=" ${*:-pytest step1024x32 step1024x96 pytest-compiled large tuning step8192x12 trainer} "
+STAGES=" ${*:-pytest step1024x32 step1024x96 pytest-compiled saved large tuning step8192x12 trainer} "
 want() { [[ $STAGES == *" $1 "* ]]; }
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -65,6 +65,10 @@ want step1024x32 && step 1024x32 ${T_1024x32:-200} --seq-len 1024 --seqs-per-chu
 # ~12 GiB more at this shape, from the saved-tensor count on CPU).
 want step1024x96 && step 1024x96 ${T_1024x96:-170} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
   --baseline none --profile 2 --runs ours:$V:full ours:$V:full:-lnmem ours:$V:full:mem=0.7
+# What the compiled 96 x 1024 step keeps for backward, by shape and dtype (no timing): where the
+# activation memory goes with the varlen kernel (does v keep the whole Wqkv output alive?).
+want saved && step saved1024x96 ${T_SAVED:-120} --seq-len 1024 --seqs-per-chunk 96 --saved-activations \
+  --runs ours:$V:full ours:$V:full:-lnmem
 # ModernBERT-large at yamls/large.yaml's microbatch (44 x 1024, halved from ModernBERT's 88 on an
 # estimate of its activation memory): does it fit an 80 GB H100, and how fast is it?
 want large && stage "step large1024x44" ${T_LARGE:-90} $PY benchmarks/bench_step.py --preset large \

@@ -428,7 +428,7 @@ def saved_activations(spec: RunSpec, cfg: ModernBertConfig, batch: StepBatch, *,
             groups[group] = groups.get(group, 0) + storage.nbytes()
         return t
 
-    kwargs, real, _ = ours_inputs(batch, spec)
+    kwargs, _, _ = ours_inputs(batch, spec)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast:
         loss = model(**kwargs).loss

@@ -6,8 +6,9 @@ output anyway. Here backward recovers the normalised input from the output, x_ha
 the norm keeps that same bf16 copy (the compiler shares it with the matmul) plus one rstd per row:
 6 KB less per token and layer for ModernBERT-base, ~12 GiB at 96 x 1024 (benchmarks/README.md).
 The forward is exactly nn.LayerNorm's; under autocast the backward sees x_hat to bf16 precision,
-the precision its matmul neighbours already work at. A weight element that is exactly 0 hides x_hat there: it is taken as 0,
-so that element's gradient is 0 (apex's memory-efficient LayerNorm has the same limit).
+the precision its matmul neighbours already work at. A weight element that is exactly 0 hides
+x_hat there: it is taken as 0, so that element's gradient is 0 (apex's memory-efficient LayerNorm
+has the same limit).
 """
 from __future__ import annotations
 

@@ -11,9 +11,9 @@
 # | tar -x -C .whl/old_src) and run its bench_step.py with PYTHONPATH=/tmp/site:.whl/old_src.
 # Each stage has its own time limit (T_* to override). All stages need ~900 s, more than one lent
 # session's 15 device minutes with the machine's start: run the default order in one call with
-# timeout_s=600 (it gets through step1024x96 and usually pytest-compiled's place in line, ~520 s;
-# most important first), then `saved large tuning step8192x12 trainer` if time is left. A step benchmark
-# rewrites its JSON after every configuration, so a stage cut short keeps what it measured.
+# timeout_s=600 (most important first; the limits up to pytest-compiled sum to 520 s), then
+# `saved large tuning step8192x12 trainer` if time is left. A step benchmark rewrites its JSON
+# after every configuration, so a stage cut short keeps what it measured.
 set -uo pipefail
 OUT=${OUT:-bench_results/gpu}
 mkdir -p "$OUT"

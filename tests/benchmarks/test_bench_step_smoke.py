@@ -74,13 +74,16 @@ def test_run_specs_parse_options_and_reject_bad_ones():
             bench_step.RunSpec.parse(bad)
 
 
-def test_saved_activations_mode_counts_what_backward_keeps(tmp_path):
-    """Eager, fp32: nn.LayerNorm (-lnmem) additionally keeps each norm's input, a (tokens, hidden)
-    fp32 tensor per norm whose output feeds a matmul (tiny preset: 2 + 2 x 3 of them)."""
+@pytest.mark.parametrize("compile_mode", ["none", "full"])
+def test_saved_activations_mode_counts_what_backward_keeps(tmp_path, compile_mode):
+    """fp32 on CPU: nn.LayerNorm (-lnmem) additionally keeps each norm's input, a (tokens, hidden)
+    fp32 tensor per norm whose output feeds a matmul (tiny preset: 2 + 2 x 3 of them). Eager, that
+    is the exact difference; compiled, the partitioner re-plans around it and most of it remains."""
     out = tmp_path / "saved.json"
     rc = bench_step.main(["--preset", "tiny", "--seq-len", "128", "--seqs-per-chunk", "8", "--device", "cpu",
-                          "--saved-activations", "--runs", "ours:sdpa:none", "ours:sdpa:none:-lnmem",
-                          "--out-json", str(out)])
+                          "--saved-activations", "--runs", f"ours:sdpa:{compile_mode}",
+                          f"ours:sdpa:{compile_mode}:-lnmem", "--out-json", str(out)])
+    torch._dynamo.reset()
     rows = {r["options"]: r for r in json.loads(out.read_text())["results"]}
     assert rc == 0 and sorted(rows) == ["-", "-lnmem"], rows
     ours, plain = rows["-"], rows["-lnmem"]
@@ -88,6 +91,10 @@ def test_saved_activations_mode_counts_what_backward_keeps(tmp_path):
     assert ours["chunk_tokens"] == tokens
     assert ours["saved_bytes"] == sum(ours["groups"].values())
     norm_inputs = 8 * tokens * hidden * 4
-    assert plain["saved_bytes"] - ours["saved_bytes"] >= norm_inputs, (plain["saved_bytes"], ours["saved_bytes"])
-    key = f"({tokens}, {hidden}) float32"
-    assert plain["groups"][key] - ours["groups"][key] == norm_inputs, (plain["groups"][key], ours["groups"][key])
+    fewer = plain["saved_bytes"] - ours["saved_bytes"]
+    if compile_mode == "none":
+        key = f"({tokens}, {hidden}) float32"
+        assert plain["groups"][key] - ours["groups"][key] == norm_inputs, (plain["groups"][key], ours["groups"][key])
+        assert fewer >= norm_inputs, (plain["saved_bytes"], ours["saved_bytes"])
+    else:
+        assert fewer >= 0.75 * norm_inputs, (plain["saved_bytes"], ours["saved_bytes"], norm_inputs)

@@ -150,7 +150,8 @@ class RunSpec:
     decoder + cross-entropy over materialised logits), `-slots` (sparse head over exactly the masked
     positions: a host sync and a data-dependent shape per step), `-lnmem` (nn.LayerNorm, which keeps
     its fp32 input for backward, instead of model/layer_norm.py), `mem=0.7` (an activation memory
-    budget for the compiler's partitioner: recompute more, save memory), `cdt` (inductor's
+    budget for the compiler's partitioner: recompute more, save memory), `triton` (GeGLU and RoPE
+    as the hand-written kernels of model/fused_kernels.py, config fused_kernels), `cdt` (inductor's
     coordinate-descent tuning of kernel block sizes: a longer compile), `capacity` (worst-case
     `cu_seqlens` length instead of the document count rounded up to 64)."""
 
@@ -165,6 +166,7 @@ class RunSpec:
     # partitioner picks for speed; lower: recompute more to save activation memory).
     memory_budget: float = 1.0
     coordinate_descent_tuning: bool = False
+    fused_kernels: bool = False
 
     @property
     def label(self) -> str:
@@ -173,6 +175,7 @@ class RunSpec:
         off += [self.doc_slots] if self.doc_slots != "bucket" else []
         off += [f"mem={self.memory_budget:g}"] if self.memory_budget != 1.0 else []
         off += ["cdt"] if self.coordinate_descent_tuning else []
+        off += ["triton"] if self.fused_kernels else []
         return ",".join(off) or "-"
 
     @staticmethod
@@ -184,7 +187,7 @@ class RunSpec:
         options = set(parts[3:])
         budgets = {o for o in options if o.startswith("mem=")}
         options -= budgets
-        unknown = options - {"-fused", "-slots", "-lnmem", "capacity", "cdt"}
+        unknown = options - {"-fused", "-slots", "-lnmem", "capacity", "cdt", "triton"}
         budget = 1.0
         if budgets:
             try:
@@ -195,12 +198,12 @@ class RunSpec:
                 unknown.add("mem= (one budget in (0, 1])")
         if unknown or ((options or budgets) and parts[0] == "hf") or (parts[0] == "hf" and parts[2] == "regional"):
             raise ValueError(f"run spec {text!r}: options {sorted(unknown) or sorted(options)} / compile "
-                             "mode not valid here (options -fused -slots -lnmem capacity cdt mem= are for ours; "
+                             "mode not valid here (options -fused -slots -lnmem capacity cdt triton mem= are for ours; "
                              "transformers compiles none or full)")
         return RunSpec(parts[0], parts[1], parts[2], fused_loss="-fused" not in options,
                        prediction_slots="-slots" not in options, low_memory_norm="-lnmem" not in options,
                        doc_slots="capacity" if "capacity" in options else "bucket", memory_budget=budget,
-                       coordinate_descent_tuning="cdt" in options)
+                       coordinate_descent_tuning="cdt" in options, fused_kernels="triton" in options)
 
 
 @dataclass
@@ -233,7 +236,7 @@ class RunResult:
 
 def build_ours(cfg: ModernBertConfig, spec: RunSpec) -> torch.nn.Module:
     return ModernBertForMaskedLM(replace(cfg, attention_backend=spec.attention, fused_head_loss=spec.fused_loss,
-                                         low_memory_norm=spec.low_memory_norm))
+                                         low_memory_norm=spec.low_memory_norm, fused_kernels=spec.fused_kernels))
 
 
 def build_hf(cfg: ModernBertConfig, attn_implementation: str) -> torch.nn.Module:

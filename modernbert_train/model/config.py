@@ -38,6 +38,9 @@ class ModernBertConfig:
     # LayerNorms whose backward keeps their (bf16 under autocast) output instead of their fp32
     # input (model/layer_norm.py): same forward, 6 KB less per token and layer for ModernBERT-base.
     low_memory_norm: bool = True
+    # GeGLU and RoPE (forward and backward) as hand-written Triton kernels (model/fused_kernels.py)
+    # instead of what torch.compile generates. Needs triton; CPU tensors use the PyTorch path.
+    fused_kernels: bool = False
     # sdpa | flex | flash | torch_varlen (model/attention.py); a run config may also say auto
     # (the fastest available, resolved by the trainer).
     attention_backend: str = "sdpa"

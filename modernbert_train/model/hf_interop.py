@@ -24,7 +24,7 @@ TIED_KEY = "decoder.weight"
 # transformers' config fields that mean the same thing as ours.
 _SHARED_FIELDS = [f.name for f in fields(ModernBertConfig)
                   if f.name not in ("preset", "sparse_prediction", "fused_head_loss", "low_memory_norm",
-                                "attention_backend")]
+                                    "fused_kernels", "attention_backend")]
 
 
 def hf_config_dict(config: ModernBertConfig) -> dict:

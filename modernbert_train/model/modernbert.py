@@ -19,6 +19,7 @@ V vocab, M masked positions, B x S a padded batch.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -74,6 +75,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos[:, None, :] + rotated.float() * sin[:, None, :]).to(x.dtype)
 
 
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv (T, 3, N, Dh) -> q and k with RoPE applied, v: (T, N, Dh) each."""
+    q, k, v = qkv.unbind(dim=1)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
+def geglu_activation(h: torch.Tensor) -> torch.Tensor:
+    """h (T, 2I) -> GELU(input) * gate (T, I), exact (erf) GELU."""
+    inp, gate = h.chunk(2, dim=-1)
+    return F.gelu(inp) * gate
+
+
+def pointwise_ops(config: ModernBertConfig):
+    """(rotary_qkv, geglu_activation): the PyTorch definitions above, or with `fused_kernels` the
+    Triton kernels of model/fused_kernels.py (same signatures)."""
+    if not config.fused_kernels:
+        return rotary_qkv, geglu_activation
+    try:
+        fused_kernels = importlib.import_module("modernbert_train.model.fused_kernels")
+    except ImportError as err:
+        raise ImportError(f"model.fused_kernels=true needs triton ({err}); it comes with torch's CUDA "
+                          "wheels, or set model.fused_kernels=false") from err
+    return fused_kernels.rotary_qkv, fused_kernels.geglu
+
+
 # --- blocks ----------------------------------------------------------------------------------------
 
 def layer_norm(config: ModernBertConfig) -> nn.LayerNorm:
@@ -103,14 +130,13 @@ class Attention(nn.Module):
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.attend = get_backend(config.attention_backend)
+        self.rotary_qkv = pointwise_ops(config)[0]
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cu_seqlens: torch.Tensor,
                 max_seqlen: int, cache: dict) -> torch.Tensor:
         total = x.shape[0]
         qkv = self.Wqkv(x).view(total, 3, self.num_heads, self.head_dim)  # (T, 3, N, Dh)
-        q, k, v = qkv.unbind(dim=1)
-        cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.rotary_qkv(qkv, *rope)  # (T, N, Dh) each
         out = self.attend(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=self.window,
                           cache=cache)
         return self.Wo(out.reshape(total, self.num_heads * self.head_dim))  # (T, H)
@@ -120,13 +146,12 @@ class GeGLU(nn.Module):
     def __init__(self, config: ModernBertConfig):
         super().__init__()
         self.Wi = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.act = nn.GELU()
+        self.act = pointwise_ops(config)[1]
         self.drop = nn.Dropout(config.mlp_dropout)
         self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inp, gate = self.Wi(x).chunk(2, dim=-1)
-        return self.Wo(self.drop(self.act(inp) * gate))
+        return self.Wo(self.drop(self.act(self.Wi(x))))  # Wi: (T, 2I), act: (T, I)
 
 
 class EncoderLayer(nn.Module):

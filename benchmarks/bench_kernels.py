@@ -1,0 +1,210 @@
+"""Time the pointwise parts of a layer alone, forward and backward, at a training shape: the
+PyTorch definitions eager, the same compiled by torch.compile (what a compiled step runs), and the
+Triton kernels of model/fused_kernels.py; prints a table and writes JSON, with each variant's
+error against an fp32 reference. Usage: python benchmarks/bench_kernels.py --tokens 98304
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from modernbert_train.model.config import preset
+from modernbert_train.model.layer_norm import LayerNorm
+from modernbert_train.model.modernbert import RotaryEmbedding, geglu_activation, rotary_qkv
+
+VARIANTS = ("eager", "compiled", "triton")
+
+
+@dataclass
+class KernelResult:
+    op: str
+    variant: str
+    fwd_ms: Optional[float] = None
+    fwd_bwd_ms: Optional[float] = None
+    # Bytes a single fused pass must move (inputs read once, outputs written once) over the time.
+    fwd_gb_s: Optional[float] = None
+    bwd_gb_s: Optional[float] = None
+    max_err_out: Optional[float] = None  # vs the fp32 (fp64 on CPU) reference
+    max_err_grad: Optional[float] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class OpCase:
+    """One op: its PyTorch definition, its Triton kernel (None: no kernel yet), inputs, and the
+    minimal bytes of its forward and backward."""
+    name: str
+    reference: Callable
+    triton: Optional[Callable]
+    inputs: Callable[[torch.dtype], tuple]  # dtype -> (differentiable input, other inputs...)
+    fwd_bytes: int
+    bwd_bytes: int
+
+
+def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch.device) -> list[OpCase]:
+    cfg = preset(preset_name)
+    hidden, inter, heads, head_dim = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.head_dim
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    size = torch.finfo(dtype).bits // 8
+    h = torch.randn(tokens, 2 * inter, generator=gen)
+    qkv = torch.randn(tokens, 3, heads, head_dim, generator=gen)
+    positions = torch.randint(0, 1024, (tokens,), generator=gen)
+    cos, sin = RotaryEmbedding(head_dim, cfg.global_rope_theta, 1024)(positions)
+    residual = torch.randn(tokens, hidden, generator=gen)
+    norm = LayerNorm(hidden, eps=cfg.norm_eps).to(device)
+    kernels = _triton_ops(device)
+    return [
+        OpCase("geglu", geglu_activation, kernels.get("geglu"), lambda dt: (h.to(device, dt),),
+               3 * tokens * inter * size, 5 * tokens * inter * size),
+        OpCase("rotary_qkv", rotary_qkv, kernels.get("rotary_qkv"),
+               lambda dt: (qkv.to(device, dt), cos.to(device), sin.to(device)),
+               6 * tokens * hidden * size + 4 * tokens * head_dim * 4,
+               6 * tokens * hidden * size + 4 * tokens * head_dim * 4),
+        # The norm as the model runs it (fp32 residual in, model/layer_norm.py), no kernel of ours yet.
+        OpCase("layer_norm", norm, None, lambda dt: (residual.to(device),),
+               tokens * hidden * (4 + 4), tokens * hidden * (4 + 2 + 4)),
+    ]
+
+
+def _triton_ops(device: torch.device) -> dict[str, Callable]:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return {}  # on CPU only Triton's interpreter runs them (slow: tiny shapes only)
+    from modernbert_train.model import fused_kernels
+    return {"geglu": fused_kernels.geglu, "rotary_qkv": fused_kernels.rotary_qkv}
+
+
+def _outputs(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, iters: int) -> float:
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3 / iters
+
+
+def run_case(case: OpCase, variant: str, dtype: torch.dtype, device: torch.device, iters: int,
+             autocast: bool) -> KernelResult:
+    result = KernelResult(case.name, variant)
+    if variant == "triton" and case.triton is None:
+        result.error = "no Triton kernel (or CPU without TRITON_INTERPRET=1)"
+        return result
+    fn = {"eager": case.reference, "compiled": torch.compile(case.reference),
+          "triton": case.triton}[variant]
+    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if autocast else contextlib.nullcontext
+    try:
+        x, *rest = case.inputs(dtype)
+        x.requires_grad_()
+        with ctx():
+            outs = _outputs(fn(x, *rest))
+        grads = [torch.randn_like(o) for o in outs]
+
+        def forward():
+            with ctx(), torch.no_grad():
+                fn(x, *rest)
+
+        def forward_backward():
+            with ctx():
+                torch.autograd.backward(_outputs(fn(x, *rest)), grads)
+
+        for _ in range(2):  # compile, autotune, first launches
+            forward_backward()
+        result.fwd_ms = _time_ms(forward, device, iters)
+        result.fwd_bwd_ms = _time_ms(forward_backward, device, iters)
+        result.fwd_gb_s = case.fwd_bytes / result.fwd_ms / 1e6
+        bwd_ms = result.fwd_bwd_ms - result.fwd_ms
+        result.bwd_gb_s = case.bwd_bytes / bwd_ms / 1e6 if bwd_ms > 0 else None
+        result.max_err_out, result.max_err_grad = _errors(case, fn, dtype, device, autocast, grads)
+    except Exception as err:  # noqa: BLE001 - recorded per variant, the run goes on
+        result.error = f"{type(err).__name__}: {err}"[:500]
+    return result
+
+
+def _errors(case: OpCase, fn: Callable, dtype: torch.dtype, device: torch.device, autocast: bool,
+            grads: list[torch.Tensor]) -> tuple[float, float]:
+    """Largest absolute difference of outputs and input gradient from the reference in high precision."""
+    high = torch.float64 if device.type == "cpu" else torch.float32
+    x, *rest = case.inputs(dtype)
+    x.requires_grad_()
+    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if autocast else contextlib.nullcontext
+    with ctx():
+        outs = _outputs(fn(x, *rest))
+    (dx,) = torch.autograd.grad(outs, x, grads)
+    ref_x = x.detach().to(high).requires_grad_()
+    ref_rest = [t.to(high) if t.is_floating_point() else t for t in rest]
+    reference = case.reference.to(high) if isinstance(case.reference, torch.nn.Module) else case.reference
+    ref_outs = _outputs(reference(ref_x, *ref_rest))
+    (ref_dx,) = torch.autograd.grad(ref_outs, ref_x, [g.to(high) for g in grads])
+    if isinstance(case.reference, torch.nn.Module):
+        case.reference.to(torch.float32)
+    err_out = max((o.to(high) - r).abs().max().item() for o, r in zip(outs, ref_outs))
+    return err_out, (dx.to(high) - ref_dx).abs().max().item()
+
+
+def format_table(results: list[KernelResult]) -> str:
+    header = ["op", "variant", "fwd ms", "fwd+bwd ms", "fwd GB/s", "bwd GB/s", "err out", "err grad"]
+    rows = [header]
+    for r in results:
+        if r.error:
+            rows.append([r.op, r.variant, f"- ({r.error})"])
+            continue
+        rows.append([r.op, r.variant, f"{r.fwd_ms:.3f}", f"{r.fwd_bwd_ms:.3f}", f"{r.fwd_gb_s:,.0f}",
+                     "-" if r.bwd_gb_s is None else f"{r.bwd_gb_s:,.0f}", f"{r.max_err_out:.2e}",
+                     f"{r.max_err_grad:.2e}"])
+    widths = [max(len(row[i]) for row in rows if i < len(row) and len(row) > 3) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tokens", type=int, default=96 * 1024, help="packed tokens (rows) per call")
+    p.add_argument("--preset", default="base", choices=["tiny", "base", "large"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="activation dtype (default bf16 on cuda, as under autocast; fp32 on cpu)")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--ops", nargs="+", default=["geglu", "rotary_qkv", "layer_norm"])
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--out-json", type=Path, default=Path("bench_results/kernels.json"))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    cases = [c for c in build_cases(args.tokens, args.preset, dtype, device) if c.name in args.ops]
+    results = []
+    for case in cases:
+        for variant in args.variants:
+            # the norm sees fp32 activations and runs under autocast, as in the model
+            results.append(run_case(case, variant, dtype, device, args.iters,
+                                    autocast=case.name == "layer_norm" and dtype != torch.float32))
+    machine = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1"}
+    args.out_json.parent.mkdir(parents=True, exist_ok=True)
+    args.out_json.write_text(json.dumps({"machine": machine, "args": {**vars(args), "out_json": str(args.out_json)},
+                                         "dtype": str(dtype), "results": [asdict(r) for r in results]}, indent=2))
+    print(f"{args.preset}, {args.tokens} tokens, {dtype}, {machine['gpu'] or device}")
+    print(format_table(results))
+    return 1 if any(r.error and not r.error.startswith("no Triton kernel") for r in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""model/fused_kernels.py: the Triton GeGLU and RoPE kernels against the PyTorch definitions.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before the
+module is first imported: Triton reads it when a kernel is defined), so the CPU suite checks the
+kernels' own indexing and math, not a fallback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from modernbert_train.model.config import preset
+from modernbert_train.model.modernbert import (ModernBertForMaskedLM, RotaryEmbedding, geglu_activation,
+                                               pointwise_ops, rotary_qkv)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="the fused kernels are written in Triton")
+from modernbert_train.model import fused_kernels  # noqa: E402 - after TRITON_INTERPRET
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Computed in fp32, rounded once to bf16: within 2^-8 relative of an exact reference on the GPU
+# (round to nearest); Triton's interpreter truncates, within 2^-7.
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6),
+             torch.bfloat16: dict(rtol=2 ** -8 if torch.cuda.is_available() else 2 ** -7, atol=1e-5)}
+
+
+def _exact(fn, *inputs, grads):
+    """fn's outputs and the first input's gradient, in fp64 from the same (rounded) inputs."""
+    first = inputs[0].detach().double().requires_grad_()
+    rest = [t.double() for t in inputs[1:]]
+    outs = fn(first, *rest)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    (grad,) = torch.autograd.grad(outs, first, [g.double() for g in grads])
+    return outs, grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_geglu_matches_exact_gelu_times_gate(dtype):
+    """37 rows x 200 columns per half: neither a multiple of the kernel's 16 x 128 blocks."""
+    gen = torch.Generator().manual_seed(0)
+    h = (3 * torch.randn(37, 400, generator=gen)).to(DEVICE, dtype).requires_grad_()
+    grad = torch.randn(37, 200, generator=gen).to(DEVICE, dtype)
+    assert fused_kernels._use_triton(h), "the test must exercise the kernel, not the CPU fallback"
+    out = fused_kernels.geglu(h)
+    (dh,) = torch.autograd.grad(out, h, grad)
+    (want,), want_dh = _exact(geglu_activation, h, grads=[grad])
+    assert out.dtype == dh.dtype == dtype and out.shape == (37, 200)
+    torch.testing.assert_close(out.double(), want, **TOLERANCE[dtype])
+    torch.testing.assert_close(dh.double(), want_dh, **TOLERANCE[dtype])
+
+
+def _rotary_inputs(tokens: int, heads: int, head_dim: int, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(tokens, 3, heads, head_dim, generator=gen).to(DEVICE, dtype).requires_grad_()
+    positions = torch.randint(0, 300, (tokens,), generator=gen)
+    cos, sin = (t.to(DEVICE) for t in RotaryEmbedding(head_dim, 10_000.0, 300)(positions))
+    return qkv, cos, sin
+
+
+@pytest.mark.parametrize("head_dim", [16, 12], ids=["half8", "half6-masked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rotary_qkv_matches_reference_and_passes_v_through(dtype, head_dim):
+    qkv, cos, sin = _rotary_inputs(tokens=45, heads=3, head_dim=head_dim, dtype=dtype)
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(45, 3, head_dim, generator=gen).to(DEVICE, dtype) for _ in range(3)]
+    outs = fused_kernels.rotary_qkv(qkv, cos, sin)
+    (dqkv,) = torch.autograd.grad(outs, qkv, grads)
+    want, want_dqkv = _exact(rotary_qkv, qkv, cos, sin, grads=grads)
+    for got, ref, name in zip(outs, want, "qkv"):
+        assert got.is_contiguous() and got.shape == (45, 3, head_dim), (name, got.shape)
+        torch.testing.assert_close(got.double(), ref, **TOLERANCE[dtype], msg=f"output {name}")
+    torch.testing.assert_close(dqkv.double(), want_dqkv, **TOLERANCE[dtype])
+    assert torch.equal(outs[2], qkv[:, 2]) and torch.equal(dqkv[:, 2], grads[2]), "v and dv are copied exactly"
+    assert not torch.equal(outs[0], qkv[:, 0]), "q was rotated"
+
+
+def test_rotary_qkv_backward_with_an_unused_output():
+    """Only q and k reach the loss: v's gradient is None inside the op's backward."""
+    qkv, cos, sin = _rotary_inputs(tokens=20, heads=2, head_dim=8, dtype=torch.float32)
+    q, k, _ = fused_kernels.rotary_qkv(qkv, cos, sin)
+    (q.square().sum() + k.sum()).backward()
+    ref = qkv.detach().clone().requires_grad_()
+    rq, rk, _ = rotary_qkv(ref, cos, sin)
+    (rq.square().sum() + rk.sum()).backward()
+    torch.testing.assert_close(qkv.grad, ref.grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(qkv.grad[:, 2], torch.zeros_like(qkv.grad[:, 2]))
+
+
+def test_custom_ops_pass_torch_library_opcheck():
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch, as torch.compile
+    relies on them."""
+    qkv, cos, sin = _rotary_inputs(tokens=10, heads=2, head_dim=8, dtype=torch.float32)
+    h = torch.randn(10, 12, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(fused_kernels.geglu, (h,))
+    torch.library.opcheck(fused_kernels.rotary_qkv, (qkv, cos, sin))
+    torch.library.opcheck(fused_kernels.geglu_backward, (h.detach(), torch.randn(10, 6, device=DEVICE)))
+
+
+def test_ops_compile_into_one_graph_with_their_gradients():
+    """fullgraph=True: the custom ops (and their backward) cause no graph break under torch.compile."""
+    qkv, cos, sin = _rotary_inputs(tokens=24, heads=2, head_dim=8, dtype=torch.float32)
+    h = torch.randn(24, 12, device=DEVICE, requires_grad=True)
+
+    def step(qkv, h):
+        q, k, v = fused_kernels.rotary_qkv(qkv, cos, sin)
+        return (q * k).sum() + v.sum() + fused_kernels.geglu(h).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    got = torch.autograd.grad(compiled(qkv, h), (qkv, h))
+    want = torch.autograd.grad(step(qkv, h), (qkv, h))
+    torch._dynamo.reset()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def _tiny_model(fused: bool) -> ModernBertForMaskedLM:
+    cfg = preset("tiny")
+    cfg.num_hidden_layers, cfg.attention_backend, cfg.fused_kernels = 3, "sdpa", fused
+    torch.manual_seed(0)
+    return ModernBertForMaskedLM(cfg).to(DEVICE).train()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_model_with_fused_kernels_matches_pytorch_path(compiled):
+    """Whole tiny model, fp32: the same loss and gradients, eager and Inductor-compiled."""
+    ids = torch.randint(4, 4096, (160,), generator=torch.Generator().manual_seed(0))
+    labels = torch.where(torch.arange(160) % 3 == 0, ids, torch.full_like(ids, -100))
+    batch = dict(input_ids=ids.to(DEVICE), labels=labels.to(DEVICE), max_seqlen=90,
+                 cu_seqlens=torch.tensor([0, 50, 140, 160], dtype=torch.int32, device=DEVICE))
+    results = {}
+    for fused in (False, True):
+        torch._dynamo.reset()
+        model = _tiny_model(fused)
+        assert (model.model.layers[0].mlp.act is fused_kernels.geglu) == fused
+        forward = torch.compile(model) if compiled else model
+        loss = forward(**batch).loss
+        loss.backward()
+        results[fused] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    torch._dynamo.reset()
+    (loss_ref, grads_ref), (loss_fused, grads_fused) = results[False], results[True]
+    torch.testing.assert_close(loss_fused, loss_ref, rtol=1e-6, atol=1e-6)
+    for name, grad in grads_ref.items():
+        torch.testing.assert_close(grads_fused[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_kernels_without_triton_name_the_fix(monkeypatch):
+    monkeypatch.delitem(sys.modules, "modernbert_train.model.fused_kernels")
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
+    cfg = preset("tiny")
+    cfg.fused_kernels = True
+    with pytest.raises(ImportError, match="model.fused_kernels=true needs triton"):
+        pointwise_ops(cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["geglu", "rotary_qkv"])
+def test_cuda_kernels_at_base_width_under_bf16(op):
+    """ModernBERT-base widths (2 x 1152 GeGLU, 12 heads x 64), 3000 tokens, bf16 as under autocast."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gen = torch.Generator().manual_seed(3)
+    if op == "geglu":
+        inputs = ((3 * torch.randn(3000, 2304, generator=gen)).cuda().bfloat16().requires_grad_(),)
+        grads = [torch.randn(3000, 1152, generator=gen).cuda().bfloat16()]
+        fused, reference = fused_kernels.geglu, geglu_activation
+    else:
+        qkv = torch.randn(3000, 3, 12, 64, generator=gen).cuda().bfloat16().requires_grad_()
+        cos, sin = (t.cuda() for t in RotaryEmbedding(64, 160_000.0, 1024)(torch.randint(0, 1024, (3000,))))
+        inputs, fused, reference = (qkv, cos, sin), fused_kernels.rotary_qkv, rotary_qkv
+        grads = [torch.randn(3000, 12, 64, generator=gen).cuda().bfloat16() for _ in range(3)]
+    outs = fused(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    (grad,) = torch.autograd.grad(outs, inputs[0], grads)
+    first = inputs[0].detach().float().requires_grad_()
+    want = reference(first, *inputs[1:])
+    want = want if isinstance(want, tuple) else (want,)
+    (want_grad,) = torch.autograd.grad(want, first, [g.float() for g in grads])
+    for got, ref in zip(outs, want):
+        torch.testing.assert_close(got.float(), ref, rtol=2 ** -8, atol=1e-4)
+    torch.testing.assert_close(grad.float(), want_grad, rtol=2 ** -8, atol=1e-4)

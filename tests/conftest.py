@@ -4,6 +4,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels (model/fused_kernels.py) then run in Triton's interpreter on CPU tensors. Triton
+    # reads this when a kernel is defined, so it is set before any test imports one.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.s3_server import S3Server, apply_env, free_port, rclone_binary
 

@@ -1,12 +1,11 @@
 """model/fused_kernels.py: the Triton GeGLU and RoPE kernels against the PyTorch definitions.
 
-Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before the
-module is first imported: Triton reads it when a kernel is defined), so the CPU suite checks the
-kernels' own indexing and math, not a fallback.
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
+before any kernel is defined), so the CPU suite checks the kernels' own indexing and math, not a
+fallback.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
@@ -16,10 +15,8 @@ from modernbert_train.model.config import preset
 from modernbert_train.model.modernbert import (ModernBertForMaskedLM, RotaryEmbedding, geglu_activation,
                                                pointwise_ops, rotary_qkv)
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="the fused kernels are written in Triton")
-from modernbert_train.model import fused_kernels  # noqa: E402 - after TRITON_INTERPRET
+from modernbert_train.model import fused_kernels  # noqa: E402 - only where triton is installed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Computed in fp32, rounded once to bf16: within 2^-8 relative of an exact reference on the GPU

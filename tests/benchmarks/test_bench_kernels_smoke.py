@@ -1,0 +1,28 @@
+"""benchmarks/bench_kernels.py end to end on CPU at a tiny shape (Triton kernels in the interpreter,
+tests/conftest.py). A correctness smoke test of the script; it asserts nothing about speed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import bench_kernels
+
+pytest.importorskip("triton", reason="the script's third variant is the Triton kernels")
+
+
+def test_every_op_and_variant_runs_and_matches_the_reference(tmp_path):
+    out = tmp_path / "kernels.json"
+    rc = bench_kernels.main(["--tokens", "40", "--preset", "tiny", "--device", "cpu", "--iters", "1",
+                             "--out-json", str(out)])
+    results = {(r["op"], r["variant"]): r for r in json.loads(out.read_text())["results"]}
+    assert rc == 0, [r["error"] for r in results.values()]
+    assert sorted(results) == sorted((op, v) for op in ("geglu", "rotary_qkv", "layer_norm")
+                                     for v in ("eager", "compiled", "triton")), sorted(results)
+    for key, r in results.items():
+        if key == ("layer_norm", "triton"):
+            assert r["error"].startswith("no Triton kernel"), r
+            continue
+        assert r["error"] is None and r["fwd_ms"] > 0 and r["fwd_gb_s"] > 0, r
+        # fp32 against an fp64 reference
+        assert r["max_err_out"] < 1e-5 and r["max_err_grad"] < 1e-5, r

@@ -20,16 +20,43 @@ import triton.language as tl
 from modernbert_train.model import modernbert
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_SQRT_HALF = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or _INTERPRET
 
 
+class _Autotuned:
+    """kernel[grid](...) over block-size configs. On the GPU, triton.autotune times them once per
+    value of `key` (built at the first launch: its timer needs a GPU driver, import must not); in
+    the interpreter, which has no GPU timer, the first config runs."""
+
+    def __init__(self, kernel, configs: list[triton.Config], key: list[str]):
+        self.kernel, self.configs, self.key, self._tuned = kernel, configs, key, None
+
+    def __getitem__(self, grid):
+        if _INTERPRET:
+            meta = dict(self.configs[0].kwargs)
+            return lambda *args, **kwargs: self.kernel[grid(meta)](*args, **kwargs, **meta,
+                                                                   num_warps=self.configs[0].num_warps)
+        if self._tuned is None:
+            self._tuned = triton.autotune(self.configs, key=self.key)(self.kernel)
+        return self._tuned[grid]
+
+
+def _autotune(configs: list[triton.Config], key: list[str]):
+    return lambda kernel: _Autotuned(kernel, configs, key)
+
+
 # --- GeGLU -----------------------------------------------------------------------------------------
 
+_GEGLU_CONFIGS = [triton.Config(dict(BLOCK_R=r, BLOCK_C=c), num_warps=w)
+                  for r, c, w in ((16, 128, 4), (8, 256, 4), (32, 128, 8), (4, 512, 4), (64, 64, 8))]
+
+
+@_autotune(_GEGLU_CONFIGS, key=["n_cols"])
 @triton.jit
 def _geglu_fwd(h_ptr, out_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -43,6 +70,7 @@ def _geglu_fwd(h_ptr, out_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: t
     tl.store(out, (gelu * b).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@_autotune(_GEGLU_CONFIGS, key=["n_cols"])
 @triton.jit
 def _geglu_bwd(h_ptr, grad_ptr, dh_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -59,11 +87,8 @@ def _geglu_bwd(h_ptr, grad_ptr, dh_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, B
     tl.store(dh_ptr + in_offs + n_cols, (g * a * cdf).to(out_ty), mask=mask)
 
 
-_GEGLU_BLOCKS = dict(BLOCK_R=16, BLOCK_C=128, num_warps=4)
-
-
 def _geglu_grid(n_rows: int, n_cols: int):
-    return (triton.cdiv(n_rows, _GEGLU_BLOCKS["BLOCK_R"]), triton.cdiv(n_cols, _GEGLU_BLOCKS["BLOCK_C"]))
+    return lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), triton.cdiv(n_cols, meta["BLOCK_C"]))
 
 
 @torch.library.custom_op("modernbert::geglu", mutates_args=())
@@ -74,7 +99,7 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
     h = h.contiguous()
     n_rows, n_cols = h.shape[0], h.shape[1] // 2
     out = h.new_empty(n_rows, n_cols)
-    _geglu_fwd[_geglu_grid(n_rows, n_cols)](h, out, n_rows, n_cols, **_GEGLU_BLOCKS)
+    _geglu_fwd[_geglu_grid(n_rows, n_cols)](h, out, n_rows, n_cols)
     return out
 
 
@@ -92,7 +117,7 @@ def geglu_backward(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     h, grad = h.contiguous(), grad.contiguous()
     n_rows, n_cols = grad.shape
     dh = torch.empty_like(h)
-    _geglu_bwd[_geglu_grid(n_rows, n_cols)](h, grad, dh, n_rows, n_cols, **_GEGLU_BLOCKS)
+    _geglu_bwd[_geglu_grid(n_rows, n_cols)](h, grad, dh, n_rows, n_cols)
     return dh
 
 
@@ -132,6 +157,8 @@ def _rotate_pair(packed_ptr, split_ptr, packed, split, mask, c1, c2, s1, s2,
         tl.store(split_ptr + split + HALF, (x2 * c2 + x1 * s2).to(out_ty), mask=mask)
 
 
+@_autotune([triton.Config(dict(BLOCK_R=r), num_warps=w) for r, w in ((32, 4), (16, 2), (64, 4), (128, 8))],
+           key=["n_heads", "HEAD_DIM", "BACKWARD"])
 @triton.jit
 def _rotary_qkv(packed_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, n_rows, n_heads,
                 HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -163,9 +190,6 @@ def _rotary_qkv(packed_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, n_rows, n_hea
         tl.store(v_ptr + split + HALF, tl.load(packed_ptr + packed + HALF, mask=mask), mask=mask)
 
 
-_ROTARY_BLOCK_R = 32
-
-
 def _rotary_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     q, k, v = modernbert.rotary_qkv(qkv, cos, sin)
     return q, k, v.clone(memory_format=torch.contiguous_format)  # an op's output may not alias its input
@@ -173,10 +197,9 @@ def _rotary_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
 
 def _launch_rotary(src, cos, sin, q, k, v, backward: bool) -> None:
     n_rows, n_heads, head_dim = q.shape[0] * q.shape[1], q.shape[1], q.shape[2]
-    _rotary_qkv[(triton.cdiv(n_rows, _ROTARY_BLOCK_R),)](
+    _rotary_qkv[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]),)](
         src, cos, sin, q, k, v, n_rows, n_heads, HEAD_DIM=head_dim,
-        HALF_BLOCK=triton.next_power_of_2(head_dim // 2), BLOCK_R=_ROTARY_BLOCK_R, BACKWARD=backward,
-        num_warps=4)
+        HALF_BLOCK=triton.next_power_of_2(head_dim // 2), BACKWARD=backward)
 
 
 @torch.library.custom_op("modernbert::rotary_qkv", mutates_args=())

@@ -110,10 +110,12 @@ def _(h: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("modernbert::geglu_backward", mutates_args=())
 def geglu_backward(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    if not _use_triton(h):
-        with torch.enable_grad():
-            h_ = h.detach().requires_grad_()
-            return torch.autograd.grad(modernbert.geglu_activation(h_), h_, grad)[0]
+    if not _use_triton(h):  # (autograd is off inside an op: the derivative written out)
+        a, b = h.float().chunk(2, dim=-1)
+        g = grad.float()
+        cdf = 0.5 * (1.0 + torch.erf(a * _SQRT_HALF.value))
+        pdf = torch.exp(-0.5 * a * a) * _INV_SQRT_2PI.value
+        return torch.cat((g * b * (cdf + a * pdf), g * a * cdf), dim=-1).to(h.dtype)
     h, grad = h.contiguous(), grad.contiguous()
     n_rows, n_cols = grad.shape
     dh = torch.empty_like(h)
@@ -222,10 +224,11 @@ def _(qkv, cos, sin):
 @torch.library.custom_op("modernbert::rotary_qkv_backward", mutates_args=())
 def rotary_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
                         sin: torch.Tensor) -> torch.Tensor:
-    if not _use_triton(dq):
-        with torch.enable_grad():
-            qkv = dq.new_zeros(dq.shape[0], 3, *dq.shape[1:]).requires_grad_()
-            return torch.autograd.grad(_rotary_reference(qkv, cos, sin), qkv, (dq, dk, dv))[0]
+    if not _use_triton(dq):  # the rotation's transpose, as in the kernel
+        def unrotate(g):
+            (g1, g2), (c1, c2), (s1, s2) = (t.float().chunk(2, dim=-1) for t in (g, cos[:, None], sin[:, None]))
+            return torch.cat((g1 * c1 + g2 * s2, g2 * c2 - g1 * s1), dim=-1).to(g.dtype)
+        return torch.stack((unrotate(dq), unrotate(dk), dv), dim=1)
     dq, dk, dv, cos, sin = (t.contiguous() for t in (dq, dk, dv, cos, sin))
     dqkv = dq.new_empty(dq.shape[0], 3, dq.shape[1], dq.shape[2])
     _launch_rotary(dqkv, cos, sin, dq, dk, dv, backward=True)

@@ -91,6 +91,27 @@ def test_rotary_qkv_backward_with_an_unused_output():
     assert torch.equal(qkv.grad[:, 2], torch.zeros_like(qkv.grad[:, 2]))
 
 
+def test_cpu_path_without_the_interpreter_matches_the_kernels(monkeypatch):
+    """CPU tensors outside the interpreter (e.g. a model trained with fused_kernels evaluated on a
+    CPU) take the PyTorch path, forward and backward: the same numbers as the kernels."""
+    if not fused_kernels._INTERPRET:
+        pytest.skip("the kernels take CPU tensors only in Triton's interpreter (tests/conftest.py, no GPU)")
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(20, 24, generator=gen, requires_grad=True)
+    grad = torch.randn(20, 12, generator=gen)
+    qkv, cos, sin = _rotary_inputs(tokens=20, heads=2, head_dim=8, dtype=torch.float32)
+    rotary_grads = [torch.randn(20, 2, 8, generator=gen) for _ in range(3)]
+    results = {}
+    for kernels in (True, False):
+        monkeypatch.setattr(fused_kernels, "_use_triton", lambda x, on=kernels: on)
+        out = fused_kernels.geglu(h)
+        outs = fused_kernels.rotary_qkv(qkv, cos, sin)
+        results[kernels] = ([out, *outs], torch.autograd.grad(out, h, grad)
+                            + torch.autograd.grad(outs, qkv, rotary_grads))
+    for got, want in zip([*results[False][0], *results[False][1]], [*results[True][0], *results[True][1]]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_custom_ops_pass_torch_library_opcheck():
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch, as torch.compile
     relies on them."""

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # The one GPU check: step benchmarks (ours vs transformers, plus one ablation per optimisation),
 # the trainer-level benchmark, then the GPU tests. Results into $OUT (default bench_results/gpu):
-# log.txt (everything printed), step_*.json, trainer.json. Run from the repo root on the lent GPU
+# log.txt (everything printed), step_*.json, kernels.json, trainer.json. Run from the repo root on the lent GPU
 # machine, with carry [".whl"] (made here by ../shared/device/fetch-wheels.sh .whl, plus boto3,
 # botocore, s3transfer, jmespath and zstandard wheels for Python 3.12):
 #   bash benchmarks/gpu_check.sh [STAGE...]     (default: every stage, in the order below)
-# Stages: pytest step1024x32 step1024x96 kernels pytest-compiled saved large tuning step8192x12 trainer.
+# Stages: pytest step1024x32 kernels step1024x96 pytest-compiled saved large tuning step8192x12 trainer.
 # COMPILED_TESTS=flex (a pytest -k expression) narrows the last stage.
 # To compare against an older version, export its tree (git archive REV modernbert_train benchmarks
 # | tar -x -C .whl/old_src) and run its bench_step.py with PYTHONPATH=/tmp/site:.whl/old_src.
 # Each stage has its own time limit (T_* to override). All stages need ~900 s, more than one lent
 # session's 15 device minutes with the machine's start: run the default order in one call with
-# timeout_s=600 (most important first; the limits up to kernels sum to 560 s), then
-# `pytest-compiled saved large tuning step8192x12 trainer` if time is left. A step benchmark rewrites its JSON
-# after every configuration, so a stage cut short keeps what it measured.
+# timeout_s=600 (most important first; the limits up to step1024x96 sum to 590 s), then
+# `pytest-compiled saved large tuning step8192x12 trainer` if time is left. A step benchmark
+# rewrites its JSON after every configuration, so a stage cut short keeps what it measured.
 set -uo pipefail
 OUT=${OUT:-bench_results/gpu}
 mkdir -p "$OUT"
@@ -35,7 +35,7 @@ export WANDB_MODE=disabled
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-STAGES=" ${*:-pytest step1024x32 step1024x96 kernels pytest-compiled saved large tuning step8192x12 trainer} "
+STAGES=" ${*:-pytest step1024x32 kernels step1024x96 pytest-compiled saved large tuning step8192x12 trainer} "
 want() { [[ $STAGES == *" $1 "* ]]; }
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -61,16 +61,16 @@ want pytest && stage pytest ${T_PYTEST:-60} $PY -m pytest -v -ra -m gpu --timeou
 # ours:flex:regional ours:$V:none (regional recompiles are cheap).
 want step1024x32 && step 1024x32 ${T_1024x32:-240} --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 \
   --runs ours:$V:full hf:sdpa:none hf:sdpa:full ours:$V:full:-lnmem ours:$V:full:triton
+# GeGLU, RoPE and LayerNorm alone at 96 x 1024 tokens: eager, torch.compile, the Triton kernels;
+# time, GB/s against the minimal traffic, error against an fp32 reference.
+want kernels && stage kernels ${T_KERNELS:-90} $PY benchmarks/bench_kernels.py --tokens 98304 \
+  --out-json "$OUT/kernels.json"
 # ModernBERT's own microbatch (96 x 1024: the memory target) with a kernel profile; -lnmem and
 # triton as above (-lnmem expected ~12 GiB more at this shape, from the saved-tensor count on CPU).
 # If the default misses 50 GiB, add ours:$V:full:mem=0.7 (the compiler's activation memory budget,
 # config compile_memory_budget: 45.7 GiB before the low-memory norm).
 want step1024x96 && step 1024x96 ${T_1024x96:-200} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
   --baseline none --profile 2 --runs ours:$V:full ours:$V:full:triton ours:$V:full:-lnmem
-# GeGLU, RoPE and LayerNorm alone at 96 x 1024 tokens: eager, torch.compile, the Triton kernels;
-# time, GB/s against the minimal traffic, error against an fp32 reference.
-want kernels && stage kernels ${T_KERNELS:-60} $PY benchmarks/bench_kernels.py --tokens 98304 \
-  --out-json "$OUT/kernels.json"
 # What the compiled 96 x 1024 step keeps for backward, by shape and dtype (no timing): where the
 # activation memory goes with the varlen kernel (does v keep the whole Wqkv output alive?).
 want saved && step saved1024x96 ${T_SAVED:-120} --seq-len 1024 --seqs-per-chunk 96 --saved-activations \

@@ -180,20 +180,25 @@ def test_fused_kernels_without_triton_name_the_fix(monkeypatch):
 
 
 def test_kernels_compile_for_hopper_with_128_bit_memory_access(tmp_path):
-    """Triton's real code generation for sm_90 (no GPU needed; tests/model/hopper_codegen.py), every
-    autotuning config: it compiles (the interpreter accepts code that the compiler rejects), and each
-    global load and store moves 16 bytes, as a memory-bound kernel must to approach bandwidth."""
+    """Triton's real code generation for sm_90, no GPU needed (benchmarks/inductor_kernels.py
+    --ours-only), every autotuning config: it compiles (the interpreter accepts code that the
+    compiler rejects), and each global load and store moves 16 bytes, as a memory-bound kernel must
+    to approach bandwidth."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile now, not from an earlier run's cache
-    proc = subprocess.run([sys.executable, "-m", "tests.model.hopper_codegen"], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile now, not from an earlier run's cache
+    out = tmp_path / "ours.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.inductor_kernels", "--ours-only", "--out-json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    compiled = [json.loads(line) for line in proc.stdout.splitlines()]
-    expected = 2 * (2 * len(fused_kernels._GEGLU_CONFIGS) + 2 * len(fused_kernels._rotary_qkv.configs))
-    assert len(compiled) == expected, (len(compiled), expected)
-    for variant in compiled:
-        assert variant["cubin_bytes"] > 0, variant
-        assert (variant["loads"], variant["stores"]) == (["ld.global.v4.b32"], ["st.global.v4.b32"]), variant
+    kernels = json.loads(out.read_text())["kernels"]
+    assert [k["name"] for k in kernels] == ["ours: _geglu_fwd", "ours: _geglu_bwd", "ours: _rotary_qkv",
+                                            "ours: _rotary_qkv backward"], kernels
+    assert [len(k["variants"]) for k in kernels] == [len(fused_kernels._GEGLU_CONFIGS)] * 2 + [
+        len(fused_kernels._rotary_qkv.configs)] * 2
+    for kernel in kernels:
+        for variant in kernel["variants"]:
+            assert (variant["loads"], variant["stores"]) == (["ld.global.v4.b32"], ["st.global.v4.b32"]), (
+                kernel["name"], variant)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,326 @@
+"""What torch.compile generates for one encoder layer on an H100/H200, read on a CPU-only machine:
+every Triton kernel Inductor writes for the layer's forward and backward, compiled for sm_90, with
+its global load/store widths and its instruction count per element. Prints a table, writes JSON.
+
+A diagnostic, not a benchmark: nothing runs on a GPU. It traces the layer on the CPU under bf16
+autocast (AOTAutograd, Inductor's decompositions and min-cut partitioner, as torch.compile does),
+then has Inductor generate CUDA code for the two graphs while pretending an H100 is present
+(patches of torch 2.7's CUDA queries; the kernels are captured, never launched), then compiles each
+kernel in each of Inductor's autotuning configs with Triton for sm_90. The attention kernel is an
+opaque placeholder (torch_varlen / flash are extern kernels in the real graph too).
+Usage: python benchmarks/inductor_kernels.py [--tokens 8192] [--fused-kernels]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from modernbert_train.model.config import preset
+from modernbert_train.model.modernbert import EncoderLayer, RotaryEmbedding
+
+# One H100 SXM as Inductor sees it (the H200 has the same SM count and compute capability).
+_Props = collections.namedtuple("_Props", "name major minor total_memory multi_processor_count "
+                                "max_threads_per_multi_processor regs_per_multiprocessor warp_size "
+                                "L2_cache_size max_threads_per_block shared_memory_per_block_optin "
+                                "gcnArchName uuid")
+H100 = _Props("NVIDIA H100 80GB HBM3", 9, 0, 80 * 2**30, 132, 2048, 65536, 32, 50 * 2**20, 1024, 232448, "", "0")
+# Lane instructions per second: 132 SMs x 4 schedulers x 32 lanes x 1.98 GHz (one issue per cycle).
+LANE_INSTR_PER_S = 132 * 128 * 1.98e9
+
+
+@dataclass
+class KernelReport:
+    graph: str  # forward | backward
+    name: str
+    elements: int  # xnumel (x r0_numel for reductions): the elements one launch covers
+    configs: int  # Inductor's autotuning configs for it
+    loads: list[str]
+    stores: list[str]
+    instr_per_element: float  # PTX instructions per element, the best config
+    est_instr_ms: float  # elements x instr_per_element at LANE_INSTR_PER_S (no memory time)
+    error: Optional[str] = None
+    variants: list[dict] = field(default_factory=list)  # per autotuning config
+
+
+@torch.library.custom_op("inductor_kernels::attention", mutates_args=())
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return q.clone()  # shape stand-in: the real varlen kernel is an extern call too
+
+
+@_attention.register_fake
+def _(q, k, v):
+    return torch.empty_like(q)
+
+
+_attention.register_autograd(lambda ctx, g: (g.clone(), g.clone(), g.clone()))
+
+
+def trace_layer(tokens: int, fused_kernels: bool, preset_name: str) -> list[tuple[str, torch.fx.GraphModule, list]]:
+    """Forward and backward graphs of one local encoder layer (attention norm, Wqkv, RoPE,
+    attention, Wo, residual, MLP norm, GeGLU), bf16 autocast, as torch.compile partitions them."""
+    from functorch.compile import aot_function, make_boxed_func, min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    cfg = replace(preset(preset_name), fused_kernels=fused_kernels)
+    layer = EncoderLayer(cfg, layer_idx=1)
+    layer.attn.attend = lambda q, k, v, **_: _attention(q, k, v)
+    rope = RotaryEmbedding(cfg.head_dim, cfg.local_rope_theta, 1024)(torch.arange(tokens) % 1024)
+    params = dict(layer.named_parameters())
+    graphs = []
+
+    def capture(kind):
+        def compiler(gm, example_inputs):
+            graphs.append((kind, gm, list(example_inputs)))
+            return make_boxed_func(gm)
+        return compiler
+
+    def step(x, cos, sin, *weights):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch.func.functional_call(layer, dict(zip(params, weights)), (x, (cos, sin), None, 0, {}))
+
+    fn = aot_function(step, fw_compiler=capture("forward"), bw_compiler=capture("backward"),
+                      partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
+    x = torch.randn(tokens, cfg.hidden_size, requires_grad=True)
+    fn(x, *rope, *params.values()).sum().backward()
+    return graphs
+
+
+@contextlib.contextmanager
+def pretend_h100():
+    """Let Inductor generate CUDA code on a machine without a GPU (torch 2.7 internals)."""
+    import torch._inductor.async_compile as async_compile
+    import torch._inductor.scheduler as scheduler
+    import torch._subclasses.fake_tensor as fake_tensor
+    import torch.utils._triton as torch_triton
+    from torch._dynamo.device_interface import CudaInterface
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class Driver:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+    captured: list[tuple[str, str]] = []
+
+    class NotLaunched:
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    patches = [(torch.cuda, "is_available", lambda: True), (torch.cuda, "device_count", lambda: 1),
+               (torch.cuda, "current_device", lambda: 0),
+               (torch.cuda, "get_device_properties", lambda *a, **k: H100),
+               (torch.cuda, "get_device_capability", lambda *a, **k: (9, 0)),
+               (torch.cuda, "get_rng_state", lambda *a, **k: torch.zeros(16, dtype=torch.uint8)),
+               (torch.cuda, "set_rng_state", lambda *a, **k: None),
+               (torch.cuda, "device", lambda *a, **k: contextlib.nullcontext()),
+               (torch.cuda, "synchronize", lambda *a, **k: None),
+               (fake_tensor, "init_gpu_context", lambda device: None),
+               (scheduler, "has_triton", lambda: True), (torch_triton, "has_triton", lambda: True),
+               (torch_triton, "triton_hash_with_backend", lambda: "pretend-h100"),
+               (CudaInterface, "get_device_properties", staticmethod(lambda *a, **k: H100)),
+               (CudaInterface.Worker, "get_device_properties", staticmethod(lambda *a, **k: H100)),
+               (CudaInterface, "current_device", staticmethod(lambda: 0)),
+               (CudaInterface.Worker, "current_device", staticmethod(lambda: 0)),
+               (CudaInterface, "get_compute_capability", staticmethod(lambda *a, **k: 90)),
+               (CudaInterface, "is_available", staticmethod(lambda: True)),
+               (async_compile.AsyncCompile, "triton",
+                lambda self, name, source, device_str="cuda": captured.append((name, source)) or NotLaunched())]
+    saved = [(obj, attr, obj.__dict__[attr] if attr in obj.__dict__ else getattr(obj, attr)) for obj, attr, _ in patches]
+    for obj, attr, value in patches:
+        setattr(obj, attr, value)
+    driver.set_active(Driver())
+    try:
+        yield captured
+    finally:
+        driver.reset_active()
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)
+
+
+def generate_kernels(gm: torch.fx.GraphModule, example_inputs: list) -> list[tuple[str, str]]:
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cuda = torch.device("cuda", 0)
+    for node in gm.graph.nodes:
+        if isinstance(node.kwargs.get("device"), torch.device):
+            node.kwargs = {**node.kwargs, "device": cuda}
+    gm.recompile()
+    with pretend_h100() as captured:
+        with FakeTensorMode():
+            inputs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=cuda)
+                      if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        try:
+            compile_fx_inner(gm, inputs)
+        except Exception:  # noqa: BLE001 - after code generation, loading the module needs a GPU
+            pass
+    return list(dict.fromkeys(captured))  # a kernel may be handed over twice (code generation is retried)
+
+
+def compile_sm90(fn, signature: dict, constants: dict, attrs: dict, num_warps: int) -> str:
+    """PTX of a @triton.jit function for sm_90 (code generation down to a cubin; no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {**signature, **{name: "constexpr" for name in constants if name not in signature}}
+    constexprs = {(fn.arg_names.index(k),): v for k, v in constants.items() if k in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    assert compiled.asm["cubin"], "no cubin"
+    return compiled.asm["ptx"]
+
+
+def ptx_stats(ptx: str, num_warps: int, elements_per_program: int) -> dict:
+    """Global load/store instruction kinds, and PTX instructions per element (static count: a loop
+    body counts once)."""
+    instructions = len([line for line in ptx.splitlines() if line.strip().endswith(";")])
+    return dict(loads=sorted(set(re.findall(r"ld\.global[.\w]*", ptx))),
+                stores=sorted(set(re.findall(r"st\.global[.\w]*", ptx))),
+                instr_per_element=instructions * num_warps * 32 / elements_per_program)
+
+
+def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
+    """model/fused_kernels.py's kernels in every autotuning config, bf16 as under autocast, with the
+    element counts of the Inductor kernels they replace (GeGLU: T x I forward, T x 2I backward;
+    RoPE: 3 x T x hidden). Launch-time specialisation as on aligned tensors: 16-byte aligned
+    pointers, token and width counts divisible by 16."""
+    from modernbert_train.model import fused_kernels
+
+    cfg = preset(preset_name)
+    inter, hidden, head_dim = cfg.intermediate_size, cfg.hidden_size, cfg.head_dim
+    geglu = dict(n_rows="i32", n_cols="i32")
+    cases = [("forward", fused_kernels._geglu_fwd, dict(h_ptr="*bf16", out_ptr="*bf16", **geglu), {}, 1,
+              tokens * inter),
+             ("backward", fused_kernels._geglu_bwd, dict(h_ptr="*bf16", grad_ptr="*bf16", dh_ptr="*bf16", **geglu),
+              {}, 2, tokens * 2 * inter)]
+    rotary = dict(packed_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", q_ptr="*bf16", k_ptr="*bf16",
+                  v_ptr="*bf16", n_rows="i32", n_heads="i32")
+    for graph, backward in (("forward", False), ("backward", True)):
+        cases.append((graph, fused_kernels._rotary_qkv, rotary,
+                      dict(HEAD_DIM=head_dim, HALF_BLOCK=triton_next_pow2(head_dim // 2), BACKWARD=backward),
+                      3 * head_dim, 3 * tokens * hidden))
+    reports = []
+    for graph, kernel, signature, fixed, per_block_unit, elements in cases:
+        fn = kernel.kernel
+        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items()
+                 if ty.startswith("*") or name in ("n_rows", "n_cols")}
+        report = KernelReport(graph, f"ours: {fn.__name__}" + (" backward" if fixed.get("BACKWARD") else ""),
+                              elements, len(kernel.configs), [], [], float("nan"), float("nan"))
+        for config in kernel.configs:
+            block = config.kwargs["BLOCK_R"] * config.kwargs.get("BLOCK_C", 1) * per_block_unit
+            stats = ptx_stats(compile_sm90(fn, signature, {**fixed, **config.kwargs}, attrs, config.num_warps),
+                              config.num_warps, block)
+            report.variants.append(dict(constants={**fixed, **config.kwargs}, num_warps=config.num_warps, **stats))
+        best = min(report.variants, key=lambda v: v["instr_per_element"])
+        report.loads, report.stores, report.instr_per_element = best["loads"], best["stores"], best["instr_per_element"]
+        report.est_instr_ms = elements * report.instr_per_element / LANE_INSTR_PER_S * 1e3
+        reports.append(report)
+    return reports
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def analyse(graph: str, name: str, source: str, workdir: Path) -> KernelReport:
+    """Compile one Inductor kernel for sm_90 in each of its autotuning configs."""
+    from torch._inductor.runtime import triton_heuristics
+
+    elements = 1
+    for numel in re.findall(r"^\s+(?:x|y|r0_|r)numel = (\d+)$", source, re.M):
+        elements *= int(numel)
+    report = KernelReport(graph, name, elements, 0, [], [], float("nan"), float("nan"))
+    tuned, meta = [], {}  # Inductor's configs for this kernel, its triton_meta
+    # A persistent reduction fixes its reduction block inside the kernel, not in its configs.
+    inner_blocks = {k: int(v) for k, v in re.findall(r"(R0_BLOCK|RBLOCK): tl\.constexpr = (\d+)", source)}
+
+    def cached_autotune(size_hints, configs, triton_meta, **kwargs):
+        tuned.extend(configs)
+        meta.update(triton_meta)
+        return lambda fn: fn
+
+    original = triton_heuristics.cached_autotune
+    triton_heuristics.cached_autotune = cached_autotune
+    try:
+        path = workdir / f"{name}.py"
+        path.write_text(source.replace("triton_helpers.set_driver_to_gpu()", ""))
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        fn = getattr(module, name)
+    except Exception as err:  # noqa: BLE001 - recorded per kernel
+        report.error = f"load: {type(err).__name__}: {err}"[:300]
+        return report
+    finally:
+        triton_heuristics.cached_autotune = original
+    attrs = dict(meta["configs"][0]) if meta.get("configs") else {}
+    for config in tuned:
+        constants = {**meta.get("constants", {}), **config.kwargs}
+        block = 1
+        for key in ("XBLOCK", "YBLOCK", "R0_BLOCK", "RBLOCK"):
+            block *= {**inner_blocks, **config.kwargs}.get(key, 1)
+        try:
+            ptx = compile_sm90(fn, meta["signature"], constants, attrs, config.num_warps)
+        except Exception as err:  # noqa: BLE001 - recorded per kernel
+            report.error = f"compile: {type(err).__name__}: {err}"[:300]
+            continue
+        report.variants.append(dict(constants=constants, num_warps=config.num_warps,
+                                    **ptx_stats(ptx, config.num_warps, block)))
+    if report.variants:
+        best = min(report.variants, key=lambda v: v["instr_per_element"])
+        report.loads, report.stores, report.instr_per_element = best["loads"], best["stores"], best["instr_per_element"]
+        report.est_instr_ms = elements * report.instr_per_element / LANE_INSTR_PER_S * 1e3
+    report.configs = len(tuned)
+    return report
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=8192, help="packed tokens of the traced chunk")
+    p.add_argument("--preset", default="base", choices=["tiny", "base", "large"])
+    p.add_argument("--fused-kernels", action="store_true", help="the layer with model.fused_kernels")
+    p.add_argument("--ours-only", action="store_true",
+                   help="only model/fused_kernels.py's kernels (every config), no layer trace")
+    p.add_argument("--out-json", type=Path, default=Path("bench_results/inductor_kernels.json"))
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        p.error("unset TRITON_INTERPRET: this compiles kernels for a real GPU target")
+    reports = []
+    if not args.ours_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            for graph, gm, inputs in trace_layer(args.tokens, args.fused_kernels, args.preset):
+                for name, source in generate_kernels(gm, inputs):
+                    reports.append(analyse(graph, name, source, Path(tmp)))
+    if args.fused_kernels or args.ours_only:
+        reports += our_kernels(args.tokens, args.preset)
+    header = f"{'graph':9} {'kernel':58} {'elements':>11} {'instr/elem':>10} {'est ms':>7}  loads / stores"
+    print(f"{args.preset}, {args.tokens} tokens, fused_kernels={args.fused_kernels}; est ms = elements x "
+          f"instr/elem at {LANE_INSTR_PER_S / 1e12:.1f}T lane-instr/s (memory time not included)")
+    print(header)
+    for r in reports:
+        print(f"{r.graph:9} {r.name[:58]:58} {r.elements:>11,} {r.instr_per_element:>10.1f} {r.est_instr_ms:>7.3f}  "
+              f"{','.join(r.loads)} / {','.join(r.stores)}" + (f"  ERROR {r.error}" if r.error else ""))
+    args.out_json.parent.mkdir(parents=True, exist_ok=True)
+    args.out_json.write_text(json.dumps({"args": {**vars(args), "out_json": str(args.out_json)},
+                                         "torch": torch.__version__, "gpu_model": H100._asdict(),
+                                         "kernels": [asdict(r) for r in reports]}, indent=2))
+    return 1 if any(r.error for r in reports) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch._inductor.config
 
 from modernbert_train.model.config import preset
-from modernbert_train.model.modernbert import EncoderLayer, RotaryEmbedding
+from modernbert_train.model.linear_cross_entropy import linear_cross_entropy
+from modernbert_train.model.modernbert import EncoderLayer, MLMHead, RotaryEmbedding
 
 # One H100 SXM as Inductor sees it (the H200 has the same SM count and compute capability).
 _Props = collections.namedtuple("_Props", "name major minor total_memory multi_processor_count "
@@ -48,9 +50,11 @@ class KernelReport:
     loads: list[str]
     stores: list[str]
     instr_per_element: float  # PTX instructions per element, the best config
-    est_instr_ms: float  # elements x instr_per_element at LANE_INSTR_PER_S (no memory time)
+    est_instr_ms: float  # launches x elements x instr_per_element at LANE_INSTR_PER_S (no memory time)
     error: Optional[str] = None
     variants: list[dict] = field(default_factory=list)  # per autotuning config
+    launches: int = 1  # per call of its graph (the host code runs some kernels several times)
+    signature: dict = field(default_factory=dict)  # argument -> Triton type ('*bf16': a bf16 pointer)
 
 
 @torch.library.custom_op("inductor_kernels::attention", mutates_args=())
@@ -66,17 +70,13 @@ def _(q, k, v):
 _attention.register_autograd(lambda ctx, g: (g.clone(), g.clone(), g.clone()))
 
 
-def trace_layer(tokens: int, fused_kernels: bool, preset_name: str) -> list[tuple[str, torch.fx.GraphModule, list]]:
-    """Forward and backward graphs of one local encoder layer (attention norm, Wqkv, RoPE,
-    attention, Wo, residual, MLP norm, GeGLU), bf16 autocast, as torch.compile partitions them."""
+def _trace(step, inputs: list, params: dict) -> list[tuple[str, torch.fx.GraphModule, list]]:
+    """Forward and backward graphs of step(*inputs, *params), as torch.compile partitions them
+    (Inductor's decompositions, min-cut partitioner), traced on fake tensors: no math is done."""
     from functorch.compile import aot_function, make_boxed_func, min_cut_rematerialization_partition
     from torch._inductor.decomposition import select_decomp_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    cfg = replace(preset(preset_name), fused_kernels=fused_kernels)
-    layer = EncoderLayer(cfg, layer_idx=1)
-    layer.attn.attend = lambda q, k, v, **_: _attention(q, k, v)
-    rope = RotaryEmbedding(cfg.head_dim, cfg.local_rope_theta, 1024)(torch.arange(tokens) % 1024)
-    params = dict(layer.named_parameters())
     graphs = []
 
     def capture(kind):
@@ -85,18 +85,47 @@ def trace_layer(tokens: int, fused_kernels: bool, preset_name: str) -> list[tupl
             return make_boxed_func(gm)
         return compiler
 
+    fn = aot_function(step, fw_compiler=capture("forward"), bw_compiler=capture("backward"),
+                      partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fn(*[make() for make in inputs], *params.values()).sum().backward()
+    return graphs
+
+
+def trace_layer(tokens: int, fused_kernels: bool, preset_name: str) -> list[tuple[str, torch.fx.GraphModule, list]]:
+    """One local encoder layer (attention norm, Wqkv, RoPE, attention, Wo, residual, MLP norm,
+    GeGLU), bf16 autocast."""
+    cfg = replace(preset(preset_name), fused_kernels=fused_kernels)
+    layer = EncoderLayer(cfg, layer_idx=1)
+    layer.attn.attend = lambda q, k, v, **_: _attention(q, k, v)
+    cos, sin = RotaryEmbedding(cfg.head_dim, cfg.local_rope_theta, 1024)(torch.arange(tokens) % 1024)
+    params = dict(layer.named_parameters())
+
     def step(x, cos, sin, *weights):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return torch.func.functional_call(layer, dict(zip(params, weights)), (x, (cos, sin), None, 0, {}))
 
-    fn = aot_function(step, fw_compiler=capture("forward"), bw_compiler=capture("backward"),
-                      partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    return _trace(step, [lambda: torch.empty(tokens, cfg.hidden_size, requires_grad=True),
+                         lambda: torch.empty_like(cos), lambda: torch.empty_like(sin)], params)
 
-    with FakeTensorMode(allow_non_fake_inputs=True):  # shapes only: no CPU time spent on the math
-        x = torch.empty(tokens, cfg.hidden_size, requires_grad=True)
-        fn(x, *rope, *params.values()).sum().backward()
-    return graphs
+
+def trace_head(tokens: int, preset_name: str) -> list[tuple[str, torch.fx.GraphModule, list]]:
+    """The MLM head on the masked positions (30% of the tokens) and the fused decoder + loss
+    (model/linear_cross_entropy.py), bf16 autocast."""
+    cfg = preset(preset_name)
+    head, decoder = MLMHead(cfg), torch.nn.Linear(cfg.hidden_size, cfg.vocab_size)
+    params = {**{f"head.{k}": v for k, v in head.named_parameters()},
+              **{f"decoder.{k}": v for k, v in decoder.named_parameters()}}
+    masked = int(0.3 * tokens)
+
+    def step(x, target, *weights):
+        named = dict(zip(params, weights))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = torch.func.functional_call(head, {k[5:]: v for k, v in named.items() if k.startswith("head.")}, (x,))
+            return linear_cross_entropy(out, named["decoder.weight"], named["decoder.bias"], target)
+
+    return _trace(step, [lambda: torch.empty(masked, cfg.hidden_size, requires_grad=True),
+                         lambda: torch.zeros(masked, dtype=torch.long)], params)
 
 
 @contextlib.contextmanager
@@ -123,6 +152,15 @@ def pretend_h100():
         def __getattr__(self, name):
             return lambda *args, **kwargs: None
 
+    import torch._inductor.codecache as codecache
+
+    load = codecache.PyCodeCache.load_by_key_path
+
+    def load_wrapper(cls, key, path, *args, **kwargs):
+        wrappers.append(Path(path).read_text())  # the host code: which kernel runs how often
+        return load(key, path, *args, **kwargs)  # loading it hands each kernel to AsyncCompile.triton
+
+    wrappers: list[str] = []
     patches = [(torch.cuda, "is_available", lambda: True), (torch.cuda, "device_count", lambda: 1),
                (torch.cuda, "current_device", lambda: 0),
                (torch.cuda, "get_device_properties", lambda *a, **k: H100),
@@ -140,21 +178,26 @@ def pretend_h100():
                (CudaInterface.Worker, "current_device", staticmethod(lambda: 0)),
                (CudaInterface, "get_compute_capability", staticmethod(lambda *a, **k: 90)),
                (CudaInterface, "is_available", staticmethod(lambda: True)),
+               (codecache.PyCodeCache, "load_by_key_path", classmethod(load_wrapper)),
                (async_compile.AsyncCompile, "triton",
                 lambda self, name, source, device_str="cuda": captured.append((name, source)) or NotLaunched())]
     saved = [(obj, attr, obj.__dict__[attr] if attr in obj.__dict__ else getattr(obj, attr)) for obj, attr, _ in patches]
     for obj, attr, value in patches:
         setattr(obj, attr, value)
     driver.set_active(Driver())
+    caches = torch._inductor.config.patch(force_disable_caches=True)  # generate, never reuse
+    caches.__enter__()
     try:
-        yield captured
+        yield captured, wrappers
     finally:
+        caches.__exit__(None, None, None)
         driver.reset_active()
         for obj, attr, value in reversed(saved):
             setattr(obj, attr, value)
 
 
-def generate_kernels(gm: torch.fx.GraphModule, example_inputs: list) -> list[tuple[str, str]]:
+def generate_kernels(gm: torch.fx.GraphModule, example_inputs: list) -> list[tuple[str, str, int]]:
+    """(name, Triton source, launches per call of the graph) of each kernel Inductor generates."""
     from torch._inductor.compile_fx import compile_fx_inner
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -163,15 +206,17 @@ def generate_kernels(gm: torch.fx.GraphModule, example_inputs: list) -> list[tup
         if isinstance(node.kwargs.get("device"), torch.device):
             node.kwargs = {**node.kwargs, "device": cuda}
     gm.recompile()
-    with pretend_h100() as captured:
+    with pretend_h100() as (captured, wrappers):
         with FakeTensorMode():
             inputs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=cuda)
                       if isinstance(t, torch.Tensor) else t for t in example_inputs]
         try:
             compile_fx_inner(gm, inputs)
-        except Exception:  # noqa: BLE001 - after code generation, loading the module needs a GPU
+        except Exception:  # noqa: BLE001 - what follows the kernels' hand-over needs a GPU
             pass
-    return list(dict.fromkeys(captured))  # a kernel may be handed over twice (code generation is retried)
+    kernels = dict(captured)  # name -> source (a kernel may be handed over twice)
+    wrapper = wrappers[-1] if wrappers else ""
+    return [(name, source, max(1, len(re.findall(rf"\b{name}\.run\(", wrapper)))) for name, source in kernels.items()]
 
 
 def compile_sm90(fn, signature: dict, constants: dict, attrs: dict, num_warps: int) -> str:
@@ -273,6 +318,7 @@ def analyse(graph: str, name: str, source: str, workdir: Path) -> KernelReport:
         return report
     finally:
         triton_heuristics.cached_autotune = original
+    report.signature = dict(meta["signature"])
     attrs = dict(meta["configs"][0]) if meta.get("configs") else {}
     for config in tuned:
         constants = {**meta.get("constants", {}), **config.kwargs}
@@ -298,6 +344,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=8192, help="packed tokens of the traced chunk")
     p.add_argument("--preset", default="base", choices=["tiny", "base", "large"])
+    p.add_argument("--part", choices=["layer", "head"], default="layer",
+                   help="one encoder layer, or the MLM head with the fused decoder + loss")
     p.add_argument("--fused-kernels", action="store_true", help="the layer with model.fused_kernels")
     p.add_argument("--ours-only", action="store_true",
                    help="only model/fused_kernels.py's kernels (every config), no layer trace")
@@ -308,18 +356,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     reports = []
     if not args.ours_only:
         with tempfile.TemporaryDirectory() as tmp:
-            for graph, gm, inputs in trace_layer(args.tokens, args.fused_kernels, args.preset):
-                for name, source in generate_kernels(gm, inputs):
+            traced = (trace_layer(args.tokens, args.fused_kernels, args.preset) if args.part == "layer"
+                      else trace_head(args.tokens, args.preset))
+            for graph, gm, inputs in traced:
+                for name, source, launches in generate_kernels(gm, inputs):
                     reports.append(analyse(graph, name, source, Path(tmp)))
+                    reports[-1].launches = launches
+                    reports[-1].est_instr_ms *= launches
     if args.fused_kernels or args.ours_only:
         reports += our_kernels(args.tokens, args.preset)
-    header = f"{'graph':9} {'kernel':58} {'elements':>11} {'instr/elem':>10} {'est ms':>7}  loads / stores"
-    print(f"{args.preset}, {args.tokens} tokens, fused_kernels={args.fused_kernels}; est ms = elements x "
+    header = f"{'graph':9} {'kernel':58} {'x':>2} {'elements':>11} {'instr/elem':>10} {'est ms':>7}  loads / stores"
+    print(f"{args.preset} {args.part}, {args.tokens} tokens, fused_kernels={args.fused_kernels}; est ms = elements x "
           f"instr/elem at {LANE_INSTR_PER_S / 1e12:.1f}T lane-instr/s (memory time not included)")
     print(header)
     for r in reports:
-        print(f"{r.graph:9} {r.name[:58]:58} {r.elements:>11,} {r.instr_per_element:>10.1f} {r.est_instr_ms:>7.3f}  "
+        print(f"{r.graph:9} {r.name[:58]:58} {r.launches:>2} {r.elements:>11,} {r.instr_per_element:>10.1f} {r.est_instr_ms:>7.3f}  "
               f"{','.join(r.loads)} / {','.join(r.stores)}" + (f"  ERROR {r.error}" if r.error else ""))
+    for graph in ("forward", "backward"):
+        total = sum(r.est_instr_ms for r in reports if r.graph == graph and not r.name.startswith("ours")
+                    and r.est_instr_ms == r.est_instr_ms)
+        print(f"{graph}: Inductor kernels' est ms in total {total:.3f}")
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
     args.out_json.write_text(json.dumps({"args": {**vars(args), "out_json": str(args.out_json)},
                                          "torch": torch.__version__, "gpu_model": H100._asdict(),

@@ -32,16 +32,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_b = None if bias is None else torch.zeros_like(bias, dtype=acc)
         device = x.device.type
         mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        vocab = torch.arange(weight.shape[0], device=x.device)
         for start in range(0, x.shape[0], chunk_rows):
             xs, ts, vs = x[start:start + chunk_rows], target[start:start + chunk_rows], valid[start:start + chunk_rows]
             logits = F.linear(xs, weight, bias).to(acc)  # (c, V)
             lse = torch.logsumexp(logits, dim=-1)  # (c,)
             safe_t = torch.where(vs, ts, torch.zeros_like(ts))[:, None]  # (c, 1)
             loss_sum = loss_sum + ((lse - logits.gather(1, safe_t).squeeze(1)) * vs).sum()
-            # d(mean loss)/d logits = (softmax - one_hot) / count on valid rows, 0 on ignored ones.
-            grad = torch.exp(logits - lse[:, None])
-            grad.scatter_add_(1, safe_t, torch.full_like(safe_t, -1.0, dtype=grad.dtype))
-            grad = grad * (vs.to(grad.dtype) / count)[:, None]
+            # d(mean loss)/d logits = (softmax - one_hot) / count on valid rows, 0 on ignored ones;
+            # the one-hot as a comparison, not an in-place scatter, so the compiler makes this one
+            # pass from the logits to the low-precision gradient (no fp32 copy in memory).
+            prob = torch.exp(logits - lse[:, None])
+            grad = torch.where(vocab[None, :] == safe_t, prob - 1.0, prob) * (vs.to(acc) / count)[:, None]
             # Under autocast the backward matmuls run in the autocast dtype, like the forward one;
             # the weight and bias gradients accumulate in fp32.
             grad = grad.to(mm_dtype)

@@ -38,7 +38,24 @@ def test_layer_kernels_are_generated_for_the_gpu_and_compiled(tmp_path):
     ours_geglu = [k for k in ours if k["name"] == "ours: _geglu_bwd"]
     assert len(inductor_geglu) == 1 and len(ours_geglu) == 1, (inductor_geglu, ours_geglu)
     assert ours_geglu[0]["elements"] == inductor_geglu[0]["elements"]
+    # Kernels that the host code runs more than once are counted per launch (the norm's weight
+    # gradient reduction: once for each of the layer's two norms).
+    assert max(k["launches"] for k in inductor) >= 2, [(k["name"], k["launches"]) for k in inductor]
     # What model/fused_kernels.py is for (torch 2.7's Inductor): the generated GeGLU backward needs
     # at least twice the instructions per element (measured 110 vs 31).
     assert inductor_geglu[0]["instr_per_element"] >= 2 * ours_geglu[0]["instr_per_element"], (
         inductor_geglu[0]["instr_per_element"], ours_geglu[0]["instr_per_element"])
+
+
+def test_head_and_loss_kernels_compile_and_write_the_gradient_in_bf16(tmp_path):
+    """The MLM head with the fused decoder + loss (model/linear_cross_entropy.py): the logits'
+    gradient goes from the logits to bf16 in the kernel that computes it (no fp32 copy in memory:
+    the one-hot is a comparison, not an in-place scatter)."""
+    kernels = _run(tmp_path, "--part", "head")
+    assert kernels and all(k["error"] is None for k in kernels), kernels
+    masked, vocab = int(0.3 * 256), 4096
+    assert not [k["name"] for k in kernels if "scatter" in k["name"]], [k["name"] for k in kernels]
+    gradient = [k for k in kernels if k["elements"] == masked * vocab and "where" in k["name"]]
+    assert len(gradient) == 1, [(k["name"], k["elements"]) for k in kernels]
+    outputs = {ty for name, ty in gradient[0]["signature"].items() if name.startswith("out_ptr")}
+    assert outputs == {"*bf16"}, gradient[0]["signature"]

@@ -109,20 +109,26 @@ def trace_layer(tokens: int, fused_kernels: bool, preset_name: str) -> list[tupl
                          lambda: torch.empty_like(cos), lambda: torch.empty_like(sin)], params)
 
 
+class _HeadAndLoss(torch.nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.head, self.decoder = MLMHead(cfg), torch.nn.Linear(cfg.hidden_size, cfg.vocab_size)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(self.head(x), self.decoder.weight, self.decoder.bias, target)
+
+
 def trace_head(tokens: int, preset_name: str) -> list[tuple[str, torch.fx.GraphModule, list]]:
     """The MLM head on the masked positions (30% of the tokens) and the fused decoder + loss
     (model/linear_cross_entropy.py), bf16 autocast."""
     cfg = preset(preset_name)
-    head, decoder = MLMHead(cfg), torch.nn.Linear(cfg.hidden_size, cfg.vocab_size)
-    params = {**{f"head.{k}": v for k, v in head.named_parameters()},
-              **{f"decoder.{k}": v for k, v in decoder.named_parameters()}}
+    module = _HeadAndLoss(cfg)
+    params = dict(module.named_parameters())
     masked = int(0.3 * tokens)
 
     def step(x, target, *weights):
-        named = dict(zip(params, weights))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = torch.func.functional_call(head, {k[5:]: v for k, v in named.items() if k.startswith("head.")}, (x,))
-            return linear_cross_entropy(out, named["decoder.weight"], named["decoder.bias"], target)
+            return torch.func.functional_call(module, dict(zip(params, weights)), (x, target))
 
     return _trace(step, [lambda: torch.empty(masked, cfg.hidden_size, requires_grad=True),
                          lambda: torch.zeros(masked, dtype=torch.long)], params)
@@ -248,6 +254,8 @@ def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
     element counts of the Inductor kernels they replace (GeGLU: T x I forward, T x 2I backward;
     RoPE: 3 x T x hidden). Launch-time specialisation as on aligned tensors: 16-byte aligned
     pointers, token and width counts divisible by 16."""
+    import triton
+
     from modernbert_train.model import fused_kernels
 
     cfg = preset(preset_name)
@@ -261,7 +269,7 @@ def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
                   v_ptr="*bf16", n_rows="i32", n_heads="i32")
     for graph, backward in (("forward", False), ("backward", True)):
         cases.append((graph, fused_kernels._rotary_qkv, rotary,
-                      dict(HEAD_DIM=head_dim, HALF_BLOCK=triton_next_pow2(head_dim // 2), BACKWARD=backward),
+                      dict(HEAD_DIM=head_dim, HALF_BLOCK=triton.next_power_of_2(head_dim // 2), BACKWARD=backward),
                       3 * head_dim, 3 * tokens * hidden))
     reports = []
     for graph, kernel, signature, fixed, per_block_unit, elements in cases:
@@ -275,25 +283,28 @@ def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
             stats = ptx_stats(compile_sm90(fn, signature, {**fixed, **config.kwargs}, attrs, config.num_warps),
                               config.num_warps, block)
             report.variants.append(dict(constants={**fixed, **config.kwargs}, num_warps=config.num_warps, **stats))
-        best = min(report.variants, key=lambda v: v["instr_per_element"])
-        report.loads, report.stores, report.instr_per_element = best["loads"], best["stores"], best["instr_per_element"]
-        report.est_instr_ms = elements * report.instr_per_element / LANE_INSTR_PER_S * 1e3
-        reports.append(report)
+        reports.append(_summarise(report))
     return reports
 
 
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
+def _summarise(report: KernelReport) -> KernelReport:
+    """Fill the report's headline from its best compiled config (fewest instructions per element)."""
+    if report.variants:
+        best = min(report.variants, key=lambda v: v["instr_per_element"])
+        report.loads, report.stores, report.instr_per_element = best["loads"], best["stores"], best["instr_per_element"]
+        report.est_instr_ms = (report.launches * report.elements * report.instr_per_element
+                               / LANE_INSTR_PER_S * 1e3)
+    return report
 
 
-def analyse(graph: str, name: str, source: str, workdir: Path) -> KernelReport:
+def analyse(graph: str, name: str, source: str, launches: int, workdir: Path) -> KernelReport:
     """Compile one Inductor kernel for sm_90 in each of its autotuning configs."""
     from torch._inductor.runtime import triton_heuristics
 
     elements = 1
     for numel in re.findall(r"^\s+(?:x|y|r0_|r)numel = (\d+)$", source, re.M):
         elements *= int(numel)
-    report = KernelReport(graph, name, elements, 0, [], [], float("nan"), float("nan"))
+    report = KernelReport(graph, name, elements, 0, [], [], float("nan"), float("nan"), launches=launches)
     tuned, meta = [], {}  # Inductor's configs for this kernel, its triton_meta
     # A persistent reduction fixes its reduction block (and without an x dimension, XBLOCK) inside
     # the kernel, not in its configs.
@@ -332,12 +343,8 @@ def analyse(graph: str, name: str, source: str, workdir: Path) -> KernelReport:
             continue
         report.variants.append(dict(constants=constants, num_warps=config.num_warps,
                                     **ptx_stats(ptx, config.num_warps, block)))
-    if report.variants:
-        best = min(report.variants, key=lambda v: v["instr_per_element"])
-        report.loads, report.stores, report.instr_per_element = best["loads"], best["stores"], best["instr_per_element"]
-        report.est_instr_ms = elements * report.instr_per_element / LANE_INSTR_PER_S * 1e3
     report.configs = len(tuned)
-    return report
+    return _summarise(report)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -360,9 +367,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                       else trace_head(args.tokens, args.preset))
             for graph, gm, inputs in traced:
                 for name, source, launches in generate_kernels(gm, inputs):
-                    reports.append(analyse(graph, name, source, Path(tmp)))
-                    reports[-1].launches = launches
-                    reports[-1].est_instr_ms *= launches
+                    reports.append(analyse(graph, name, source, launches, Path(tmp)))
     if args.fused_kernels or args.ours_only:
         reports += our_kernels(args.tokens, args.preset)
     header = f"{'graph':9} {'kernel':58} {'x':>2} {'elements':>11} {'instr/elem':>10} {'est ms':>7}  loads / stores"

@@ -37,12 +37,11 @@ class _LayerNormFromOutput(torch.autograd.Function):
         w = weight.to(acc)
         inv_w = torch.where(w != 0, 1.0 / w, 0.0)  # once per column: no division per element
         y, g = y.to(acc), grad_y.to(acc)
-        x_hat = y * inv_w
-        gw = g * w
-        # d/dx of (x - mean) * rstd * w: project out the mean and the x_hat direction
+        gw, gy = g * w, g * y
+        # d/dx of (x - mean) * rstd * w: project out the mean and the x_hat direction, x_hat = y / w
         # (gw * x_hat = g * y where w != 0; where w == 0, y and the term are 0).
-        grad_x = (gw - gw.mean(-1, keepdim=True) - x_hat * (g * y).mean(-1, keepdim=True)) * rstd
-        grad_w = (g * y).reshape(-1, w.shape[0]).sum(0) * inv_w
+        grad_x = (gw - gw.mean(-1, keepdim=True) - (y * inv_w) * gy.mean(-1, keepdim=True)) * rstd
+        grad_w = gy.reshape(-1, w.shape[0]).sum(0) * inv_w
         return grad_x.to(ctx.input_dtype), grad_w.to(weight.dtype), None
 
 

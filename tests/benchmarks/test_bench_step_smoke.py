@@ -68,7 +68,10 @@ def test_run_specs_parse_options_and_reject_bad_ones():
     assert (plain_norm.low_memory_norm, plain_norm.label) == (False, "-lnmem"), plain_norm
     model = bench_step.build_ours(preset("tiny"), plain_norm)
     assert type(model.model.final_norm) is torch.nn.LayerNorm, type(model.model.final_norm)
-    for bad in ["ours:torch_varlen:full:mem=1.5", "ours:torch_varlen:full:mem=x", "ours:torch_varlen:full:fast",
+    fused = bench_step.RunSpec.parse("ours:sdpa:full:triton")
+    assert (fused.fused_kernels, fused.label) == (True, "triton"), fused
+    assert bench_step.build_ours(preset("tiny"), fused).config.fused_kernels
+    for bad in ["ours:torch_varlen:full:mem=1.5", "hf:sdpa:full:triton", "ours:torch_varlen:full:mem=x", "ours:torch_varlen:full:fast",
                 "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "hf:sdpa:full:-lnmem", "ours:torch_varlen:jit"]:
         with pytest.raises(ValueError, match="run spec"):
             bench_step.RunSpec.parse(bad)

@@ -148,10 +148,11 @@ class RunSpec:
     e.g. `ours:torch_varlen:regional`, `hf:sdpa:none`, `ours:torch_varlen:full:-fused:capacity`.
     Options (ours only) turn off one optimisation each, to measure what it buys: `-fused` (plain
     decoder + cross-entropy over materialised logits), `-slots` (sparse head over exactly the masked
-    positions: a host sync and a data-dependent shape per step), `-lnmem` (nn.LayerNorm, which keeps
-    its fp32 input for backward, instead of model/layer_norm.py), `mem=0.7` (an activation memory
-    budget for the compiler's partitioner: recompute more, save memory), `triton` (GeGLU and RoPE
-    as the hand-written kernels of model/fused_kernels.py, config fused_kernels), `cdt` (inductor's
+    positions: a host sync and a data-dependent shape per step), `-triton` (GeGLU and RoPE as
+    torch.compile generates them instead of the Triton kernels of model/fused_kernels.py, config
+    fused_kernels), `mem=0.7` (an activation memory budget for the compiler's partitioner: recompute
+    more, save memory), `ce` (the loss's per-chunk softmax / gradient as the Triton kernel of
+    model/fused_kernels.py, config fused_loss_kernel), `cdt` (inductor's
     coordinate-descent tuning of kernel block sizes: a longer compile), `capacity` (worst-case
     `cu_seqlens` length instead of the document count rounded up to 64)."""
 
@@ -160,22 +161,22 @@ class RunSpec:
     compile: str  # none | regional | full (transformers: none | full)
     fused_loss: bool = True
     prediction_slots: bool = True
-    low_memory_norm: bool = True
+    fused_kernels: bool = True
     doc_slots: str = "bucket"
     # The compiler's activation memory budget for this run (train/compile.py; 1.0: save what the
     # partitioner picks for speed; lower: recompute more to save activation memory).
     memory_budget: float = 1.0
     coordinate_descent_tuning: bool = False
-    fused_kernels: bool = False
+    fused_loss_kernel: bool = False
 
     @property
     def label(self) -> str:
         off = [name for name, on in (("-fused", self.fused_loss), ("-slots", self.prediction_slots),
-                                     ("-lnmem", self.low_memory_norm)) if not on]
+                                     ("-triton", self.fused_kernels)) if not on]
         off += [self.doc_slots] if self.doc_slots != "bucket" else []
         off += [f"mem={self.memory_budget:g}"] if self.memory_budget != 1.0 else []
         off += ["cdt"] if self.coordinate_descent_tuning else []
-        off += ["triton"] if self.fused_kernels else []
+        off += ["ce"] if self.fused_loss_kernel else []
         return ",".join(off) or "-"
 
     @staticmethod
@@ -187,7 +188,7 @@ class RunSpec:
         options = set(parts[3:])
         budgets = {o for o in options if o.startswith("mem=")}
         options -= budgets
-        unknown = options - {"-fused", "-slots", "-lnmem", "capacity", "cdt", "triton"}
+        unknown = options - {"-fused", "-slots", "-triton", "capacity", "cdt", "ce"}
         budget = 1.0
         if budgets:
             try:
@@ -198,12 +199,12 @@ class RunSpec:
                 unknown.add("mem= (one budget in (0, 1])")
         if unknown or ((options or budgets) and parts[0] == "hf") or (parts[0] == "hf" and parts[2] == "regional"):
             raise ValueError(f"run spec {text!r}: options {sorted(unknown) or sorted(options)} / compile "
-                             "mode not valid here (options -fused -slots -lnmem capacity cdt triton mem= are for ours; "
+                             "mode not valid here (options -fused -slots -triton capacity cdt ce mem= are for ours; "
                              "transformers compiles none or full)")
         return RunSpec(parts[0], parts[1], parts[2], fused_loss="-fused" not in options,
-                       prediction_slots="-slots" not in options, low_memory_norm="-lnmem" not in options,
+                       prediction_slots="-slots" not in options, fused_kernels="-triton" not in options,
                        doc_slots="capacity" if "capacity" in options else "bucket", memory_budget=budget,
-                       coordinate_descent_tuning="cdt" in options, fused_kernels="triton" in options)
+                       coordinate_descent_tuning="cdt" in options, fused_loss_kernel="ce" in options)
 
 
 @dataclass
@@ -236,7 +237,7 @@ class RunResult:
 
 def build_ours(cfg: ModernBertConfig, spec: RunSpec) -> torch.nn.Module:
     return ModernBertForMaskedLM(replace(cfg, attention_backend=spec.attention, fused_head_loss=spec.fused_loss,
-                                         low_memory_norm=spec.low_memory_norm, fused_kernels=spec.fused_kernels))
+                                         fused_kernels=spec.fused_kernels, fused_loss_kernel=spec.fused_loss_kernel))
 
 
 def build_hf(cfg: ModernBertConfig, attn_implementation: str) -> torch.nn.Module:

@@ -35,12 +35,14 @@ class ModernBertConfig:
     # In training, fuse the decoder projection with its cross-entropy over row chunks
     # (model/linear_cross_entropy.py): no (masked tokens x vocab) logits in memory.
     fused_head_loss: bool = True
-    # LayerNorms whose backward keeps their (bf16 under autocast) output instead of their fp32
-    # input (model/layer_norm.py): same forward, 6 KB less per token and layer for ModernBERT-base.
-    low_memory_norm: bool = True
     # GeGLU and RoPE (forward and backward) as hand-written Triton kernels (model/fused_kernels.py)
-    # instead of what torch.compile generates. Needs triton; CPU tensors use the PyTorch path.
-    fused_kernels: bool = False
+    # instead of what torch.compile generates: +5-6% tokens/s and -6 GiB at 96 x 1024 on an H200
+    # (benchmarks/README.md). CUDA tensors only; CPU tensors, or no triton installed (a warning),
+    # take the PyTorch definitions.
+    fused_kernels: bool = True
+    # The loss's per-chunk softmax / gradient as a Triton kernel (model/fused_kernels.py:
+    # cross_entropy_grad) instead of what torch.compile generates. Off until a GPU run times it.
+    fused_loss_kernel: bool = False
     # sdpa | flex | flash | torch_varlen (model/attention.py); a run config may also say auto
     # (the fastest available, resolved by the trainer).
     attention_backend: str = "sdpa"

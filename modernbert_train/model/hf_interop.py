@@ -23,8 +23,8 @@ WEIGHTS_FILE = "model.safetensors"
 TIED_KEY = "decoder.weight"
 # transformers' config fields that mean the same thing as ours.
 _SHARED_FIELDS = [f.name for f in fields(ModernBertConfig)
-                  if f.name not in ("preset", "sparse_prediction", "fused_head_loss", "low_memory_norm",
-                                    "fused_kernels", "attention_backend")]
+                  if f.name not in ("preset", "sparse_prediction", "fused_head_loss", "fused_kernels", "fused_loss_kernel",
+                                    "attention_backend")]
 
 
 def hf_config_dict(config: ModernBertConfig) -> dict:

@@ -8,7 +8,7 @@ What is notable, top to bottom:
   sliding window (|i - j| <= local_attention // 2). Global and local layers use their own RoPE
   theta. The kernel is chosen by name (model/attention.py); the model never branches on it.
 - GeGLU MLP: Wi -> (input, gate), GELU(input) * gate -> Wo; no biases.
-- LayerNorms without bias; their backward works from their output (model/layer_norm.py).
+- LayerNorms without bias.
 - Final LayerNorm, then the MLM head: dense -> GELU -> LayerNorm -> decoder tied to the token
   embeddings; the decoder's bias is the only bias in the model. With labels, the head runs only
   on the masked positions (sparse prediction).
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,8 +31,7 @@ import torch.nn.functional as F
 
 from modernbert_train.model.attention import get_backend, prepare_attention, token_document_ids
 from modernbert_train.model.config import ModernBertConfig
-from modernbert_train.model.layer_norm import LayerNorm
-from modernbert_train.model.linear_cross_entropy import linear_cross_entropy
+from modernbert_train.model.linear_cross_entropy import cross_entropy_grad, linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -90,22 +90,36 @@ def geglu_activation(h: torch.Tensor) -> torch.Tensor:
 
 def pointwise_ops(config: ModernBertConfig):
     """(rotary_qkv, geglu_activation): the PyTorch definitions above, or with `fused_kernels` the
-    Triton kernels of model/fused_kernels.py (same signatures)."""
+    Triton kernels of model/fused_kernels.py (same signatures; CPU tensors take the definitions
+    above inside them). Without triton (e.g. torch's CPU-only wheels) a warning and the definitions."""
     if not config.fused_kernels:
         return rotary_qkv, geglu_activation
     try:
         fused_kernels = importlib.import_module("modernbert_train.model.fused_kernels")
     except ImportError as err:
-        raise ImportError(f"model.fused_kernels=true needs triton ({err}); it comes with torch's CUDA "
-                          "wheels, or set model.fused_kernels=false") from err
+        warnings.warn(f"model.fused_kernels: triton is not importable ({err}), so GeGLU and RoPE run "
+                      "as PyTorch ops (slower on a GPU: triton comes with torch's CUDA wheels); set "
+                      "model.fused_kernels=false to silence this", stacklevel=2)
+        return rotary_qkv, geglu_activation
     return fused_kernels.rotary_qkv, fused_kernels.geglu
+
+
+def loss_chunk_op(config: ModernBertConfig):
+    """The fused decoder + loss's per-chunk math: model/linear_cross_entropy.py's
+    cross_entropy_grad, or with `fused_loss_kernel` the same as a Triton kernel."""
+    if not config.fused_loss_kernel:
+        return cross_entropy_grad
+    try:
+        fused_kernels = importlib.import_module("modernbert_train.model.fused_kernels")
+    except ImportError as err:
+        raise ImportError(f"model.fused_loss_kernel=true needs triton ({err}); it comes with torch's "
+                          "CUDA wheels, or set model.fused_loss_kernel=false") from err
+    return fused_kernels.cross_entropy_grad
 
 
 # --- blocks ----------------------------------------------------------------------------------------
 
 def layer_norm(config: ModernBertConfig) -> nn.LayerNorm:
-    if config.low_memory_norm:  # same forward and parameter; backward from the output
-        return LayerNorm(config.hidden_size, eps=config.norm_eps)
     return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
 
 
@@ -233,6 +247,7 @@ class ModernBertForMaskedLM(nn.Module):
         self.head = MLMHead(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
         self.decoder.weight = self.model.embeddings.tok_embeddings.weight  # tied
+        self.loss_chunk_grad = loss_chunk_op(config)
         self.reset_parameters()
 
     @staticmethod
@@ -306,7 +321,7 @@ class ModernBertForMaskedLM(nn.Module):
             if self.training and torch.is_grad_enabled() and self.config.fused_head_loss:
                 # No (M, V) logits in training (model/linear_cross_entropy.py); nothing reads them.
                 loss = linear_cross_entropy(head_out, self.decoder.weight, self.decoder.bias, target,
-                                            ignore_index=IGNORE_INDEX)
+                                            ignore_index=IGNORE_INDEX, chunk_grad=self.loss_chunk_grad)
                 return MLMOutput(None, loss, num_predictions, masked, target)
             logits = self.decoder(head_out)  # (M, V)
             loss = F.cross_entropy(_at_least_fp32(logits), target, ignore_index=IGNORE_INDEX)

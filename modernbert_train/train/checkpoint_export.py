@@ -11,6 +11,10 @@ import torch
 from modernbert_train.model.config import ModernBertConfig
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
 
+# Options earlier versions wrote into a checkpoint's model config that no longer exist. They chose
+# how a step ran, never what the weights mean, so they are dropped when such a checkpoint is read.
+RETIRED_FIELDS = frozenset({"low_memory_norm"})
+
 
 def load_model_from_checkpoint(path: str | Path) -> ModernBertForMaskedLM:
     path = Path(path)
@@ -21,7 +25,8 @@ def load_model_from_checkpoint(path: str | Path) -> ModernBertForMaskedLM:
     run_info = state.get("callbacks", {}).get("RunInfo")
     if not run_info or "model_config" not in run_info:
         raise ValueError(f"{path} has no model config (RunInfo callback state): not a modernbert-train checkpoint?")
-    config = ModernBertConfig(**run_info["model_config"])
+    saved = {k: v for k, v in run_info["model_config"].items() if k not in RETIRED_FIELDS}
+    config = ModernBertConfig(**saved)
     config.attention_backend = "sdpa"
     model = ModernBertForMaskedLM(config)
     weights = {k.removeprefix("model.").removeprefix("_orig_mod."): v for k, v in state["model"].items()}

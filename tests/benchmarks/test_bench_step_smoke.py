@@ -64,40 +64,40 @@ def test_run_specs_parse_options_and_reject_bad_ones():
     spec = bench_step.RunSpec.parse("ours:torch_varlen:full:mem=0.7:cdt")
     assert (spec.memory_budget, spec.coordinate_descent_tuning, spec.label) == (0.7, True, "mem=0.7,cdt"), spec
     assert bench_step.RunSpec.parse("hf:sdpa:full").label == "-"
-    plain_norm = bench_step.RunSpec.parse("ours:sdpa:full:-lnmem")
-    assert (plain_norm.low_memory_norm, plain_norm.label) == (False, "-lnmem"), plain_norm
-    model = bench_step.build_ours(preset("tiny"), plain_norm)
-    assert type(model.model.final_norm) is torch.nn.LayerNorm, type(model.model.final_norm)
-    fused = bench_step.RunSpec.parse("ours:sdpa:full:triton")
-    assert (fused.fused_kernels, fused.label) == (True, "triton"), fused
-    assert bench_step.build_ours(preset("tiny"), fused).config.fused_kernels
+    assert bench_step.build_ours(preset("tiny"), bench_step.RunSpec.parse("ours:sdpa:full")).config.fused_kernels
+    compiler_ops = bench_step.RunSpec.parse("ours:sdpa:full:-triton")
+    assert (compiler_ops.fused_kernels, compiler_ops.label) == (False, "-triton"), compiler_ops
+    assert not bench_step.build_ours(preset("tiny"), compiler_ops).config.fused_kernels
+    loss_kernel = bench_step.RunSpec.parse("ours:sdpa:full:ce")
+    assert (loss_kernel.fused_loss_kernel, loss_kernel.label) == (True, "ce"), loss_kernel
+    assert bench_step.build_ours(preset("tiny"), loss_kernel).config.fused_loss_kernel
     for bad in ["ours:torch_varlen:full:mem=1.5", "hf:sdpa:full:triton", "ours:torch_varlen:full:mem=x", "ours:torch_varlen:full:fast",
-                "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "hf:sdpa:full:-lnmem", "ours:torch_varlen:jit"]:
+                "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "hf:sdpa:full:-triton", "ours:sdpa:full:triton", "hf:sdpa:full:ce", "ours:torch_varlen:jit"]:
         with pytest.raises(ValueError, match="run spec"):
             bench_step.RunSpec.parse(bad)
 
 
 @pytest.mark.parametrize("compile_mode", ["none", "full"])
 def test_saved_activations_mode_counts_what_backward_keeps(tmp_path, compile_mode):
-    """fp32 on CPU: nn.LayerNorm (-lnmem) additionally keeps each norm's input, a (tokens, hidden)
-    fp32 tensor per norm whose output feeds a matmul (tiny preset: 2 + 2 x 3 of them). Eager, that
-    is the exact difference; compiled, the partitioner re-plans around it and most of it remains."""
+    """fp32 on CPU: the plain decoder + cross-entropy (-fused) keeps the (prediction slots, vocab)
+    probabilities for backward; the fused loss recomputes its logits chunk by chunk and keeps none."""
     out = tmp_path / "saved.json"
     rc = bench_step.main(["--preset", "tiny", "--seq-len", "128", "--seqs-per-chunk", "8", "--device", "cpu",
                           "--saved-activations", "--runs", f"ours:sdpa:{compile_mode}",
-                          f"ours:sdpa:{compile_mode}:-lnmem", "--out-json", str(out)])
+                          f"ours:sdpa:{compile_mode}:-fused", "--out-json", str(out)])
     torch._dynamo.reset()
     rows = {r["options"]: r for r in json.loads(out.read_text())["results"]}
-    assert rc == 0 and sorted(rows) == ["-", "-lnmem"], rows
-    ours, plain = rows["-"], rows["-lnmem"]
-    tokens, hidden = 8 * 128, preset("tiny").hidden_size
-    assert ours["chunk_tokens"] == tokens
+    assert rc == 0 and sorted(rows) == ["-", "-fused"], rows
+    ours, plain = rows["-"], rows["-fused"]
+    assert ours["chunk_tokens"] == 8 * 128
     assert ours["saved_bytes"] == sum(ours["groups"].values())
-    norm_inputs = 8 * tokens * hidden * 4
-    fewer = plain["saved_bytes"] - ours["saved_bytes"]
-    if compile_mode == "none":
-        key = f"({tokens}, {hidden}) float32"
-        assert plain["groups"][key] - ours["groups"][key] == norm_inputs, (plain["groups"][key], ours["groups"][key])
-        assert fewer >= norm_inputs, (plain["saved_bytes"], ours["saved_bytes"])
-    else:
-        assert fewer >= 0.75 * norm_inputs, (plain["saved_bytes"], ours["saved_bytes"], norm_inputs)
+    vocab = preset("tiny").vocab_size
+
+    def logits(row):
+        return {group: size for group, size in row["groups"].items() if group.endswith(f", {vocab}) float32")}
+
+    assert logits(ours) == {} and len(logits(plain)) == 1, (ours["groups"], plain["groups"])
+    (group, size), = logits(plain).items()
+    slots = int(group[1:].split(",")[0])
+    assert size == slots * vocab * 4 and slots >= 0.25 * 8 * 128, (group, size)  # 30% masked
+    assert plain["saved_bytes"] > ours["saved_bytes"], (plain["saved_bytes"], ours["saved_bytes"])

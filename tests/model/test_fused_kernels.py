@@ -1,8 +1,8 @@
 """model/fused_kernels.py: the Triton GeGLU and RoPE kernels against the PyTorch definitions.
 
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
-before any kernel is defined), so the CPU suite checks the kernels' own indexing and math, not a
-fallback.
+before any kernel is defined, and `interpret_cpu_tensors`, switched on here), so the CPU suite
+checks the kernels' own indexing and math, not a fallback.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from modernbert_train.model import linear_cross_entropy as linear_cross_entropy_module
 from modernbert_train.model.config import preset
 from modernbert_train.model.modernbert import (ModernBertForMaskedLM, RotaryEmbedding, geglu_activation,
                                                pointwise_ops, rotary_qkv)
@@ -23,6 +24,11 @@ pytest.importorskip("triton", reason="the fused kernels are written in Triton")
 from modernbert_train.model import fused_kernels  # noqa: E402 - only where triton is installed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _kernels_take_cpu_tensors_in_the_interpreter(monkeypatch):
+    monkeypatch.setattr(fused_kernels, "interpret_cpu_tensors", True)
 # Computed in fp32, rounded once to bf16: within 2^-8 relative of an exact reference on the GPU
 # (round to nearest); Triton's interpreter truncates, within 2^-7.
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6),
@@ -52,6 +58,56 @@ def test_geglu_matches_exact_gelu_times_gate(dtype):
     assert out.dtype == dh.dtype == dtype and out.shape == (37, 200)
     torch.testing.assert_close(out.double(), want, **TOLERANCE[dtype])
     torch.testing.assert_close(dh.double(), want_dh, **TOLERANCE[dtype])
+
+
+def _loss_inputs(rows: int, vocab: int, dtype: torch.dtype, seed: int = 5):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (4 * torch.randn(rows, vocab, generator=gen)).to(DEVICE, dtype)
+    target = torch.randint(0, vocab, (rows,), generator=gen).to(DEVICE)
+    scale = torch.rand(rows, generator=gen)
+    scale[::3] = 0.0  # ignored rows
+    return logits, target, scale.to(DEVICE)
+
+
+@pytest.mark.parametrize("column_sum", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cross_entropy_grad_matches_exact_softmax_gradient(dtype, column_sum):
+    """37 rows (not a multiple of the 8 per program) x 1000 classes (not a multiple of any column
+    block): loss = logsumexp - target logit, gradient = (softmax - one_hot) * row scale, rounded
+    once to the output dtype, and the bias gradient = column sums of the rounded gradient."""
+    logits, target, scale = _loss_inputs(37, 1000, dtype)
+    assert fused_kernels._use_triton(logits), "the test must exercise the kernel, not the CPU fallback"
+    grad, row_loss, columns = fused_kernels.cross_entropy_grad(logits, target, scale, dtype, column_sum)
+    exact = logits.double()
+    lse = torch.logsumexp(exact, dim=-1)
+    one_hot = torch.nn.functional.one_hot(target, 1000).double()
+    want = (torch.softmax(exact, dim=-1) - one_hot) * scale.double()[:, None]
+    assert (grad.dtype, row_loss.dtype, columns.dtype) == (dtype, torch.float32, torch.float32)
+    torch.testing.assert_close(row_loss.double(), lse - exact.gather(1, target[:, None]).squeeze(1),
+                               rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad.double(), want, **{k: 2 * v for k, v in TOLERANCE[dtype].items()})
+    assert torch.equal(grad[::3], torch.zeros_like(grad[::3])), "ignored rows have no gradient"
+    if column_sum:
+        torch.testing.assert_close(columns.double(), grad.double().sum(0), rtol=1e-5, atol=1e-6)
+    else:
+        assert columns.shape == (0,)
+
+
+def test_linear_cross_entropy_with_the_kernel_matches_the_pytorch_chunks():
+    """The whole fused decoder + loss, several chunks, one of them short: same loss and gradients."""
+    from modernbert_train.model.linear_cross_entropy import linear_cross_entropy
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(50, 16, generator=gen).to(DEVICE).requires_grad_()
+    w = torch.randn(300, 16, generator=gen).to(DEVICE).requires_grad_()
+    b = torch.randn(300, generator=gen).to(DEVICE).requires_grad_()
+    target = torch.randint(0, 300, (50,), generator=gen).to(DEVICE)
+    target[::4] = -100
+    results = []
+    for chunk_grad in ({}, dict(chunk_grad=fused_kernels.cross_entropy_grad)):
+        loss = linear_cross_entropy(x, w, b, target, chunk_rows=16, **chunk_grad)
+        results.append((loss, *torch.autograd.grad(3.0 * loss, (x, w, b))))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def _rotary_inputs(tokens: int, heads: int, head_dim: int, dtype: torch.dtype):
@@ -120,6 +176,9 @@ def test_custom_ops_pass_torch_library_opcheck():
     torch.library.opcheck(fused_kernels.geglu, (h,))
     torch.library.opcheck(fused_kernels.rotary_qkv, (qkv, cos, sin))
     torch.library.opcheck(fused_kernels.geglu_backward, (h.detach(), torch.randn(10, 6, device=DEVICE)))
+    for column_sum in (True, False):
+        torch.library.opcheck(fused_kernels.cross_entropy_grad,
+                              (*_loss_inputs(11, 40, torch.float32), torch.float32, column_sum))
 
 
 def test_ops_compile_into_one_graph_with_their_gradients():
@@ -127,9 +186,13 @@ def test_ops_compile_into_one_graph_with_their_gradients():
     qkv, cos, sin = _rotary_inputs(tokens=24, heads=2, head_dim=8, dtype=torch.float32)
     h = torch.randn(24, 12, device=DEVICE, requires_grad=True)
 
+    logits, target, scale = _loss_inputs(9, 40, torch.float32)
+
     def step(qkv, h):
         q, k, v = fused_kernels.rotary_qkv(qkv, cos, sin)
-        return (q * k).sum() + v.sum() + fused_kernels.geglu(h).square().sum()
+        grad, row_loss, columns = fused_kernels.cross_entropy_grad(logits, target, scale, torch.float32, True)
+        return ((q * k).sum() + v.sum() + fused_kernels.geglu(h).square().sum()
+                + ((grad * logits).sum() + row_loss.sum() + columns.sum()) * h.mean())
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
@@ -142,7 +205,8 @@ def test_ops_compile_into_one_graph_with_their_gradients():
 
 def _tiny_model(fused: bool) -> ModernBertForMaskedLM:
     cfg = preset("tiny")
-    cfg.num_hidden_layers, cfg.attention_backend, cfg.fused_kernels = 3, "sdpa", fused
+    cfg.num_hidden_layers, cfg.attention_backend = 3, "sdpa"
+    cfg.fused_kernels = cfg.fused_loss_kernel = fused
     torch.manual_seed(0)
     return ModernBertForMaskedLM(cfg).to(DEVICE).train()
 
@@ -159,6 +223,7 @@ def test_model_with_fused_kernels_matches_pytorch_path(compiled):
         torch._dynamo.reset()
         model = _tiny_model(fused)
         assert (model.model.layers[0].mlp.act is fused_kernels.geglu) == fused
+        assert (model.loss_chunk_grad is fused_kernels.cross_entropy_grad) == fused
         forward = torch.compile(model) if compiled else model
         loss = forward(**batch).loss
         loss.backward()
@@ -170,13 +235,21 @@ def test_model_with_fused_kernels_matches_pytorch_path(compiled):
         torch.testing.assert_close(grads_fused[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_fused_kernels_without_triton_name_the_fix(monkeypatch):
+def test_fused_kernels_are_the_default_and_cpu_tensors_skip_the_interpreter_unless_asked(monkeypatch):
+    """On by default (the GPU's faster path); a CPU training run under an inherited
+    TRITON_INTERPRET=1 still computes in PyTorch, not step by step in the interpreter."""
+    assert preset("tiny").fused_kernels and preset("base").fused_kernels
+    assert pointwise_ops(preset("tiny")) == (fused_kernels.rotary_qkv, fused_kernels.geglu)
+    monkeypatch.setattr(fused_kernels, "interpret_cpu_tensors", False)
+    assert not fused_kernels._use_triton(torch.zeros(2))
+
+
+def test_without_triton_a_warning_names_the_fix_and_the_pytorch_ops_run(monkeypatch):
     monkeypatch.delitem(sys.modules, "modernbert_train.model.fused_kernels")
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
     cfg = preset("tiny")
-    cfg.fused_kernels = True
-    with pytest.raises(ImportError, match="model.fused_kernels=true needs triton"):
-        pointwise_ops(cfg)
+    with pytest.warns(UserWarning, match="triton is not importable.*model.fused_kernels=false"):
+        assert pointwise_ops(cfg) == (rotary_qkv, geglu_activation)
 
 
 def test_kernels_compile_for_hopper_with_128_bit_memory_access(tmp_path):
@@ -192,22 +265,34 @@ def test_kernels_compile_for_hopper_with_128_bit_memory_access(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = json.loads(out.read_text())["kernels"]
     assert [k["name"] for k in kernels] == ["ours: _geglu_fwd", "ours: _geglu_bwd", "ours: _rotary_qkv",
-                                            "ours: _rotary_qkv backward"], kernels
+                                            "ours: _rotary_qkv backward", "ours: _cross_entropy_grad"], kernels
     assert [len(k["variants"]) for k in kernels] == [len(fused_kernels._GEGLU_CONFIGS)] * 2 + [
-        len(fused_kernels._rotary_qkv.configs)] * 2
-    for kernel in kernels:
+        len(fused_kernels._rotary_qkv.configs)] * 2 + [len(fused_kernels._cross_entropy_grad.configs)]
+    for kernel in kernels[:4]:
         for variant in kernel["variants"]:
             assert (variant["loads"], variant["stores"]) == (["ld.global.v4.b32"], ["st.global.v4.b32"]), (
                 kernel["name"], variant)
+    for variant in kernels[4]["variants"]:  # the logits and the gradient 16 bytes at a time (plus per-row scalars)
+        assert "ld.global.v4.b32" in variant["loads"] and "st.global.v4.b32" in variant["stores"], variant
+        assert variant["instr_per_element"] < 60, variant  # Inductor's loss kernel: ~600 (torch 2.7)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", ["geglu", "rotary_qkv"])
+@pytest.mark.parametrize("op", ["geglu", "rotary_qkv", "cross_entropy_grad"])
 def test_cuda_kernels_at_base_width_under_bf16(op):
-    """ModernBERT-base widths (2 x 1152 GeGLU, 12 heads x 64), 3000 tokens, bf16 as under autocast."""
+    """ModernBERT-base widths (2 x 1152 GeGLU, 12 heads x 64, vocab 50368), 3000 tokens, bf16 as
+    under autocast."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     gen = torch.Generator().manual_seed(3)
+    if op == "cross_entropy_grad":
+        logits, target, scale = _loss_inputs(3000, 50368, torch.bfloat16)
+        grad, row_loss, columns = fused_kernels.cross_entropy_grad(logits, target, scale, torch.bfloat16, True)
+        want = linear_cross_entropy_module.cross_entropy_grad(logits.float(), target, scale, torch.float32, True)
+        torch.testing.assert_close(grad.float(), want[0], rtol=2 ** -8, atol=1e-6)
+        torch.testing.assert_close(row_loss, want[1], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(columns, grad.float().sum(0), rtol=1e-4, atol=1e-5)
+        return
     if op == "geglu":
         inputs = ((3 * torch.randn(3000, 2304, generator=gen)).cuda().bfloat16().requires_grad_(),)
         grads = [torch.randn(3000, 1152, generator=gen).cuda().bfloat16()]

@@ -1,0 +1,36 @@
+"""train/checkpoint_export.py: the plain model back from a checkpoint's state and RunInfo config."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from modernbert_train.model.config import preset
+from modernbert_train.model.modernbert import ModernBertForMaskedLM
+from modernbert_train.train.checkpoint_export import load_model_from_checkpoint
+
+
+def _checkpoint(path, model_config: dict, model: torch.nn.Module) -> None:
+    weights = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
+    torch.save({"state": {"callbacks": {"RunInfo": {"model_config": model_config}}, "model": weights}}, path)
+
+
+def test_weights_come_back_and_retired_options_of_older_checkpoints_are_dropped(tmp_path):
+    cfg = preset("tiny")
+    cfg.num_hidden_layers = 2
+    torch.manual_seed(0)
+    model = ModernBertForMaskedLM(cfg)
+    # Written by a version that still had the low-memory LayerNorm option.
+    _checkpoint(tmp_path / "old.pt", {**asdict(cfg), "low_memory_norm": True}, model)
+    loaded = load_model_from_checkpoint(tmp_path / "old.pt")
+    assert loaded.config.num_hidden_layers == 2 and loaded.config.attention_backend == "sdpa"
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_a_config_field_nobody_ever_wrote_is_still_an_error(tmp_path):
+    cfg = preset("tiny")
+    _checkpoint(tmp_path / "odd.pt", {**asdict(cfg), "hidden_sizes": 3}, ModernBertForMaskedLM(cfg))
+    with pytest.raises(TypeError, match="hidden_sizes"):
+        load_model_from_checkpoint(tmp_path / "odd.pt")

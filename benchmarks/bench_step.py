@@ -152,7 +152,8 @@ class RunSpec:
     torch.compile generates them instead of the Triton kernels of model/fused_kernels.py, config
     fused_kernels), `mem=0.7` (an activation memory budget for the compiler's partitioner: recompute
     more, save memory), `ce` (the loss's per-chunk softmax / gradient as the Triton kernel of
-    model/fused_kernels.py, config fused_loss_kernel), `cdt` (inductor's
+    model/fused_kernels.py, config fused_loss_kernel), `win` (the local layers' attention as the
+    Triton kernels of model/window_attention.py, config window_attention_kernel), `cdt` (inductor's
     coordinate-descent tuning of kernel block sizes: a longer compile), `capacity` (worst-case
     `cu_seqlens` length instead of the document count rounded up to 64)."""
 
@@ -168,6 +169,7 @@ class RunSpec:
     memory_budget: float = 1.0
     coordinate_descent_tuning: bool = False
     fused_loss_kernel: bool = False
+    window_attention_kernel: bool = False
 
     @property
     def label(self) -> str:
@@ -177,6 +179,7 @@ class RunSpec:
         off += [f"mem={self.memory_budget:g}"] if self.memory_budget != 1.0 else []
         off += ["cdt"] if self.coordinate_descent_tuning else []
         off += ["ce"] if self.fused_loss_kernel else []
+        off += ["win"] if self.window_attention_kernel else []
         return ",".join(off) or "-"
 
     @staticmethod
@@ -188,7 +191,7 @@ class RunSpec:
         options = set(parts[3:])
         budgets = {o for o in options if o.startswith("mem=")}
         options -= budgets
-        unknown = options - {"-fused", "-slots", "-triton", "capacity", "cdt", "ce"}
+        unknown = options - {"-fused", "-slots", "-triton", "capacity", "cdt", "ce", "win"}
         budget = 1.0
         if budgets:
             try:
@@ -199,12 +202,13 @@ class RunSpec:
                 unknown.add("mem= (one budget in (0, 1])")
         if unknown or ((options or budgets) and parts[0] == "hf") or (parts[0] == "hf" and parts[2] == "regional"):
             raise ValueError(f"run spec {text!r}: options {sorted(unknown) or sorted(options)} / compile "
-                             "mode not valid here (options -fused -slots -triton capacity cdt ce mem= are for ours; "
+                             "mode not valid here (options -fused -slots -triton capacity cdt ce win mem= are for ours; "
                              "transformers compiles none or full)")
         return RunSpec(parts[0], parts[1], parts[2], fused_loss="-fused" not in options,
                        prediction_slots="-slots" not in options, fused_kernels="-triton" not in options,
                        doc_slots="capacity" if "capacity" in options else "bucket", memory_budget=budget,
-                       coordinate_descent_tuning="cdt" in options, fused_loss_kernel="ce" in options)
+                       coordinate_descent_tuning="cdt" in options, fused_loss_kernel="ce" in options,
+                       window_attention_kernel="win" in options)
 
 
 @dataclass
@@ -237,7 +241,8 @@ class RunResult:
 
 def build_ours(cfg: ModernBertConfig, spec: RunSpec) -> torch.nn.Module:
     return ModernBertForMaskedLM(replace(cfg, attention_backend=spec.attention, fused_head_loss=spec.fused_loss,
-                                         fused_kernels=spec.fused_kernels, fused_loss_kernel=spec.fused_loss_kernel))
+                                         fused_kernels=spec.fused_kernels, fused_loss_kernel=spec.fused_loss_kernel,
+                                         window_attention_kernel=spec.window_attention_kernel))
 
 
 def build_hf(cfg: ModernBertConfig, attn_implementation: str) -> torch.nn.Module:

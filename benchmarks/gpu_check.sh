@@ -5,14 +5,15 @@
 # machine, with carry [".whl"] (made here by ../shared/device/fetch-wheels.sh .whl, plus boto3,
 # botocore, s3transfer, jmespath and zstandard wheels for Python 3.12):
 #   bash benchmarks/gpu_check.sh [STAGE...]     (default: every stage, in the order below)
-# Stages: pytest step1024x32 kernels step1024x96 pytest-compiled saved large tuning step8192x12 trainer.
+# Stages: pytest step1024x96 step1024x32 kernels pytest-compiled saved large tuning step8192x12 trainer.
 # COMPILED_TESTS=flex (a pytest -k expression) narrows the last stage.
 # To compare against an older version, export its tree (git archive REV modernbert_train benchmarks
 # | tar -x -C .whl/old_src) and run its bench_step.py with PYTHONPATH=/tmp/site:.whl/old_src.
 # Each stage has its own time limit (T_* to override). All stages need ~900 s, more than one lent
 # session's 15 device minutes with the machine's start: run the default order in one call with
-# timeout_s=600 (most important first; the limits up to step1024x96 sum to 590 s), then
-# `pytest-compiled saved large tuning step8192x12 trainer` if time is left. A step benchmark
+# timeout_s=600 (most important first, in this file's order; pytest + step1024x96 + step1024x32
+# limits sum to 500 s, kernels' 90 s fits if the machine starts warm), then `pytest-compiled saved
+# large tuning step8192x12 trainer` if time is left. A step benchmark
 # rewrites its JSON after every configuration, so a stage cut short keeps what it measured.
 set -uo pipefail
 OUT=${OUT:-bench_results/gpu}
@@ -35,7 +36,7 @@ export WANDB_MODE=disabled
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-STAGES=" ${*:-pytest step1024x32 kernels step1024x96 pytest-compiled saved large tuning step8192x12 trainer} "
+STAGES=" ${*:-pytest step1024x96 step1024x32 kernels pytest-compiled saved large tuning step8192x12 trainer} "
 want() { [[ $STAGES == *" $1 "* ]]; }
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -54,22 +55,23 @@ V=torch_varlen
 # a per-test limit so a hung test cannot hide the summary). The compiled-model tests run last.
 want pytest && stage pytest ${T_PYTEST:-60} $PY -m pytest -v -ra -m gpu --timeout 30 --tb=short \
   -p no:cacheprovider tests/model
+# ModernBERT's own microbatch (96 x 1024: the memory target) with a kernel profile, ce, win and
+# -triton as above (2026-11-27, H200: 408k tok/s / 48.7 GiB with the kernels, 385k / 54.8 GiB without).
+# ours:$V:full:mem=0.7 trades speed for memory (the compiler's activation memory budget).
+want step1024x96 && step 1024x96 ${T_1024x96:-240} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
+  --baseline none --profile 2 --runs ours:$V:full ours:$V:full:ce ours:$V:full:win ours:$V:full:ce:win
 # Pretraining shape, 32 x 1024: ours (the recipe's full compile) vs transformers eager and compiled,
-# ours with GeGLU / RoPE as torch.compile generates them (-triton: config fused_kernels off), and
-# ours with the loss's Triton kernel (ce: config fused_loss_kernel, not yet timed on a GPU).
+# and ours with the loss's Triton kernel (ce: config fused_loss_kernel) and the local layers' Triton
+# attention (win: config window_attention_kernel), neither timed on a GPU yet (each alone: step1024x96).
+# -triton: GeGLU / RoPE as torch.compile generates them (config fused_kernels off).
 # Ablations of single optimisations: add e.g. ours:$V:regional:-fused ours:$V:regional:-slots
 # ours:flex:regional ours:$V:none (regional recompiles are cheap).
-want step1024x32 && step 1024x32 ${T_1024x32:-240} --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 \
-  --runs ours:$V:full hf:sdpa:none hf:sdpa:full ours:$V:full:ce ours:$V:full:-triton
+want step1024x32 && step 1024x32 ${T_1024x32:-200} --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 \
+  --runs ours:$V:full hf:sdpa:none hf:sdpa:full ours:$V:full:ce:win
 # GeGLU, RoPE and LayerNorm alone at 96 x 1024 tokens: eager, torch.compile, the Triton kernels;
 # time, GB/s against the minimal traffic, error against an fp32 reference.
 want kernels && stage kernels ${T_KERNELS:-90} $PY benchmarks/bench_kernels.py --tokens 98304 \
   --out-json "$OUT/kernels.json"
-# ModernBERT's own microbatch (96 x 1024: the memory target) with a kernel profile, ce and -triton
-# as above (2026-11-27, H200: 408k tok/s / 48.7 GiB with the kernels, 385k / 54.8 GiB without).
-# ours:$V:full:mem=0.7 trades speed for memory (the compiler's activation memory budget).
-want step1024x96 && step 1024x96 ${T_1024x96:-200} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
-  --baseline none --profile 2 --runs ours:$V:full ours:$V:full:ce ours:$V:full:-triton
 # What the compiled 96 x 1024 step keeps for backward, by shape and dtype (no timing): where the
 # activation memory goes with the varlen kernel (does v keep the whole Wqkv output alive?).
 want saved && step saved1024x96 ${T_SAVED:-120} --seq-len 1024 --seqs-per-chunk 96 --saved-activations \

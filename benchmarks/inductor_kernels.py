@@ -22,6 +22,7 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -250,7 +251,16 @@ def ptx_stats(ptx: str, num_warps: int, elements_per_program: int) -> dict:
     instructions = len([line for line in ptx.splitlines() if line.strip().endswith(";")])
     return dict(loads=sorted(set(re.findall(r"ld\.global[.\w]*", ptx))),
                 stores=sorted(set(re.findall(r"st\.global[.\w]*", ptx))),
+                tensor_core=sorted(set(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)[.\w]*", ptx))),
                 instr_per_element=instructions * num_warps * 32 / elements_per_program)
+
+
+def _single(kernel):
+    """A plain @triton.jit kernel (no autotuning) as a one-config kernel, launched with Triton's
+    default of 4 warps."""
+    import triton
+
+    return SimpleNamespace(kernel=kernel, configs=[triton.Config({}, num_warps=4)])
 
 
 def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
@@ -281,6 +291,21 @@ def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
                   dict(logits_ptr="*bf16", target_ptr="*i64", scale_ptr="*fp32", grad_ptr="*bf16", loss_ptr="*fp32",
                        columns_ptr="*fp32", n_rows="i32", n_cols="i32"),
                   dict(ROWS=fused_kernels._CE_ROWS, COLUMN_SUM=True), 1, int(0.3 * tokens) * cfg.vocab_size))
+    # model/window_attention.py (config window_attention_kernel), one local layer: elements = the
+    # output's T x hidden; the loops over key / query tiles count once (3 iterations at run time).
+    from modernbert_train.model import window_attention as window
+    attention = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16")
+    sizes = dict(n_tokens="i32", n_heads="i32", qk_scale="fp32")
+    tile = dict(HALF=cfg.local_attention // 2, HEAD_DIM=head_dim, TILE=window._TILE)
+    cases += [("forward", _single(window._window_fwd), dict(**attention, out_ptr="*bf16", lse_ptr="*fp32",
+                                                           start_ptr="*i32", end_ptr="*i32", **sizes), tile,
+               head_dim, tokens * hidden),
+              ("backward", _single(window._window_bwd_dkdv),
+               dict(**attention, do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32", dk_ptr="*bf16", dv_ptr="*bf16",
+                    start_ptr="*i32", end_ptr="*i32", **sizes, scale="fp32"), tile, head_dim, tokens * hidden),
+              ("backward", _single(window._window_bwd_dq),
+               dict(**attention, do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32", dq_ptr="*bf16",
+                    start_ptr="*i32", end_ptr="*i32", **sizes, scale="fp32"), tile, head_dim, tokens * hidden)]
     reports = []
     for graph, kernel, signature, fixed, per_block_unit, elements in cases:
         fn = kernel.kernel
@@ -290,7 +315,8 @@ def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
                               elements, len(kernel.configs), [], [], float("nan"), float("nan"))
         for config in kernel.configs:
             constants = {**fixed, **config.kwargs}
-            block = constants.get("BLOCK_R", constants.get("ROWS")) * constants.get("BLOCK_C", 1) * per_block_unit
+            rows = constants.get("BLOCK_R", constants.get("ROWS", constants.get("TILE")))
+            block = rows * constants.get("BLOCK_C", 1) * per_block_unit
             stats = ptx_stats(compile_sm90(fn, signature, constants, attrs, config.num_warps), config.num_warps, block)
             report.variants.append(dict(constants=constants, num_warps=config.num_warps, **stats))
         reports.append(_summarise(report))

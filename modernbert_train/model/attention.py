@@ -28,6 +28,13 @@ def token_document_ids(cu_seqlens: torch.Tensor, total_tokens: int) -> torch.Ten
     return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
 
 
+def document_bounds(cu_seqlens: torch.Tensor, total_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total_tokens,) int32 start and end (exclusive) of each token's document."""
+    doc = token_document_ids(cu_seqlens, total_tokens)
+    cu = cu_seqlens.to(torch.int32)
+    return cu[doc].contiguous(), cu[torch.clamp(doc + 1, max=cu.numel() - 1)].contiguous()
+
+
 def _window_half(window: Optional[int]) -> Optional[int]:
     return None if window is None else window // 2
 
@@ -248,12 +255,15 @@ _PREPARE: dict[str, Callable[[dict, torch.Tensor, int, Optional[int]], None]] = 
 
 
 def prepare_attention(name: str, cu_seqlens: torch.Tensor, total_tokens: int,
-                      windows: set[Optional[int]]) -> dict:
-    """The per-forward `cache` for backend `name`, filled for each window the layers use."""
+                      windows: set[Optional[int]], bounds: bool = False) -> dict:
+    """The per-forward `cache` for backend `name`, filled for each window the layers use; with
+    `bounds`, also each token's document start and end (model/window_attention.py reads them)."""
     cache: dict = {}
     if name in _PREPARE:
         for window in windows:
             _PREPARE[name](cache, cu_seqlens, total_tokens, window)
+    if bounds:
+        cache["document_bounds"] = document_bounds(cu_seqlens, total_tokens)
     return cache
 
 

@@ -43,6 +43,10 @@ class ModernBertConfig:
     # The loss's per-chunk softmax / gradient as a Triton kernel (model/fused_kernels.py:
     # cross_entropy_grad) instead of what torch.compile generates. Off until a GPU run times it.
     fused_loss_kernel: bool = False
+    # The local (sliding-window) layers' attention as the Triton kernels of
+    # model/window_attention.py on CUDA tensors, instead of the attention backend with a window.
+    # Off until a GPU run times it.
+    window_attention_kernel: bool = False
     # sdpa | flex | flash | torch_varlen (model/attention.py); a run config may also say auto
     # (the fastest available, resolved by the trainer).
     attention_backend: str = "sdpa"

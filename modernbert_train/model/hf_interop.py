@@ -24,6 +24,7 @@ TIED_KEY = "decoder.weight"
 # transformers' config fields that mean the same thing as ours.
 _SHARED_FIELDS = [f.name for f in fields(ModernBertConfig)
                   if f.name not in ("preset", "sparse_prediction", "fused_head_loss", "fused_kernels", "fused_loss_kernel",
+                                    "window_attention_kernel",
                                     "attention_backend")]
 
 

@@ -104,17 +104,31 @@ def pointwise_ops(config: ModernBertConfig):
     return fused_kernels.rotary_qkv, fused_kernels.geglu
 
 
+def _triton_module(name: str, option: str):
+    """model/<name>.py, whose kernels need triton, for config option `option` (an explicit opt-in:
+    a missing triton is an error that names the fix)."""
+    try:
+        return importlib.import_module(f"modernbert_train.model.{name}")
+    except ImportError as err:
+        raise ImportError(f"model.{option}=true needs triton ({err}); it comes with torch's CUDA wheels, "
+                          f"or set model.{option}=false") from err
+
+
 def loss_chunk_op(config: ModernBertConfig):
     """The fused decoder + loss's per-chunk math: model/linear_cross_entropy.py's
     cross_entropy_grad, or with `fused_loss_kernel` the same as a Triton kernel."""
     if not config.fused_loss_kernel:
         return cross_entropy_grad
-    try:
-        fused_kernels = importlib.import_module("modernbert_train.model.fused_kernels")
-    except ImportError as err:
-        raise ImportError(f"model.fused_loss_kernel=true needs triton ({err}); it comes with torch's "
-                          "CUDA wheels, or set model.fused_loss_kernel=false") from err
-    return fused_kernels.cross_entropy_grad
+    return _triton_module("fused_kernels", "fused_loss_kernel").cross_entropy_grad
+
+
+def attention_op(config: ModernBertConfig, is_global: bool):
+    """The attention backend by name (model/attention.py); with `window_attention_kernel` the local
+    layers wrap it in model/window_attention.py's kernels (used on CUDA tensors)."""
+    backend = get_backend(config.attention_backend)
+    if is_global or not config.window_attention_kernel:
+        return backend
+    return _triton_module("window_attention", "window_attention_kernel").windowed(backend)
 
 
 # --- blocks ----------------------------------------------------------------------------------------
@@ -143,7 +157,7 @@ class Attention(nn.Module):
         self.window = None if self.is_global else config.local_attention
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.attend = get_backend(config.attention_backend)
+        self.attend = attention_op(config, self.is_global)
         self.rotary_qkv = pointwise_ops(config)[0]
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cu_seqlens: torch.Tensor,
@@ -205,7 +219,8 @@ class ModernBertModel(nn.Module):
         global_rope, local_rope = self.global_rope(position_ids), self.local_rope(position_ids)
         # Per-forward attention structures (block masks) built once, before any layer.
         cache = prepare_attention(self.config.attention_backend, cu_seqlens, total,
-                                  {layer.attn.window for layer in self.layers})
+                                  {layer.attn.window for layer in self.layers},
+                                  bounds=self.config.window_attention_kernel)
         x = self.embeddings(input_ids)
         for layer in self.layers:
             rope = global_rope if layer.attn.is_global else local_rope

@@ -68,11 +68,12 @@ def test_run_specs_parse_options_and_reject_bad_ones():
     compiler_ops = bench_step.RunSpec.parse("ours:sdpa:full:-triton")
     assert (compiler_ops.fused_kernels, compiler_ops.label) == (False, "-triton"), compiler_ops
     assert not bench_step.build_ours(preset("tiny"), compiler_ops).config.fused_kernels
-    loss_kernel = bench_step.RunSpec.parse("ours:sdpa:full:ce")
-    assert (loss_kernel.fused_loss_kernel, loss_kernel.label) == (True, "ce"), loss_kernel
-    assert bench_step.build_ours(preset("tiny"), loss_kernel).config.fused_loss_kernel
+    kernels = bench_step.RunSpec.parse("ours:sdpa:full:ce:win")
+    assert (kernels.fused_loss_kernel, kernels.window_attention_kernel, kernels.label) == (True, True, "ce,win"), kernels
+    config = bench_step.build_ours(preset("tiny"), kernels).config
+    assert config.fused_loss_kernel and config.window_attention_kernel
     for bad in ["ours:torch_varlen:full:mem=1.5", "hf:sdpa:full:triton", "ours:torch_varlen:full:mem=x", "ours:torch_varlen:full:fast",
-                "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "hf:sdpa:full:-triton", "ours:sdpa:full:triton", "hf:sdpa:full:ce", "ours:torch_varlen:jit"]:
+                "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "hf:sdpa:full:-triton", "ours:sdpa:full:triton", "hf:sdpa:full:ce", "hf:sdpa:full:win", "ours:torch_varlen:jit"]:
         with pytest.raises(ValueError, match="run spec"):
             bench_step.RunSpec.parse(bad)
 

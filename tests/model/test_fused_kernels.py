@@ -205,15 +205,17 @@ def test_ops_compile_into_one_graph_with_their_gradients():
 
 def _tiny_model(fused: bool) -> ModernBertForMaskedLM:
     cfg = preset("tiny")
-    cfg.num_hidden_layers, cfg.attention_backend = 3, "sdpa"
-    cfg.fused_kernels = cfg.fused_loss_kernel = fused
+    cfg.num_hidden_layers, cfg.attention_backend, cfg.local_attention = 3, "sdpa", 32
+    cfg.fused_kernels = cfg.fused_loss_kernel = cfg.window_attention_kernel = fused
     torch.manual_seed(0)
     return ModernBertForMaskedLM(cfg).to(DEVICE).train()
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_model_with_fused_kernels_matches_pytorch_path(compiled):
-    """Whole tiny model, fp32: the same loss and gradients, eager and Inductor-compiled."""
+    """Whole tiny model, fp32, every Triton kernel (GeGLU, RoPE, loss, the local layers' window
+    attention: model/window_attention.py) against the PyTorch path and the sdpa backend: the same
+    loss and gradients, eager and Inductor-compiled."""
     ids = torch.randint(4, 4096, (160,), generator=torch.Generator().manual_seed(0))
     labels = torch.where(torch.arange(160) % 3 == 0, ids, torch.full_like(ids, -100))
     batch = dict(input_ids=ids.to(DEVICE), labels=labels.to(DEVICE), max_seqlen=90,
@@ -224,6 +226,7 @@ def test_model_with_fused_kernels_matches_pytorch_path(compiled):
         model = _tiny_model(fused)
         assert (model.model.layers[0].mlp.act is fused_kernels.geglu) == fused
         assert (model.loss_chunk_grad is fused_kernels.cross_entropy_grad) == fused
+        assert (model.model.layers[1].attn.attend is not model.model.layers[0].attn.attend) == fused
         forward = torch.compile(model) if compiled else model
         loss = forward(**batch).loss
         loss.backward()
@@ -265,9 +268,11 @@ def test_kernels_compile_for_hopper_with_128_bit_memory_access(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = json.loads(out.read_text())["kernels"]
     assert [k["name"] for k in kernels] == ["ours: _geglu_fwd", "ours: _geglu_bwd", "ours: _rotary_qkv",
-                                            "ours: _rotary_qkv backward", "ours: _cross_entropy_grad"], kernels
+                                            "ours: _rotary_qkv backward", "ours: _cross_entropy_grad",
+                                            "ours: _window_fwd", "ours: _window_bwd_dkdv", "ours: _window_bwd_dq"], kernels
     assert [len(k["variants"]) for k in kernels] == [len(fused_kernels._GEGLU_CONFIGS)] * 2 + [
-        len(fused_kernels._rotary_qkv.configs)] * 2 + [len(fused_kernels._cross_entropy_grad.configs)]
+        len(fused_kernels._rotary_qkv.configs)] * 2 + [len(fused_kernels._cross_entropy_grad.configs)] + [1] * 3
+    assert all(k["error"] is None for k in kernels), kernels
     for kernel in kernels[:4]:
         for variant in kernel["variants"]:
             assert (variant["loads"], variant["stores"]) == (["ld.global.v4.b32"], ["st.global.v4.b32"]), (
@@ -275,6 +280,10 @@ def test_kernels_compile_for_hopper_with_128_bit_memory_access(tmp_path):
     for variant in kernels[4]["variants"]:  # the logits and the gradient 16 bytes at a time (plus per-row scalars)
         assert "ld.global.v4.b32" in variant["loads"] and "st.global.v4.b32" in variant["stores"], variant
         assert variant["instr_per_element"] < 60, variant  # Inductor's loss kernel: ~600 (torch 2.7)
+    for kernel in kernels[5:]:  # model/window_attention.py: bf16 tiles on Hopper's tensor cores
+        (variant,) = kernel["variants"]
+        assert any(op.startswith("wgmma.mma_async") and op.endswith(".bf16.bf16") for op in variant["tensor_core"]), variant
+        assert "ld.global.v4.b32" in variant["loads"] and "st.global.v4.b32" in variant["stores"], variant
 
 
 @pytest.mark.gpu

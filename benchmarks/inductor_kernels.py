@@ -22,7 +22,6 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -230,7 +229,7 @@ def generate_kernels(gm: torch.fx.GraphModule, example_inputs: list) -> list[tup
     return [(name, source, max(1, len(re.findall(rf"\b{name}\.run\(", wrapper)))) for name, source in kernels.items()]
 
 
-def compile_sm90(fn, signature: dict, constants: dict, attrs: dict, num_warps: int) -> str:
+def compile_sm90(fn, signature: dict, constants: dict, attrs: dict, num_warps: int, num_stages: int = 3) -> str:
     """PTX of a @triton.jit function for sm_90 (code generation down to a cubin; no GPU needed)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -240,7 +239,7 @@ def compile_sm90(fn, signature: dict, constants: dict, attrs: dict, num_warps: i
     signature = {**signature, **{name: "constexpr" for name in constants if name not in signature}}
     constexprs = {(fn.arg_names.index(k),): v for k, v in constants.items()}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
     assert compiled.asm["cubin"], "no cubin"
     return compiled.asm["ptx"]
 
@@ -253,14 +252,6 @@ def ptx_stats(ptx: str, num_warps: int, elements_per_program: int) -> dict:
                 stores=sorted(set(re.findall(r"st\.global[.\w]*", ptx))),
                 tensor_core=sorted(set(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)[.\w]*", ptx))),
                 instr_per_element=instructions * num_warps * 32 / elements_per_program)
-
-
-def _single(kernel):
-    """A plain @triton.jit kernel (no autotuning) as a one-config kernel, launched with Triton's
-    default of 4 warps."""
-    import triton
-
-    return SimpleNamespace(kernel=kernel, configs=[triton.Config({}, num_warps=4)])
 
 
 def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
@@ -297,13 +288,13 @@ def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
     attention = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16")
     sizes = dict(n_tokens="i32", n_heads="i32", qk_scale="fp32")
     tile = dict(HALF=cfg.local_attention // 2, HEAD_DIM=head_dim, TILE=window._TILE)
-    cases += [("forward", _single(window._window_fwd), dict(**attention, out_ptr="*bf16", lse_ptr="*fp32",
+    cases += [("forward", window._window_fwd, dict(**attention, out_ptr="*bf16", lse_ptr="*fp32",
                                                            start_ptr="*i32", end_ptr="*i32", **sizes), tile,
                head_dim, tokens * hidden),
-              ("backward", _single(window._window_bwd_dkdv),
+              ("backward", window._window_bwd_dkdv,
                dict(**attention, do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32", dk_ptr="*bf16", dv_ptr="*bf16",
                     start_ptr="*i32", end_ptr="*i32", **sizes, scale="fp32"), tile, head_dim, tokens * hidden),
-              ("backward", _single(window._window_bwd_dq),
+              ("backward", window._window_bwd_dq,
                dict(**attention, do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32", dq_ptr="*bf16",
                     start_ptr="*i32", end_ptr="*i32", **sizes, scale="fp32"), tile, head_dim, tokens * hidden)]
     reports = []
@@ -317,8 +308,10 @@ def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
             constants = {**fixed, **config.kwargs}
             rows = constants.get("BLOCK_R", constants.get("ROWS", constants.get("TILE")))
             block = rows * constants.get("BLOCK_C", 1) * per_block_unit
-            stats = ptx_stats(compile_sm90(fn, signature, constants, attrs, config.num_warps), config.num_warps, block)
-            report.variants.append(dict(constants=constants, num_warps=config.num_warps, **stats))
+            stats = ptx_stats(compile_sm90(fn, signature, constants, attrs, config.num_warps, config.num_stages),
+                              config.num_warps, block)
+            report.variants.append(dict(constants=constants, num_warps=config.num_warps, num_stages=config.num_stages,
+                                        **stats))
         reports.append(_summarise(report))
     return reports
 

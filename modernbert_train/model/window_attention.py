@@ -28,6 +28,9 @@ from modernbert_train.model.attention import document_bounds
 
 _LOG2E = 1.4426950408889634
 _TILE = 64  # query and key tile: 3 key tiles cover a 64-query tile's 129-key window
+# Warps and software-pipelining depth, timed once per shape on the GPU (model/fused_kernels.py).
+_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))]
+_KEY = ["n_heads", "HEAD_DIM", "HALF"]
 
 
 @triton.jit
@@ -84,6 +87,7 @@ def _probabilities(q, k, rows, cols, doc_lo, doc_hi, lse, qk_scale, HALF: tl.con
     return tl.where(_allowed(rows, cols, doc_lo, doc_hi, HALF), tl.exp2(scores - lse[:, None]), 0.0)
 
 
+@fused_kernels._autotune(_CONFIGS, key=_KEY)
 @triton.jit
 def _window_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, start_ptr, end_ptr, n_tokens, n_heads, qk_scale,
                 HALF: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr):
@@ -113,6 +117,16 @@ def _window_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, start_ptr, end_ptr, n_tok
 
 
 @triton.jit
+def _window_delta(out_ptr, do_ptr, delta_ptr, n_tokens, n_heads, HEAD_DIM: tl.constexpr, TILE: tl.constexpr):
+    """delta = rowsum(dO * O) per (head, token), which both backward kernels need."""
+    rows, row_ok, offsets = _tile_at(tl.program_id(0) * TILE, n_tokens, n_heads, HEAD_DIM, TILE)
+    out, do = _load_pair(out_ptr, do_ptr, offsets, row_ok)
+    delta = tl.sum(out.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_ptr + tl.program_id(1) * n_tokens + rows, delta, mask=row_ok)
+
+
+@fused_kernels._autotune(_CONFIGS, key=_KEY)
+@triton.jit
 def _window_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, start_ptr, end_ptr,
                      n_tokens, n_heads, qk_scale, scale,
                      HALF: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr):
@@ -136,6 +150,7 @@ def _window_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     tl.store(dv_ptr + kv_offsets, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
 
 
+@fused_kernels._autotune(_CONFIGS, key=_KEY)
 @triton.jit
 def _window_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, start_ptr, end_ptr,
                    n_tokens, n_heads, qk_scale, scale,
@@ -163,7 +178,7 @@ def _check(q: torch.Tensor) -> None:
 
 
 def _grid(n_tokens: int, n_heads: int):
-    return (triton.cdiv(n_tokens, _TILE), n_heads)
+    return lambda meta: (triton.cdiv(n_tokens, _TILE), n_heads)
 
 
 @torch.library.custom_op("modernbert::window_attention", mutates_args=())
@@ -192,9 +207,10 @@ def window_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tens
                               half_window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad = grad.contiguous()
     n_tokens, n_heads, head_dim = q.shape
-    delta = (grad.float() * out.float()).sum(-1).t().contiguous()  # (N, T): rowsum(dO * O)
+    delta = torch.empty(n_heads, n_tokens, dtype=torch.float32, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if n_tokens:
+        _window_delta[_grid(n_tokens, n_heads)](out, grad, delta, n_tokens, n_heads, HEAD_DIM=head_dim, TILE=_TILE)
         common = dict(HALF=half_window, HEAD_DIM=head_dim, TILE=_TILE)
         _window_bwd_dkdv[_grid(n_tokens, n_heads)](q, k, v, grad, lse, delta, dk, dv, doc_start, doc_end,
                                                    n_tokens, n_heads, scale * _LOG2E, scale, **common)

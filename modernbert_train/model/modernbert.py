@@ -6,7 +6,8 @@ What is notable, top to bottom:
   normalised its input).
 - Attention: fused Wqkv, RoPE, Wo; no biases. Layers 0, n, 2n, ... are global, the others see a
   sliding window (|i - j| <= local_attention // 2). Global and local layers use their own RoPE
-  theta. The kernel is chosen by name (model/attention.py); the model never branches on it.
+  theta. The kernel is chosen by name (model/attention.py; optionally model/window_attention.py
+  for the local layers) when the model is built; the model never branches on it in forward.
 - GeGLU MLP: Wi -> (input, gate), GELU(input) * gate -> Wo; no biases.
 - LayerNorms without bias.
 - Final LayerNorm, then the MLM head: dense -> GELU -> LayerNorm -> decoder tied to the token

@@ -247,6 +247,17 @@ def test_fused_kernels_are_the_default_and_cpu_tensors_skip_the_interpreter_unle
     assert not fused_kernels._use_triton(torch.zeros(2))
 
 
+@pytest.mark.parametrize("option", ["fused_loss_kernel", "window_attention_kernel"])
+def test_opt_in_kernels_without_triton_fail_naming_the_fix(monkeypatch, option):
+    for module in ("fused_kernels", "window_attention"):
+        monkeypatch.delitem(sys.modules, f"modernbert_train.model.{module}", raising=False)
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
+    cfg = preset("tiny")
+    setattr(cfg, option, True)
+    with pytest.raises(ImportError, match=f"model.{option}=true needs triton.*model.{option}=false"):
+        ModernBertForMaskedLM(cfg)
+
+
 def test_without_triton_a_warning_names_the_fix_and_the_pytorch_ops_run(monkeypatch):
     monkeypatch.delitem(sys.modules, "modernbert_train.model.fused_kernels")
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError

@@ -1,7 +1,10 @@
 """Time the pointwise parts of a layer alone, forward and backward, at a training shape: the
 PyTorch definitions eager, the same compiled by torch.compile (what a compiled step runs), and the
 Triton kernels of model/fused_kernels.py; prints a table and writes JSON, with each variant's
-error against an fp32 reference. Usage: python benchmarks/bench_kernels.py --tokens 98304
+error against an fp32 reference. `local_attention`: one local layer's sliding-window attention on
+packed documents (lognormal lengths, median ~250 tokens), the fastest attention backend here
+("eager") against model/window_attention.py ("triton"), with TFLOP/s of the allowed pairs.
+Usage: python benchmarks/bench_kernels.py --tokens 98304
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from modernbert_train.model.attention import document_bounds, fastest_available, get_backend
 from modernbert_train.model.config import preset
 from modernbert_train.model.modernbert import RotaryEmbedding, geglu_activation, rotary_qkv
 
@@ -32,6 +36,10 @@ class KernelResult:
     # Bytes a single fused pass must move (inputs read once, outputs written once) over the time.
     fwd_gb_s: Optional[float] = None
     bwd_gb_s: Optional[float] = None
+    # Attention: FLOPs of the allowed (query, key) pairs (4 x head dim x heads per pair forward,
+    # 2.5x that backward) over the time.
+    fwd_tflop_s: Optional[float] = None
+    bwd_tflop_s: Optional[float] = None
     max_err_out: Optional[float] = None  # vs the fp32 (fp64 on CPU) reference
     max_err_grad: Optional[float] = None
     error: Optional[str] = None
@@ -47,6 +55,8 @@ class OpCase:
     inputs: Callable[[torch.dtype], tuple]  # dtype -> (differentiable input, other inputs...)
     fwd_bytes: int
     bwd_bytes: int
+    fwd_flops: int = 0
+    exact: Optional[Callable] = None  # the error reference where `reference` has no fp32 path
 
 
 def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch.device) -> list[OpCase]:
@@ -61,6 +71,8 @@ def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch
     residual = torch.randn(tokens, hidden, generator=gen)
     norm = torch.nn.LayerNorm(hidden, eps=cfg.norm_eps, bias=False).to(device)
     kernels = _triton_ops(device)
+    attention, window_kernel, exact, flops = _local_attention(tokens, cfg, gen, device, kernels.get("windowed"))
+    q, k, v = (torch.randn(tokens, heads, head_dim, generator=gen) for _ in range(3))
     return [
         OpCase("geglu", geglu_activation, kernels.get("geglu"), lambda dt: (h.to(device, dt),),
                3 * tokens * inter * size, 5 * tokens * inter * size),
@@ -71,15 +83,51 @@ def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch
         # The norm as the model runs it (fp32 residual in, fp32 out under autocast), no kernel of ours.
         OpCase("layer_norm", norm, None, lambda dt: (residual.to(device),),
                tokens * hidden * (4 + 4), tokens * hidden * (4 + 4 + 4)),
+        OpCase("local_attention", attention, window_kernel,
+               lambda dt: (q.to(device, dt), k.to(device, dt).requires_grad_(), v.to(device, dt).requires_grad_()),
+               4 * tokens * hidden * size, 8 * tokens * hidden * size, flops, exact),
     ]
+
+
+def _local_attention(tokens: int, cfg, gen: torch.Generator, device: torch.device, windowed: Optional[Callable]):
+    """Packed documents over `tokens`; attention(q, k, v) of a local layer through the fastest
+    backend here and through model/window_attention.py (None without it); an exact per-document
+    reference; the forward FLOPs of the allowed pairs."""
+    lengths, total = [], 0
+    while total < tokens:
+        length = int(torch.empty(1).log_normal_(5.5, 0.9, generator=gen).clamp(8, 1024))
+        lengths.append(min(length, tokens - total))
+        total += lengths[-1]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    half, window = cfg.local_attention // 2, cfg.local_attention
+    start, end = document_bounds(cu, tokens)
+    position = torch.arange(tokens)
+    pairs = int(((end - 1).clamp(max=position + half) - start.clamp(min=position - half) + 1).sum())
+    backend = get_backend(fastest_available(device.type) if device.type == "cuda" else "sdpa")
+    cu_dev, max_len = cu.to(device), max(lengths)
+
+    def call(fn):
+        return lambda q, k, v: fn(q, k, v, cu_seqlens=cu_dev, max_seqlen=max_len, window=window, cache={})
+
+    def exact(q, k, v):
+        out = torch.empty_like(q)
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            idx = torch.arange(e - s, device=q.device)
+            scores = torch.einsum("ind,jnd->nij", q[s:e], k[s:e]) * q.shape[-1] ** -0.5
+            scores = scores.masked_fill((idx[:, None] - idx[None, :]).abs() > half, float("-inf"))
+            out[s:e] = torch.einsum("nij,jnd->ind", scores.softmax(-1), v[s:e])
+        return out
+
+    return (call(backend), call(windowed(backend)) if windowed else None, exact,
+            4 * cfg.head_dim * cfg.num_attention_heads * pairs)
 
 
 def _triton_ops(device: torch.device) -> dict[str, Callable]:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return {}  # on CPU only Triton's interpreter runs them (slow: tiny shapes only)
-    from modernbert_train.model import fused_kernels
+    from modernbert_train.model import fused_kernels, window_attention
     fused_kernels.interpret_cpu_tensors = True
-    return {"geglu": fused_kernels.geglu, "rotary_qkv": fused_kernels.rotary_qkv}
+    return {"geglu": fused_kernels.geglu, "rotary_qkv": fused_kernels.rotary_qkv, "windowed": window_attention.windowed}
 
 
 def _outputs(out) -> tuple:
@@ -132,6 +180,9 @@ def run_case(case: OpCase, variant: str, dtype: torch.dtype, device: torch.devic
         result.fwd_gb_s = case.fwd_bytes / result.fwd_ms / 1e6
         bwd_ms = result.fwd_bwd_ms - result.fwd_ms
         result.bwd_gb_s = case.bwd_bytes / bwd_ms / 1e6 if bwd_ms > 0 else None
+        if case.fwd_flops:
+            result.fwd_tflop_s = case.fwd_flops / result.fwd_ms / 1e9
+            result.bwd_tflop_s = 2.5 * case.fwd_flops / bwd_ms / 1e9 if bwd_ms > 0 else None
         result.max_err_out, result.max_err_grad = _errors(case, fn, dtype, device, autocast, grads)
     except Exception as err:  # noqa: BLE001 - recorded per variant, the run goes on
         result.error = f"{type(err).__name__}: {err}"[:500]
@@ -150,7 +201,7 @@ def _errors(case: OpCase, fn: Callable, dtype: torch.dtype, device: torch.device
     (dx,) = torch.autograd.grad(outs, x, grads)
     ref_x = x.detach().to(high).requires_grad_()
     ref_rest = [t.to(high) if t.is_floating_point() else t for t in rest]
-    reference = case.reference.to(high) if isinstance(case.reference, torch.nn.Module) else case.reference
+    reference = case.reference.to(high) if isinstance(case.reference, torch.nn.Module) else case.exact or case.reference
     ref_outs = _outputs(reference(ref_x, *ref_rest))
     (ref_dx,) = torch.autograd.grad(ref_outs, ref_x, [g.to(high) for g in grads])
     if isinstance(case.reference, torch.nn.Module):
@@ -160,14 +211,17 @@ def _errors(case: OpCase, fn: Callable, dtype: torch.dtype, device: torch.device
 
 
 def format_table(results: list[KernelResult]) -> str:
-    header = ["op", "variant", "fwd ms", "fwd+bwd ms", "fwd GB/s", "bwd GB/s", "err out", "err grad"]
+    header = ["op", "variant", "fwd ms", "fwd+bwd ms", "fwd GB/s", "bwd GB/s", "fwd TFLOP/s", "bwd TFLOP/s",
+              "err out", "err grad"]
     rows = [header]
     for r in results:
         if r.error:
             rows.append([r.op, r.variant, f"- ({r.error})"])
             continue
         rows.append([r.op, r.variant, f"{r.fwd_ms:.3f}", f"{r.fwd_bwd_ms:.3f}", f"{r.fwd_gb_s:,.0f}",
-                     "-" if r.bwd_gb_s is None else f"{r.bwd_gb_s:,.0f}", f"{r.max_err_out:.2e}",
+                     "-" if r.bwd_gb_s is None else f"{r.bwd_gb_s:,.0f}",
+                     "-" if r.fwd_tflop_s is None else f"{r.fwd_tflop_s:.1f}",
+                     "-" if r.bwd_tflop_s is None else f"{r.bwd_tflop_s:.1f}", f"{r.max_err_out:.2e}",
                      f"{r.max_err_grad:.2e}"])
     widths = [max(len(row[i]) for row in rows if i < len(row) and len(row) > 3) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
@@ -182,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="activation dtype (default bf16 on cuda, as under autocast; fp32 on cpu)")
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--ops", nargs="+", default=["geglu", "rotary_qkv", "layer_norm"])
+    p.add_argument("--ops", nargs="+", default=["geglu", "rotary_qkv", "layer_norm", "local_attention"])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--out-json", type=Path, default=Path("bench_results/kernels.json"))
     args = p.parse_args(argv)

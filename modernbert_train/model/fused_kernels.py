@@ -307,9 +307,8 @@ def _cross_entropy_grad(logits_ptr, target_ptr, scale_ptr, grad_ptr, loss_ptr, c
         cols = start + tl.arange(0, BLOCK_C)
         mask = row_ok[:, None] & (cols[None, :] < n_cols)
         x = tl.load(logits_ptr + offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        prob = tl.exp(x - lse[:, None])
-        grad = tl.where(cols[None, :] == target[:, None], prob - 1.0, prob) * scale[:, None]
-        grad = tl.where(mask, grad, 0.0).to(out_ty)
+        prob = tl.exp(tl.where(mask, x - lse[:, None], float("-inf")))  # 0 outside: no inf * 0
+        grad = (tl.where(cols[None, :] == target[:, None], prob - 1.0, prob) * scale[:, None]).to(out_ty)
         tl.store(grad_ptr + offsets + cols[None, :], grad, mask=mask)
         if COLUMN_SUM:
             tl.store(columns_ptr + pid * n_cols + cols, tl.sum(grad.to(tl.float32), axis=0), mask=cols < n_cols)

@@ -287,7 +287,7 @@ def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
     from modernbert_train.model import window_attention as window
     attention = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16")
     sizes = dict(n_tokens="i32", n_heads="i32", qk_scale="fp32")
-    tile = dict(HALF=cfg.local_attention // 2, HEAD_DIM=head_dim, TILE=window._TILE)
+    tile = dict(HALF=cfg.local_attention // 2, HEAD_DIM=head_dim)
     cases += [("forward", window._window_fwd, dict(**attention, out_ptr="*bf16", lse_ptr="*fp32",
                                                            start_ptr="*i32", end_ptr="*i32", **sizes), tile,
                head_dim, tokens * hidden),

@@ -4,8 +4,9 @@ Why: ModernBERT's local layers let each token see |i - j| <= 64 inside its own d
 FlashAttention-2 varlen kernel with that window still works in 128 x 128 tiles: every 128 queries
 touch up to 3 key tiles (384 keys) for at most 129 allowed ones, and on an H200 its local-layer
 forward ran slower than the global one (1.16 vs 1.03 ms per layer at 96 x 1024, ~31 vs ~208
-TFLOP/s; benchmarks/README.md). Here query and key tiles are 64 wide, so 64 queries touch exactly
-the 3 key tiles (192 keys) their window spans, and tiles outside the queries' documents are skipped.
+TFLOP/s; benchmarks/README.md). Here query and key tiles are 64 wide (32 or 128 if the GPU's
+autotuning prefers), so 64 queries touch exactly the 3 key tiles (192 keys) their window spans,
+and tiles outside the queries' documents are skipped.
 Config `window_attention_kernel` (off until a GPU run times it): the local layers call this instead
 of the attention backend on CUDA tensors; CPU tensors use the backend (or, under TRITON_INTERPRET=1
 with fused_kernels.interpret_cpu_tensors, Triton's interpreter, which is how the CPU tests check it).
@@ -27,9 +28,12 @@ from modernbert_train.model import fused_kernels
 from modernbert_train.model.attention import document_bounds
 
 _LOG2E = 1.4426950408889634
-_TILE = 64  # query and key tile: 3 key tiles cover a 64-query tile's 129-key window
-# Warps and software-pipelining depth, timed once per shape on the GPU (model/fused_kernels.py).
-_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))]
+# Query / key tile (64 first: 3 key tiles cover a 64-query tile's 129-key window; 32 wastes less,
+# 128 is FlashAttention-2's), warps and software-pipelining depth, timed once per shape on the GPU
+# (model/fused_kernels.py); Triton's interpreter runs the first.
+_CONFIGS = [triton.Config(dict(TILE=t), num_warps=w, num_stages=s)
+            for t, w, s in ((64, 4, 2), (64, 4, 3), (64, 8, 2), (32, 4, 2), (32, 2, 3), (128, 8, 2))]
+_DELTA_TILE = 64
 _KEY = ["n_heads", "HEAD_DIM", "HALF"]
 
 
@@ -178,7 +182,7 @@ def _check(q: torch.Tensor) -> None:
 
 
 def _grid(n_tokens: int, n_heads: int):
-    return lambda meta: (triton.cdiv(n_tokens, _TILE), n_heads)
+    return lambda meta: (triton.cdiv(n_tokens, meta["TILE"]), n_heads)
 
 
 @torch.library.custom_op("modernbert::window_attention", mutates_args=())
@@ -192,7 +196,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_star
     lse = torch.empty(n_heads, n_tokens, dtype=torch.float32, device=q.device)
     if n_tokens:
         _window_fwd[_grid(n_tokens, n_heads)](q, k, v, out, lse, doc_start, doc_end, n_tokens, n_heads,
-                                              scale * _LOG2E, HALF=half_window, HEAD_DIM=head_dim, TILE=_TILE)
+                                              scale * _LOG2E, HALF=half_window, HEAD_DIM=head_dim)
     return out, lse
 
 
@@ -210,8 +214,9 @@ def window_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tens
     delta = torch.empty(n_heads, n_tokens, dtype=torch.float32, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if n_tokens:
-        _window_delta[_grid(n_tokens, n_heads)](out, grad, delta, n_tokens, n_heads, HEAD_DIM=head_dim, TILE=_TILE)
-        common = dict(HALF=half_window, HEAD_DIM=head_dim, TILE=_TILE)
+        _window_delta[(triton.cdiv(n_tokens, _DELTA_TILE), n_heads)](out, grad, delta, n_tokens, n_heads,
+                                                                      HEAD_DIM=head_dim, TILE=_DELTA_TILE)
+        common = dict(HALF=half_window, HEAD_DIM=head_dim)
         _window_bwd_dkdv[_grid(n_tokens, n_heads)](q, k, v, grad, lse, delta, dk, dv, doc_start, doc_end,
                                                    n_tokens, n_heads, scale * _LOG2E, scale, **common)
         _window_bwd_dq[_grid(n_tokens, n_heads)](q, k, v, grad, lse, delta, dq, doc_start, doc_end,

@@ -2,7 +2,7 @@
 PyTorch definitions eager, the same compiled by torch.compile (what a compiled step runs), and the
 Triton kernels of model/fused_kernels.py; prints a table and writes JSON, with each variant's
 error against an fp32 reference. `local_attention`: one local layer's sliding-window attention on
-packed documents (lognormal lengths, median ~250 tokens), the fastest attention backend here
+packed documents (data/synthetic.py's lognormal lengths, median 250 tokens), the fastest attention backend here
 ("eager") against model/window_attention.py ("triton"), with TFLOP/s of the allowed pairs.
 Usage: python benchmarks/bench_kernels.py --tokens 98304
 """
@@ -18,10 +18,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
-from modernbert_train.model.attention import document_bounds, fastest_available, get_backend
+from modernbert_train.data import synthetic
+from modernbert_train.model.attention import fastest_available, get_backend
 from modernbert_train.model.config import preset
+from modernbert_train.model.flops import window_pairs
 from modernbert_train.model.modernbert import RotaryEmbedding, geglu_activation, rotary_qkv
 
 VARIANTS = ("eager", "compiled", "triton")
@@ -71,7 +74,7 @@ def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch
     residual = torch.randn(tokens, hidden, generator=gen)
     norm = torch.nn.LayerNorm(hidden, eps=cfg.norm_eps, bias=False).to(device)
     kernels = _triton_ops(device)
-    attention, window_kernel, exact, flops = _local_attention(tokens, cfg, gen, device, kernels.get("windowed"))
+    attention, window_kernel, exact, flops = _local_attention(tokens, cfg, 0, device, kernels.get("windowed"))
     q, k, v = (torch.randn(tokens, heads, head_dim, generator=gen) for _ in range(3))
     return [
         OpCase("geglu", geglu_activation, kernels.get("geglu"), lambda dt: (h.to(device, dt),),
@@ -89,22 +92,20 @@ def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch
     ]
 
 
-def _local_attention(tokens: int, cfg, gen: torch.Generator, device: torch.device, windowed: Optional[Callable]):
+def _local_attention(tokens: int, cfg, seed: int, device: torch.device, windowed: Optional[Callable]):
     """Packed documents over `tokens`; attention(q, k, v) of a local layer through the fastest
     backend here and through model/window_attention.py (None without it); an exact per-document
     reference; the forward FLOPs of the allowed pairs."""
-    lengths, total = [], 0
-    while total < tokens:
-        length = int(torch.empty(1).log_normal_(5.5, 0.9, generator=gen).clamp(8, 1024))
-        lengths.append(min(length, tokens - total))
-        total += lengths[-1]
-    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    # Enough lengths to cover `tokens` (each is >= MIN_DOC_TOKENS), the last document cut to fit.
+    drawn = synthetic.document_lengths(np.random.default_rng(seed), tokens // synthetic.MIN_DOC_TOKENS + 1, 1024)
+    ends = np.minimum(np.cumsum(drawn), tokens)
+    ends = ends[: np.searchsorted(ends, tokens) + 1]
+    lengths = np.diff(ends, prepend=0)
+    cu = torch.from_numpy(np.concatenate([[0], ends])).to(torch.int32)
     half, window = cfg.local_attention // 2, cfg.local_attention
-    start, end = document_bounds(cu, tokens)
-    position = torch.arange(tokens)
-    pairs = int(((end - 1).clamp(max=position + half) - start.clamp(min=position - half) + 1).sum())
+    pairs = int(window_pairs(lengths, half).sum())
     backend = get_backend(fastest_available(device.type) if device.type == "cuda" else "sdpa")
-    cu_dev, max_len = cu.to(device), max(lengths)
+    cu_dev, max_len = cu.to(device), int(lengths.max())
 
     def call(fn):
         return lambda q, k, v: fn(q, k, v, cu_seqlens=cu_dev, max_seqlen=max_len, window=window, cache={})

@@ -384,7 +384,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="one encoder layer, or the MLM head with the fused decoder + loss")
     p.add_argument("--fused-kernels", action="store_true", help="the layer with model.fused_kernels")
     p.add_argument("--ours-only", action="store_true",
-                   help="only model/fused_kernels.py's kernels (every config), no layer trace")
+                   help="only our Triton kernels (model/fused_kernels.py, model/window_attention.py; every config), no trace")
     p.add_argument("--out-json", type=Path, default=Path("bench_results/inductor_kernels.json"))
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":

@@ -78,12 +78,20 @@ class ModernBertConfig:
                             "(pad it up: the tokenizer's size rounded to 64)")
         if self.global_attn_every_n_layers < 1:
             problems.append("model.global_attn_every_n_layers must be >= 1")
+        if self.window_attention_kernel and (self.head_dim < 16 or self.head_dim & (self.head_dim - 1)):
+            problems.append(f"model.window_attention_kernel needs a power-of-two head dim >= 16, got "
+                            f"{self.head_dim} (hidden_size / num_attention_heads)")
         if problems:
             raise ValueError("; ".join(problems))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+# Fields that choose how a step is computed (kernels, loss fusion, attention backend), not what the
+# weights mean: left out of an exported transformers config (model/hf_interop.py).
+EXECUTION_OPTIONS = frozenset({"sparse_prediction", "fused_head_loss", "fused_kernels", "fused_loss_kernel",
+                               "window_attention_kernel", "attention_backend"})
 
 _PRESETS = {
     "base": ModernBertConfig(preset="base"),

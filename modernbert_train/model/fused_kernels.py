@@ -38,7 +38,7 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 interpret_cpu_tensors = False
 
 
-def _use_triton(x: torch.Tensor) -> bool:
+def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or (_INTERPRET and interpret_cpu_tensors)
 
 
@@ -60,7 +60,7 @@ class _Autotuned:
         return self._tuned[grid]
 
 
-def _autotune(configs: list[triton.Config], key: list[str]):
+def autotune(configs: list[triton.Config], key: list[str]):
     return lambda kernel: _Autotuned(kernel, configs, key)
 
 
@@ -70,7 +70,7 @@ _GEGLU_CONFIGS = [triton.Config(dict(BLOCK_R=r, BLOCK_C=c), num_warps=w)
                   for r, c, w in ((16, 128, 4), (8, 256, 4), (32, 128, 8), (4, 512, 4), (64, 64, 8))]
 
 
-@_autotune(_GEGLU_CONFIGS, key=["n_cols"])
+@autotune(_GEGLU_CONFIGS, key=["n_cols"])
 @triton.jit
 def _geglu_fwd(h_ptr, out_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -84,7 +84,7 @@ def _geglu_fwd(h_ptr, out_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: t
     tl.store(out, (gelu * b).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@_autotune(_GEGLU_CONFIGS, key=["n_cols"])
+@autotune(_GEGLU_CONFIGS, key=["n_cols"])
 @triton.jit
 def _geglu_bwd(h_ptr, grad_ptr, dh_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -108,7 +108,7 @@ def _geglu_grid(n_rows: int, n_cols: int):
 @torch.library.custom_op("modernbert::geglu", mutates_args=())
 def geglu(h: torch.Tensor) -> torch.Tensor:
     """h (T, 2I) -> GELU(h[:, :I]) * h[:, I:] (T, I), exact (erf) GELU."""
-    if not _use_triton(h):
+    if not use_triton(h):
         return modernbert.geglu_activation(h)
     h = h.contiguous()
     n_rows, n_cols = h.shape[0], h.shape[1] // 2
@@ -124,7 +124,7 @@ def _(h: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("modernbert::geglu_backward", mutates_args=())
 def geglu_backward(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    if not _use_triton(h):  # (autograd is off inside an op: the derivative written out)
+    if not use_triton(h):  # (autograd is off inside an op: the derivative written out)
         a, b = h.float().chunk(2, dim=-1)
         g = grad.float()
         cdf = 0.5 * (1.0 + torch.erf(a * _SQRT_HALF.value))
@@ -173,7 +173,7 @@ def _rotate_pair(packed_ptr, split_ptr, packed, split, mask, c1, c2, s1, s2,
         tl.store(split_ptr + split + HALF, (x2 * c2 + x1 * s2).to(out_ty), mask=mask)
 
 
-@_autotune([triton.Config(dict(BLOCK_R=r), num_warps=w) for r, w in ((32, 4), (16, 2), (64, 4), (128, 8))],
+@autotune([triton.Config(dict(BLOCK_R=r), num_warps=w) for r, w in ((32, 4), (16, 2), (64, 4), (128, 8))],
            key=["n_heads", "HEAD_DIM", "BACKWARD"])
 @triton.jit
 def _rotary_qkv(packed_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, n_rows, n_heads,
@@ -222,7 +222,7 @@ def _launch_rotary(src, cos, sin, q, k, v, backward: bool) -> None:
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qkv (T, 3, N, Dh), cos/sin (T, Dh) fp32 -> q, k (RoPE applied), v: (T, N, Dh) each."""
-    if not _use_triton(qkv):
+    if not use_triton(qkv):
         return _rotary_reference(qkv, cos, sin)
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     q, k, v = (qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3]) for _ in range(3))
@@ -238,7 +238,7 @@ def _(qkv, cos, sin):
 @torch.library.custom_op("modernbert::rotary_qkv_backward", mutates_args=())
 def rotary_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
                         sin: torch.Tensor) -> torch.Tensor:
-    if not _use_triton(dq):  # the rotation's transpose, as in the kernel
+    if not use_triton(dq):  # the rotation's transpose, as in the kernel
         def unrotate(g):
             (g1, g2), (c1, c2), (s1, s2) = (t.float().chunk(2, dim=-1) for t in (g, cos[:, None], sin[:, None]))
             return torch.cat((g1 * c1 + g2 * s2, g2 * c2 - g1 * s1), dim=-1).to(g.dtype)
@@ -276,7 +276,7 @@ rotary_qkv.register_autograd(_rotary_grad, setup_context=_rotary_setup)
 _CE_ROWS = 8
 
 
-@_autotune([triton.Config(dict(BLOCK_C=c), num_warps=w) for c, w in ((1024, 8), (512, 4), (2048, 8), (1024, 4))],
+@autotune([triton.Config(dict(BLOCK_C=c), num_warps=w) for c, w in ((1024, 8), (512, 4), (2048, 8), (1024, 4))],
            key=["n_cols", "COLUMN_SUM"])
 @triton.jit
 def _cross_entropy_grad(logits_ptr, target_ptr, scale_ptr, grad_ptr, loss_ptr, columns_ptr, n_rows, n_cols,
@@ -320,7 +320,7 @@ def cross_entropy_grad(logits: torch.Tensor, target: torch.Tensor, row_scale: to
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """model/linear_cross_entropy.py's cross_entropy_grad (same arguments and results) as one kernel."""
     n_rows, n_cols = logits.shape
-    if not _use_triton(logits) or logits.dtype == torch.float64 or n_rows == 0:
+    if not use_triton(logits) or logits.dtype == torch.float64 or n_rows == 0:
         return linear_cross_entropy.cross_entropy_grad(logits, target, row_scale, out_dtype, column_sum)
     logits, target, row_scale = logits.contiguous(), target.contiguous(), row_scale.contiguous()
     programs = triton.cdiv(n_rows, _CE_ROWS)

@@ -16,16 +16,13 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from modernbert_train.model.config import ModernBertConfig
+from modernbert_train.model.config import EXECUTION_OPTIONS, ModernBertConfig
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
 
 WEIGHTS_FILE = "model.safetensors"
 TIED_KEY = "decoder.weight"
 # transformers' config fields that mean the same thing as ours.
-_SHARED_FIELDS = [f.name for f in fields(ModernBertConfig)
-                  if f.name not in ("preset", "sparse_prediction", "fused_head_loss", "fused_kernels", "fused_loss_kernel",
-                                    "window_attention_kernel",
-                                    "attention_backend")]
+_SHARED_FIELDS = [f.name for f in fields(ModernBertConfig) if f.name != "preset" and f.name not in EXECUTION_OPTIONS]
 
 
 def hf_config_dict(config: ModernBertConfig) -> dict:

@@ -91,7 +91,7 @@ def _probabilities(q, k, rows, cols, doc_lo, doc_hi, lse, qk_scale, HALF: tl.con
     return tl.where(_allowed(rows, cols, doc_lo, doc_hi, HALF), tl.exp2(scores - lse[:, None]), 0.0)
 
 
-@fused_kernels._autotune(_CONFIGS, key=_KEY)
+@fused_kernels.autotune(_CONFIGS, key=_KEY)
 @triton.jit
 def _window_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, start_ptr, end_ptr, n_tokens, n_heads, qk_scale,
                 HALF: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr):
@@ -129,7 +129,7 @@ def _window_delta(out_ptr, do_ptr, delta_ptr, n_tokens, n_heads, HEAD_DIM: tl.co
     tl.store(delta_ptr + tl.program_id(1) * n_tokens + rows, delta, mask=row_ok)
 
 
-@fused_kernels._autotune(_CONFIGS, key=_KEY)
+@fused_kernels.autotune(_CONFIGS, key=_KEY)
 @triton.jit
 def _window_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, start_ptr, end_ptr,
                      n_tokens, n_heads, qk_scale, scale,
@@ -154,7 +154,7 @@ def _window_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     tl.store(dv_ptr + kv_offsets, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
 
 
-@fused_kernels._autotune(_CONFIGS, key=_KEY)
+@fused_kernels.autotune(_CONFIGS, key=_KEY)
 @triton.jit
 def _window_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, start_ptr, end_ptr,
                    n_tokens, n_heads, qk_scale, scale,
@@ -175,12 +175,6 @@ def _window_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, star
     tl.store(dq_ptr + offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _check(q: torch.Tensor) -> None:
-    head_dim = q.shape[-1]
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"window_attention_kernel needs a power-of-two head dim >= 16, got {head_dim}")
-
-
 def _grid(n_tokens: int, n_heads: int):
     return lambda meta: (triton.cdiv(n_tokens, meta["TILE"]), n_heads)
 
@@ -188,8 +182,8 @@ def _grid(n_tokens: int, n_heads: int):
 @torch.library.custom_op("modernbert::window_attention", mutates_args=())
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: torch.Tensor,
                      doc_end: torch.Tensor, half_window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v (T, N, Dh); doc_start / doc_end (T,) int32 -> out (T, N, Dh), lse (N, T) fp32."""
-    _check(q)
+    """q, k, v (T, N, Dh), Dh a power of two >= 16 (ModernBertConfig.validate checks it);
+    doc_start / doc_end (T,) int32 -> out (T, N, Dh), lse (N, T) fp32."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     n_tokens, n_heads, head_dim = q.shape
     out = torch.empty_like(q)
@@ -249,7 +243,7 @@ def windowed(backend):
     runs (CUDA, or the interpreter in tests); the given backend for everything else."""
 
     def attend(q, k, v, *, cu_seqlens, max_seqlen, window, cache, scale=None):
-        if window is None or not fused_kernels._use_triton(q):
+        if window is None or not fused_kernels.use_triton(q):
             return backend(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=window, cache=cache,
                            scale=scale)
         if "document_bounds" not in cache:  # normally built once per forward by prepare_attention

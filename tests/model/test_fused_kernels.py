@@ -51,7 +51,7 @@ def test_geglu_matches_exact_gelu_times_gate(dtype):
     gen = torch.Generator().manual_seed(0)
     h = (3 * torch.randn(37, 400, generator=gen)).to(DEVICE, dtype).requires_grad_()
     grad = torch.randn(37, 200, generator=gen).to(DEVICE, dtype)
-    assert fused_kernels._use_triton(h), "the test must exercise the kernel, not the CPU fallback"
+    assert fused_kernels.use_triton(h), "the test must exercise the kernel, not the CPU fallback"
     out = fused_kernels.geglu(h)
     (dh,) = torch.autograd.grad(out, h, grad)
     (want,), want_dh = _exact(geglu_activation, h, grads=[grad])
@@ -76,7 +76,7 @@ def test_cross_entropy_grad_matches_exact_softmax_gradient(dtype, column_sum):
     block): loss = logsumexp - target logit, gradient = (softmax - one_hot) * row scale, rounded
     once to the output dtype, and the bias gradient = column sums of the rounded gradient."""
     logits, target, scale = _loss_inputs(37, 1000, dtype)
-    assert fused_kernels._use_triton(logits), "the test must exercise the kernel, not the CPU fallback"
+    assert fused_kernels.use_triton(logits), "the test must exercise the kernel, not the CPU fallback"
     grad, row_loss, columns = fused_kernels.cross_entropy_grad(logits, target, scale, dtype, column_sum)
     exact = logits.double()
     lse = torch.logsumexp(exact, dim=-1)
@@ -159,7 +159,7 @@ def test_cpu_path_without_the_interpreter_matches_the_kernels(monkeypatch):
     rotary_grads = [torch.randn(20, 2, 8, generator=gen) for _ in range(3)]
     results = {}
     for kernels in (True, False):
-        monkeypatch.setattr(fused_kernels, "_use_triton", lambda x, on=kernels: on)
+        monkeypatch.setattr(fused_kernels, "use_triton", lambda x, on=kernels: on)
         out = fused_kernels.geglu(h)
         outs = fused_kernels.rotary_qkv(qkv, cos, sin)
         results[kernels] = ([out, *outs], torch.autograd.grad(out, h, grad)
@@ -244,7 +244,7 @@ def test_fused_kernels_are_the_default_and_cpu_tensors_skip_the_interpreter_unle
     assert preset("tiny").fused_kernels and preset("base").fused_kernels
     assert pointwise_ops(preset("tiny")) == (fused_kernels.rotary_qkv, fused_kernels.geglu)
     monkeypatch.setattr(fused_kernels, "interpret_cpu_tensors", False)
-    assert not fused_kernels._use_triton(torch.zeros(2))
+    assert not fused_kernels.use_triton(torch.zeros(2))
 
 
 @pytest.mark.parametrize("option", ["fused_loss_kernel", "window_attention_kernel"])

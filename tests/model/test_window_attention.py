@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from modernbert_train.model.attention import sdpa_attention
+from modernbert_train.model.config import preset
+from modernbert_train.model.modernbert import ModernBertForMaskedLM
 from tests.model.test_attention import DOC_LAYOUTS, make_qkv, reference_attention
 
 pytest.importorskip("triton", reason="the window kernels are written in Triton")
@@ -94,11 +96,13 @@ def test_global_layers_and_cpu_tensors_outside_the_interpreter_use_the_backend(m
     assert calls == [None, 128]
 
 
-def test_head_dims_the_kernel_cannot_tile_are_refused():
-    q = torch.zeros(10, 2, 12)
-    cu = torch.tensor([0, 10], dtype=torch.int32)
-    with pytest.raises(ValueError, match="power-of-two head dim >= 16, got 12"):
-        _attend(q, q, q, cu, 128)
+def test_head_dims_the_kernel_cannot_tile_are_refused_when_the_model_is_built():
+    cfg = preset("tiny")
+    cfg.hidden_size, cfg.num_attention_heads, cfg.window_attention_kernel = 96, 8, True  # head dim 12
+    with pytest.raises(ValueError, match="window_attention_kernel needs a power-of-two head dim >= 16, got 12"):
+        ModernBertForMaskedLM(cfg)
+    cfg.window_attention_kernel = False
+    ModernBertForMaskedLM(cfg)  # the backends take it
 
 
 def test_custom_ops_pass_torch_library_opcheck():
@@ -127,9 +131,9 @@ def test_compiles_into_one_graph_with_its_gradient():
 
 
 @pytest.mark.gpu
-def test_cuda_bf16_at_base_width_against_varlen_attention():
-    """ModernBERT-base heads (12 x 64), 4000 packed tokens, window 128, bf16: the kernel against
-    torch's varlen kernel (or flex) and the fp64 reference."""
+def test_cuda_bf16_at_base_width_matches_the_reference():
+    """ModernBERT-base heads (12 x 64), 4000 packed tokens, window 128, bf16 (the autotuner's tile):
+    output and gradients against the fp64 reference on the same inputs."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     lengths = [300, 5, 1200, 64, 65, 128, 900, 1, 1337]

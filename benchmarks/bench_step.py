@@ -9,6 +9,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import platform
 import resource
 import statistics
@@ -389,6 +390,11 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
         result.peak_mem_bytes = peak_memory_bytes(device)
         result.loss_first, result.loss_last = float(losses[0]), float(losses[-1])
         result.graphs_compiled_timed = graphs_compiled() - graphs_before - result.graphs_compiled
+        if not all(math.isfinite(float(x)) for x in losses):
+            # A step that computes NaN can run faster than a correct one (2026-11-27 H200: 528k tok/s):
+            # its timing is kept in the JSON but the run counts as failed.
+            raise FloatingPointError(f"non-finite training loss (first {result.loss_first}, "
+                                     f"last {result.loss_last}): timing not comparable")
         if profile_steps:
             result.top_kernels = profile_kernels(lambda i: step(warmup + steps + i), profile_steps, device)
     except Exception as err:  # noqa: BLE001 - the benchmark records any failure and moves on
@@ -516,10 +522,22 @@ def peak_flops_for(device: torch.device, override_tflops: Optional[float]) -> Op
 
 def fill_ratios(results: list[RunResult]) -> None:
     """Each of our runs against the fastest transformers run of the same process."""
-    best_hf = max((r.tokens_per_s for r in results if r.system == "hf" and r.tokens_per_s), default=None)
+    best_hf = max((r.tokens_per_s for r in results if r.system == "hf" and r.tokens_per_s and r.error is None),
+                  default=None)
     for r in results:
-        if r.system == "ours" and r.tokens_per_s and best_hf:
+        r.ratio_vs_hf = None
+        if r.system == "ours" and r.tokens_per_s and best_hf and r.error is None:
             r.ratio_vs_hf = r.tokens_per_s / best_hf
+
+
+def check_losses(results: list[RunResult], rel_tol: float = 0.02) -> None:
+    """Our runs share seed, initial weights and data, so their first-step losses agree up to bf16 /
+    kernel rounding; a run that disagrees with the first of ours computes something else and fails."""
+    ours = [r for r in results if r.system == "ours" and r.error is None and r.loss_first is not None]
+    for r in ours[1:]:
+        if abs(r.loss_first - ours[0].loss_first) > rel_tol * abs(ours[0].loss_first):
+            r.error = (f"first-step loss {r.loss_first:.4f} differs from {ours[0].loss_first:.4f} of "
+                       f"ours/{ours[0].attention}/{ours[0].compile}/{ours[0].options} by more than {rel_tol:.0%}")
 
 
 def data_summary(batches: list[StepBatch], seq_len: int, seqs_per_chunk: int) -> dict[str, Any]:
@@ -535,7 +553,7 @@ def data_summary(batches: list[StepBatch], seq_len: int, seqs_per_chunk: int) ->
 def format_table(results: list[RunResult], device: torch.device) -> str:
     mem_label = "peak mem GiB" if device.type == "cuda" else "RSS hw GiB"
     header = ["system", "attention", "compile", "off", "tok/step", "tok/s", "ms/step med", "ms/step mean",
-              mem_label, "MFU", "vs best HF", "warmup s", "graphs"]
+              mem_label, "MFU", "vs best HF", "loss 1st", "warmup s", "graphs"]
     rows, errors = [header], {}
     for r in results:
         if r.error:
@@ -545,7 +563,8 @@ def format_table(results: list[RunResult], device: torch.device) -> str:
         rows.append([r.system, r.attention, r.compile, r.options, f"{r.real_tokens_per_step:.0f}",
                      f"{r.tokens_per_s:,.0f}", f"{r.step_ms_median:.1f}", f"{r.step_ms_mean:.1f}",
                      f"{r.peak_mem_bytes / 2**30:.2f}", "-" if r.mfu is None else f"{100 * r.mfu:.1f}%",
-                     "-" if r.ratio_vs_hf is None else f"{r.ratio_vs_hf:.2f}x", f"{r.warmup_s:.0f}",
+                     "-" if r.ratio_vs_hf is None else f"{r.ratio_vs_hf:.2f}x", f"{r.loss_first:.4f}",
+                     f"{r.warmup_s:.0f}",
                      f"{r.graphs_compiled}+{r.graphs_compiled_timed}"])
     widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
@@ -648,6 +667,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         results.append(run_config(spec, cfg, batches, device=device, dtype=args.dtype, warmup=args.warmup,
                                   profile_steps=args.profile,
                                   steps=args.steps, peak_flops=peak_flops, seed=args.seed))
+        check_losses(results)
         fill_ratios(results)
         payload["results"] = [asdict(r) for r in results]
         write_json(args.out_json, payload)  # after every run, so a killed sweep keeps what it measured

@@ -10,6 +10,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -468,6 +469,11 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"(trainer reaches {100 * r['tokens_per_s_trainer_over_raw']:.1f}% of raw tokens/s)")
     print(f"compiles = Dynamo frames converted in the timed window; host gap = median batch_end -> "
           f"next batch_start on the host clock (trainer only)\nJSON: {args.out_json}")
+    # The trainer stops itself on a non-finite loss (train/callbacks.py); the raw loop is checked here.
+    broken = [r.loop for r in results if r.loss_last is not None and not math.isfinite(r.loss_last)]
+    if broken:
+        print(f"ERROR: non-finite loss in {', '.join(broken)}: timings not comparable")
+        return 1
     return 0
 
 

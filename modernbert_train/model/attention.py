@@ -23,9 +23,15 @@ AttentionFn = Callable[..., torch.Tensor]
 
 
 def token_document_ids(cu_seqlens: torch.Tensor, total_tokens: int) -> torch.Tensor:
-    """(total_tokens,) index of the document each token belongs to."""
+    """(total_tokens,) index of the document each token belongs to (empty documents own no token).
+
+    Searches the whole of `cu_seqlens` (the count of offsets <= each position, minus one) rather
+    than its slice `cu_seqlens[1:]`: Inductor's searchsorted lowering drops a slice's storage
+    offset on CUDA (pytorch/pytorch#182343), so the compiled slice form gave every token the next
+    document's index: the window kernel's bounds then excluded every key (NaN loss on an H200,
+    torch 2.11) and positions came out negative."""
     positions = torch.arange(total_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+    return torch.searchsorted(cu_seqlens, positions, right=True) - 1
 
 
 def document_bounds(cu_seqlens: torch.Tensor, total_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -102,3 +102,36 @@ def test_saved_activations_mode_counts_what_backward_keeps(tmp_path, compile_mod
     slots = int(group[1:].split(",")[0])
     assert size == slots * vocab * 4 and slots >= 0.25 * 8 * 128, (group, size)  # 30% masked
     assert plain["saved_bytes"] > ours["saved_bytes"], (plain["saved_bytes"], ours["saved_bytes"])
+
+
+def test_a_run_whose_loss_is_not_finite_fails_and_gets_no_ratio(tmp_path, monkeypatch):
+    """A step that computes NaN may run fast (the 2026-11-27 H200 run: 528k tok/s with NaN loss): such a
+    run is an error in the table, JSON and exit code, and gets no ratio against transformers."""
+    real_build = bench_step.build_ours
+
+    def poisoned(cfg, spec):
+        model = real_build(cfg, spec)
+        with torch.no_grad():
+            model.model.layers[0].mlp.Wo.weight.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(bench_step, "build_ours", poisoned)
+    out = tmp_path / "step.json"
+    rc = bench_step.main(["--preset", "tiny", "--seq-len", "128", "--seqs-per-chunk", "4", "--steps", "1",
+                          "--warmup", "1", "--num-chunks", "1", "--device", "cpu", "--out-json", str(out)])
+    results = {r["system"]: r for r in json.loads(out.read_text())["results"]}
+    assert rc == 1
+    assert results["ours"]["error"].startswith("FloatingPointError: non-finite training loss"), results["ours"]
+    assert results["ours"]["ratio_vs_hf"] is None and results["ours"]["tokens_per_s"] > 0
+    assert results["hf"]["error"] is None
+
+
+def test_runs_of_ours_must_agree_on_the_first_loss():
+    def result(options, loss):
+        return bench_step.RunResult(system="ours", attention="sdpa", compile="none", options=options,
+                                    dtype="fp32", chunk_tokens=1024, loss_first=loss)
+
+    runs = [result("-", 10.90), result("ce", 10.95), result("win", 11.30)]
+    bench_step.check_losses(runs)
+    assert runs[0].error is None and runs[1].error is None  # 0.5%: rounding
+    assert "differs from 10.9000" in runs[2].error  # 3.7%: another computation

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modernbert_train.model.attention import (dense_allowed_mask, get_backend,
-                                              sdpa_attention, unavailable_reason)
+from modernbert_train.model.attention import (dense_allowed_mask, document_bounds, get_backend,
+                                              sdpa_attention, token_document_ids, unavailable_reason)
+from modernbert_train.model.modernbert import positions_from_cu_seqlens
 
 DOC_LAYOUTS = {
     "one_doc_300": [300],
@@ -155,3 +156,35 @@ def test_auto_resolves_to_a_backend_that_runs_here():
     assert on_cuda in ("torch_varlen", "flash", "flex") and unavailable_reason(on_cuda) is None, on_cuda
     if torch.cuda.is_available() and unavailable_reason("torch_varlen") is None:
         assert on_cuda == "torch_varlen", "the fastest measured backend wins when it can run"
+
+
+def _document_structure(cu_seqlens: torch.Tensor, total: int):
+    start, end = document_bounds(cu_seqlens, total)
+    return token_document_ids(cu_seqlens, total), start, end, positions_from_cu_seqlens(cu_seqlens, total)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_document_structure_compiled_matches_the_definition(device):
+    """Each token's document, its [start, end) and its position, eager and Inductor-compiled (dynamic
+    number of document slots, as the trainer marks them) against a loop over the documents. Guards
+    the compiled searchsorted (pytorch/pytorch#182343: on CUDA a slice's offset was dropped, every
+    token got the next document)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    lengths = [3, 0, 4, 5, 1, 64, 0, 0]  # empty documents in the middle and as trailing slots
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    total = sum(lengths)
+    want = ([], [], [], [])
+    for d, n in enumerate(lengths):
+        s = sum(lengths[:d])
+        for i in range(n):
+            for column, value in zip(want, (d, s, s + n, i)):
+                column.append(value)
+    torch._dynamo.reset()
+    compiled = torch.compile(_document_structure, dynamic=False)
+    torch._dynamo.mark_dynamic(cu, 0)
+    for name, fn in (("eager", _document_structure), ("compiled", compiled)):
+        got = fn(cu, total)
+        for field, g, w in zip(("document", "start", "end", "position"), got, want):
+            assert g.tolist() == w, f"{name} {field} on {device}"
+    torch._dynamo.reset()

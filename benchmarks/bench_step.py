@@ -152,8 +152,7 @@ class RunSpec:
     positions: a host sync and a data-dependent shape per step), `-triton` (GeGLU and RoPE as
     torch.compile generates them instead of the Triton kernels of model/fused_kernels.py, config
     fused_kernels), `mem=0.7` (an activation memory budget for the compiler's partitioner: recompute
-    more, save memory), `ce` (the loss's per-chunk softmax / gradient as the Triton kernel of
-    model/fused_kernels.py, config fused_loss_kernel), `win` (the local layers' attention as the
+    more, save memory), `win` (the local layers' attention as the
     Triton kernels of model/window_attention.py, config window_attention_kernel), `cdt` (inductor's
     coordinate-descent tuning of kernel block sizes: a longer compile), `capacity` (worst-case
     `cu_seqlens` length instead of the document count rounded up to 64)."""
@@ -169,7 +168,6 @@ class RunSpec:
     # partitioner picks for speed; lower: recompute more to save activation memory).
     memory_budget: float = 1.0
     coordinate_descent_tuning: bool = False
-    fused_loss_kernel: bool = False
     window_attention_kernel: bool = False
 
     @property
@@ -179,7 +177,6 @@ class RunSpec:
         off += [self.doc_slots] if self.doc_slots != "bucket" else []
         off += [f"mem={self.memory_budget:g}"] if self.memory_budget != 1.0 else []
         off += ["cdt"] if self.coordinate_descent_tuning else []
-        off += ["ce"] if self.fused_loss_kernel else []
         off += ["win"] if self.window_attention_kernel else []
         return ",".join(off) or "-"
 
@@ -192,7 +189,7 @@ class RunSpec:
         options = set(parts[3:])
         budgets = {o for o in options if o.startswith("mem=")}
         options -= budgets
-        unknown = options - {"-fused", "-slots", "-triton", "capacity", "cdt", "ce", "win"}
+        unknown = options - {"-fused", "-slots", "-triton", "capacity", "cdt", "win"}
         budget = 1.0
         if budgets:
             try:
@@ -203,13 +200,12 @@ class RunSpec:
                 unknown.add("mem= (one budget in (0, 1])")
         if unknown or ((options or budgets) and parts[0] == "hf") or (parts[0] == "hf" and parts[2] == "regional"):
             raise ValueError(f"run spec {text!r}: options {sorted(unknown) or sorted(options)} / compile "
-                             "mode not valid here (options -fused -slots -triton capacity cdt ce win mem= are for ours; "
+                             "mode not valid here (options -fused -slots -triton capacity cdt win mem= are for ours; "
                              "transformers compiles none or full)")
         return RunSpec(parts[0], parts[1], parts[2], fused_loss="-fused" not in options,
                        prediction_slots="-slots" not in options, fused_kernels="-triton" not in options,
                        doc_slots="capacity" if "capacity" in options else "bucket", memory_budget=budget,
-                       coordinate_descent_tuning="cdt" in options, fused_loss_kernel="ce" in options,
-                       window_attention_kernel="win" in options)
+                       coordinate_descent_tuning="cdt" in options, window_attention_kernel="win" in options)
 
 
 @dataclass
@@ -242,8 +238,7 @@ class RunResult:
 
 def build_ours(cfg: ModernBertConfig, spec: RunSpec) -> torch.nn.Module:
     return ModernBertForMaskedLM(replace(cfg, attention_backend=spec.attention, fused_head_loss=spec.fused_loss,
-                                         fused_kernels=spec.fused_kernels, fused_loss_kernel=spec.fused_loss_kernel,
-                                         window_attention_kernel=spec.window_attention_kernel))
+                                         fused_kernels=spec.fused_kernels, window_attention_kernel=spec.window_attention_kernel))
 
 
 def build_hf(cfg: ModernBertConfig, attn_implementation: str) -> torch.nn.Module:

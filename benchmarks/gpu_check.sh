@@ -5,16 +5,16 @@
 # machine, with carry [".whl"] (made here by ../shared/device/fetch-wheels.sh .whl, plus boto3,
 # botocore, s3transfer, jmespath and zstandard wheels for Python 3.12):
 #   bash benchmarks/gpu_check.sh [STAGE...]     (default: every stage, in the order below)
-# Stages: pytest step1024x96 step1024x32 kernels pytest-compiled saved large tuning step8192x12 trainer.
+# Stages: pytest step1024x96 step1024x32 trainer-win kernels pytest-compiled saved large tuning step8192x12 trainer.
 # COMPILED_TESTS=flex (a pytest -k expression) narrows the last stage.
 # To compare against an older version, export its tree (git archive REV modernbert_train benchmarks
 # | tar -x -C .whl/old_src) and run its bench_step.py with PYTHONPATH=/tmp/site:.whl/old_src.
 # Each stage has its own time limit (T_* to override). All stages need ~900 s, more than one lent
 # session's 15 device minutes with the machine's start: run the default order in one call with
-# timeout_s=600 (most important first, in this file's order; pytest + step1024x96 + step1024x32
-# limits sum to 570 s; the first GPU test of each Triton kernel autotunes and compiles its configs,
-# hence 90 s per test), then `kernels pytest-compiled saved large tuning step8192x12 trainer` if
-# time is left. A step benchmark
+# timeout_s=600 (most important first, in this file's order; pytest + step1024x96 + step1024x32 +
+# trainer-win limits sum to 570 s; the first GPU test of each Triton kernel autotunes and compiles
+# its configs, hence 90 s per test), then `kernels pytest-compiled saved large tuning step8192x12
+# trainer` if time is left. A step benchmark
 # rewrites its JSON after every configuration, so a stage cut short keeps what it measured.
 set -uo pipefail
 OUT=${OUT:-bench_results/gpu}
@@ -37,7 +37,7 @@ export WANDB_MODE=disabled
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-STAGES=" ${*:-pytest step1024x96 step1024x32 kernels pytest-compiled saved large tuning step8192x12 trainer} "
+STAGES=" ${*:-pytest step1024x96 step1024x32 trainer-win kernels pytest-compiled saved large tuning step8192x12 trainer} "
 want() { [[ $STAGES == *" $1 "* ]]; }
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -52,23 +52,29 @@ step() {  # name, seconds, bench_step args...
 }
 V=torch_varlen
 
-# Numerical parity of the attention kernels and the fused loss on this GPU first (gpu-marked tests;
-# a per-test limit so a hung test cannot hide the summary). The compiled-model tests run last.
-want pytest && stage pytest ${T_PYTEST:-120} $PY -m pytest -v -ra -m gpu --timeout 90 --tb=short \
+# Numerical parity of the attention and Triton kernels on this GPU first (gpu-marked tests, incl. the
+# compiled model with the window kernel on a trainer-like chunk; a per-test limit so a hung test
+# cannot hide the summary). The compiled-backend tests of tests/train run last.
+want pytest && stage pytest ${T_PYTEST:-150} $PY -m pytest -v -ra -m gpu --timeout 90 --tb=short \
   -p no:cacheprovider tests/model
-# ModernBERT's own microbatch (96 x 1024: the memory target) with a kernel profile, ce, win and
-# -triton as above (2026-11-27, H200: 408k tok/s / 48.7 GiB with the kernels, 385k / 54.8 GiB without).
+# ModernBERT's own microbatch (96 x 1024: the memory target) with a kernel profile; win: the local
+# layers' Triton attention (config window_attention_kernel; its first timing had NaN loss, since
+# fixed: benchmarks/README.md). -triton: GeGLU / RoPE as torch.compile generates them
+# (2026-11-27, H200: 408k tok/s / 48.7 GiB with the kernels, 385k / 54.8 GiB without).
 # ours:$V:full:mem=0.7 trades speed for memory (the compiler's activation memory budget).
-want step1024x96 && step 1024x96 ${T_1024x96:-270} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
-  --baseline none --profile 2 --runs ours:$V:full ours:$V:full:ce ours:$V:full:win ours:$V:full:ce:win
+want step1024x96 && step 1024x96 ${T_1024x96:-150} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
+  --baseline none --profile 2 --runs ours:$V:full ours:$V:full:win
 # Pretraining shape, 32 x 1024: ours (the recipe's full compile) vs transformers eager and compiled,
-# and ours with the loss's Triton kernel (ce: config fused_loss_kernel) and the local layers' Triton
-# attention (win: config window_attention_kernel), neither timed on a GPU yet (each alone: step1024x96).
-# -triton: GeGLU / RoPE as torch.compile generates them (config fused_kernels off).
+# and ours with the window kernel (win).
 # Ablations of single optimisations: add e.g. ours:$V:regional:-fused ours:$V:regional:-slots
 # ours:flex:regional ours:$V:none (regional recompiles are cheap).
 want step1024x32 && step 1024x32 ${T_1024x32:-180} --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 \
-  --runs ours:$V:full hf:sdpa:none hf:sdpa:full ours:$V:full:ce:win
+  --runs ours:$V:full hf:sdpa:none hf:sdpa:full ours:$V:full:win
+# The real Composer trainer (stage trainer below) with the window kernel (a NaN loss stops it:
+# train/callbacks.py).
+want trainer-win && stage trainer-win ${T_TRAINER:-90} $PY benchmarks/bench_trainer.py --device cuda --max-seq-len 1024 \
+  --microbatch-seqs 96 --chunks-per-step 2 --warmup-batches 3 --batches 8 --time-limit-s 40 \
+  --attention-backend $V --compile full --out-json "$OUT/trainer_win.json" model.window_attention_kernel=true
 # GeGLU, RoPE and LayerNorm alone at 96 x 1024 tokens: eager, torch.compile, the Triton kernels;
 # time, GB/s against the minimal traffic, error against an fp32 reference.
 want kernels && stage kernels ${T_KERNELS:-90} $PY benchmarks/bench_kernels.py --tokens 98304 \
@@ -87,7 +93,7 @@ want large && stage "step large1024x44" ${T_LARGE:-90} $PY benchmarks/bench_step
 want tuning && step 1024x96_cdt ${T_TUNING:-150} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
   --baseline none --runs ours:$V:full:cdt
 want step8192x12 && step 8192x12 ${T_8192x12:-70} --seq-len 8192 --seqs-per-chunk 12 --steps 5 --warmup 3 \
-  --baseline none --runs ours:$V:full
+  --baseline none --runs ours:$V:full ours:$V:full:win
 # The real Composer trainer on synthetic shards (the recipe's microbatch, 2 chunks per step),
 # against the raw loop on the same chunks.
 want trainer && stage trainer ${T_TRAINER:-90} $PY benchmarks/bench_trainer.py --device cuda --max-seq-len 1024 \

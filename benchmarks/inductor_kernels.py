@@ -276,12 +276,6 @@ def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
         cases.append((graph, fused_kernels._rotary_qkv, rotary,
                       dict(HEAD_DIM=head_dim, HALF_BLOCK=triton.next_power_of_2(head_dim // 2), BACKWARD=backward),
                       3 * head_dim, 3 * tokens * hidden))
-    # The loss (config fused_loss_kernel): the masked rows (30%) x vocab; both passes over a row are
-    # loops, so the static count per element is one iteration of each.
-    cases.append(("forward", fused_kernels._cross_entropy_grad,
-                  dict(logits_ptr="*bf16", target_ptr="*i64", scale_ptr="*fp32", grad_ptr="*bf16", loss_ptr="*fp32",
-                       columns_ptr="*fp32", n_rows="i32", n_cols="i32"),
-                  dict(ROWS=fused_kernels._CE_ROWS, COLUMN_SUM=True), 1, int(0.3 * tokens) * cfg.vocab_size))
     # model/window_attention.py (config window_attention_kernel), one local layer: elements = the
     # output's T x hidden; the loops over key / query tiles count once (3 iterations at run time).
     from modernbert_train.model import window_attention as window

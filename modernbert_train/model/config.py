@@ -40,9 +40,6 @@ class ModernBertConfig:
     # (benchmarks/README.md). CUDA tensors only; CPU tensors, or no triton installed (a warning),
     # take the PyTorch definitions.
     fused_kernels: bool = True
-    # The loss's per-chunk softmax / gradient as a Triton kernel (model/fused_kernels.py:
-    # cross_entropy_grad) instead of what torch.compile generates. Off until a GPU run times it.
-    fused_loss_kernel: bool = False
     # The local (sliding-window) layers' attention as the Triton kernels of
     # model/window_attention.py on CUDA tensors, instead of the attention backend with a window.
     # Off until a GPU run times it.
@@ -90,8 +87,8 @@ class ModernBertConfig:
 
 # Fields that choose how a step is computed (kernels, loss fusion, attention backend), not what the
 # weights mean: left out of an exported transformers config (model/hf_interop.py).
-EXECUTION_OPTIONS = frozenset({"sparse_prediction", "fused_head_loss", "fused_kernels", "fused_loss_kernel",
-                               "window_attention_kernel", "attention_backend"})
+EXECUTION_OPTIONS = frozenset({"sparse_prediction", "fused_head_loss", "fused_kernels", "window_attention_kernel",
+                               "attention_backend"})
 
 _PRESETS = {
     "base": ModernBertConfig(preset="base"),

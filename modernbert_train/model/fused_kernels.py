@@ -12,11 +12,6 @@ Math in fp32, one rounding to the input dtype.
 - geglu: h (T, 2I) -> GELU(h[:, :I]) * h[:, I:] (T, I); backward writes dh in one pass.
 - rotary_qkv: the Wqkv output (T, 3, N, Dh) -> q, k rotated and v, each (T, N, Dh) contiguous;
   backward writes d(qkv) from dq, dk, dv in one pass (no separate concat).
-- cross_entropy_grad (config `fused_loss_kernel`, off until a GPU run times it): one chunk of the
-  fused decoder + loss (model/linear_cross_entropy.py): logsumexp, loss and the logits' gradient
-  with the bias gradient's column sums, reading the logits twice and writing the gradient once.
-  The kernel torch.compile generates for it issues ~600 instructions per logit
-  (benchmarks/inductor_kernels.py --part head) and took 15 ms of a 239 ms step on an H200.
 """
 from __future__ import annotations
 
@@ -26,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from modernbert_train.model import linear_cross_entropy, modernbert
+from modernbert_train.model import modernbert
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
@@ -267,74 +262,3 @@ def _rotary_grad(ctx, dq, dk, dv):
 
 
 rotary_qkv.register_autograd(_rotary_grad, setup_context=_rotary_setup)
-
-
-# --- cross-entropy of one chunk of logits -----------------------------------------------------------
-
-# Rows per program, fixed (not tuned): the bias gradient's per-program column sums have one row per
-# program, so this sets their buffer size (a 4096-row chunk: 512 x V fp32, 1/8 of the logits' bytes).
-_CE_ROWS = 8
-
-
-@autotune([triton.Config(dict(BLOCK_C=c), num_warps=w) for c, w in ((1024, 8), (512, 4), (2048, 8), (1024, 4))],
-           key=["n_cols", "COLUMN_SUM"])
-@triton.jit
-def _cross_entropy_grad(logits_ptr, target_ptr, scale_ptr, grad_ptr, loss_ptr, columns_ptr, n_rows, n_cols,
-                        ROWS: tl.constexpr, BLOCK_C: tl.constexpr, COLUMN_SUM: tl.constexpr):
-    """ROWS rows per program, two passes over each: an online max / sum of exp (the logsumexp),
-    then the gradient (softmax - one_hot) * scale, written in grad's dtype, with the column sums of
-    the written values per program. Reads the logits twice, writes the gradient once."""
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < n_rows
-    offsets = rows[:, None] * n_cols
-    peak = tl.full([ROWS], -1e30, tl.float32)  # finite: exp(old - new) stays defined for empty rows
-    total = tl.zeros([ROWS], tl.float32)
-    for start in range(0, n_cols, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        mask = row_ok[:, None] & (cols[None, :] < n_cols)
-        x = tl.load(logits_ptr + offsets + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        new_peak = tl.maximum(peak, tl.max(x, axis=1))
-        total = total * tl.exp(peak - new_peak) + tl.sum(tl.exp(x - new_peak[:, None]), axis=1)
-        peak = new_peak
-    lse = peak + tl.log(tl.where(row_ok, total, 1.0))  # rows past the end: no log(0)
-    target = tl.load(target_ptr + rows, mask=row_ok, other=0)
-    scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    target_logit = tl.load(logits_ptr + rows * n_cols + target, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(loss_ptr + rows, lse - target_logit, mask=row_ok)
-    out_ty = grad_ptr.dtype.element_ty
-    for start in range(0, n_cols, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        mask = row_ok[:, None] & (cols[None, :] < n_cols)
-        x = tl.load(logits_ptr + offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        prob = tl.exp(tl.where(mask, x - lse[:, None], float("-inf")))  # 0 outside: no inf * 0
-        grad = (tl.where(cols[None, :] == target[:, None], prob - 1.0, prob) * scale[:, None]).to(out_ty)
-        tl.store(grad_ptr + offsets + cols[None, :], grad, mask=mask)
-        if COLUMN_SUM:
-            tl.store(columns_ptr + pid * n_cols + cols, tl.sum(grad.to(tl.float32), axis=0), mask=cols < n_cols)
-
-
-@torch.library.custom_op("modernbert::cross_entropy_grad", mutates_args=())
-def cross_entropy_grad(logits: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor,
-                       out_dtype: torch.dtype, column_sum: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """model/linear_cross_entropy.py's cross_entropy_grad (same arguments and results) as one kernel."""
-    n_rows, n_cols = logits.shape
-    if not use_triton(logits) or logits.dtype == torch.float64 or n_rows == 0:
-        return linear_cross_entropy.cross_entropy_grad(logits, target, row_scale, out_dtype, column_sum)
-    logits, target, row_scale = logits.contiguous(), target.contiguous(), row_scale.contiguous()
-    programs = triton.cdiv(n_rows, _CE_ROWS)
-    grad = torch.empty(n_rows, n_cols, dtype=out_dtype, device=logits.device)
-    row_loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    partial = torch.empty(programs if column_sum else 0, n_cols, dtype=torch.float32, device=logits.device)
-    _cross_entropy_grad[lambda meta: (programs,)](logits, target, row_scale, grad, row_loss, partial, n_rows, n_cols,
-                                                  ROWS=_CE_ROWS, COLUMN_SUM=column_sum)
-    return grad, row_loss, partial.sum(0) if column_sum else partial.new_zeros(0)
-
-
-@cross_entropy_grad.register_fake
-def _(logits, target, row_scale, out_dtype, column_sum):
-    n_rows, n_cols = logits.shape
-    acc = torch.promote_types(logits.dtype, torch.float32)
-    return (logits.new_empty(n_rows, n_cols, dtype=out_dtype), logits.new_empty(n_rows, dtype=acc),
-            logits.new_empty(n_cols if column_sum else 0, dtype=acc))

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from modernbert_train.model.attention import get_backend, prepare_attention, token_document_ids
 from modernbert_train.model.config import ModernBertConfig
-from modernbert_train.model.linear_cross_entropy import cross_entropy_grad, linear_cross_entropy
+from modernbert_train.model.linear_cross_entropy import linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -113,14 +113,6 @@ def _triton_module(name: str, option: str):
     except ImportError as err:
         raise ImportError(f"model.{option}=true needs triton ({err}); it comes with torch's CUDA wheels, "
                           f"or set model.{option}=false") from err
-
-
-def loss_chunk_op(config: ModernBertConfig):
-    """The fused decoder + loss's per-chunk math: model/linear_cross_entropy.py's
-    cross_entropy_grad, or with `fused_loss_kernel` the same as a Triton kernel."""
-    if not config.fused_loss_kernel:
-        return cross_entropy_grad
-    return _triton_module("fused_kernels", "fused_loss_kernel").cross_entropy_grad
 
 
 def attention_op(config: ModernBertConfig, is_global: bool):
@@ -263,7 +255,6 @@ class ModernBertForMaskedLM(nn.Module):
         self.head = MLMHead(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
         self.decoder.weight = self.model.embeddings.tok_embeddings.weight  # tied
-        self.loss_chunk_grad = loss_chunk_op(config)
         self.reset_parameters()
 
     @staticmethod
@@ -337,7 +328,7 @@ class ModernBertForMaskedLM(nn.Module):
             if self.training and torch.is_grad_enabled() and self.config.fused_head_loss:
                 # No (M, V) logits in training (model/linear_cross_entropy.py); nothing reads them.
                 loss = linear_cross_entropy(head_out, self.decoder.weight, self.decoder.bias, target,
-                                            ignore_index=IGNORE_INDEX, chunk_grad=self.loss_chunk_grad)
+                                            ignore_index=IGNORE_INDEX)
                 return MLMOutput(None, loss, num_predictions, masked, target)
             logits = self.decoder(head_out)  # (M, V)
             loss = F.cross_entropy(_at_least_fp32(logits), target, ignore_index=IGNORE_INDEX)

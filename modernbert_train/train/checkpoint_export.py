@@ -13,7 +13,7 @@ from modernbert_train.model.modernbert import ModernBertForMaskedLM
 
 # Options earlier versions wrote into a checkpoint's model config that no longer exist. They chose
 # how a step ran, never what the weights mean, so they are dropped when such a checkpoint is read.
-RETIRED_FIELDS = frozenset({"low_memory_norm"})
+RETIRED_FIELDS = frozenset({"low_memory_norm", "fused_loss_kernel"})
 
 
 def load_model_from_checkpoint(path: str | Path) -> ModernBertForMaskedLM:

@@ -68,12 +68,11 @@ def test_run_specs_parse_options_and_reject_bad_ones():
     compiler_ops = bench_step.RunSpec.parse("ours:sdpa:full:-triton")
     assert (compiler_ops.fused_kernels, compiler_ops.label) == (False, "-triton"), compiler_ops
     assert not bench_step.build_ours(preset("tiny"), compiler_ops).config.fused_kernels
-    kernels = bench_step.RunSpec.parse("ours:sdpa:full:ce:win")
-    assert (kernels.fused_loss_kernel, kernels.window_attention_kernel, kernels.label) == (True, True, "ce,win"), kernels
-    config = bench_step.build_ours(preset("tiny"), kernels).config
-    assert config.fused_loss_kernel and config.window_attention_kernel
+    kernels = bench_step.RunSpec.parse("ours:sdpa:full:win")
+    assert (kernels.window_attention_kernel, kernels.label) == (True, "win"), kernels
+    assert bench_step.build_ours(preset("tiny"), kernels).config.window_attention_kernel
     for bad in ["ours:torch_varlen:full:mem=1.5", "hf:sdpa:full:triton", "ours:torch_varlen:full:mem=x", "ours:torch_varlen:full:fast",
-                "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "hf:sdpa:full:-triton", "ours:sdpa:full:triton", "hf:sdpa:full:ce", "hf:sdpa:full:win", "ours:torch_varlen:jit"]:
+                "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "hf:sdpa:full:-triton", "ours:sdpa:full:triton", "ours:sdpa:full:ce", "hf:sdpa:full:win", "ours:torch_varlen:jit"]:
         with pytest.raises(ValueError, match="run spec"):
             bench_step.RunSpec.parse(bad)
 
@@ -131,7 +130,7 @@ def test_runs_of_ours_must_agree_on_the_first_loss():
         return bench_step.RunResult(system="ours", attention="sdpa", compile="none", options=options,
                                     dtype="fp32", chunk_tokens=1024, loss_first=loss)
 
-    runs = [result("-", 10.90), result("ce", 10.95), result("win", 11.30)]
+    runs = [result("-", 10.90), result("cdt", 10.95), result("win", 11.30)]
     bench_step.check_losses(runs)
     assert runs[0].error is None and runs[1].error is None  # 0.5%: rounding
     assert "differs from 10.9000" in runs[2].error  # 3.7%: another computation

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from modernbert_train.model import linear_cross_entropy as linear_cross_entropy_module
 from modernbert_train.model.config import preset
 from modernbert_train.model.modernbert import (ModernBertForMaskedLM, RotaryEmbedding, geglu_activation,
                                                pointwise_ops, rotary_qkv)
@@ -58,56 +57,6 @@ def test_geglu_matches_exact_gelu_times_gate(dtype):
     assert out.dtype == dh.dtype == dtype and out.shape == (37, 200)
     torch.testing.assert_close(out.double(), want, **TOLERANCE[dtype])
     torch.testing.assert_close(dh.double(), want_dh, **TOLERANCE[dtype])
-
-
-def _loss_inputs(rows: int, vocab: int, dtype: torch.dtype, seed: int = 5):
-    gen = torch.Generator().manual_seed(seed)
-    logits = (4 * torch.randn(rows, vocab, generator=gen)).to(DEVICE, dtype)
-    target = torch.randint(0, vocab, (rows,), generator=gen).to(DEVICE)
-    scale = torch.rand(rows, generator=gen)
-    scale[::3] = 0.0  # ignored rows
-    return logits, target, scale.to(DEVICE)
-
-
-@pytest.mark.parametrize("column_sum", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cross_entropy_grad_matches_exact_softmax_gradient(dtype, column_sum):
-    """37 rows (not a multiple of the 8 per program) x 1000 classes (not a multiple of any column
-    block): loss = logsumexp - target logit, gradient = (softmax - one_hot) * row scale, rounded
-    once to the output dtype, and the bias gradient = column sums of the rounded gradient."""
-    logits, target, scale = _loss_inputs(37, 1000, dtype)
-    assert fused_kernels.use_triton(logits), "the test must exercise the kernel, not the CPU fallback"
-    grad, row_loss, columns = fused_kernels.cross_entropy_grad(logits, target, scale, dtype, column_sum)
-    exact = logits.double()
-    lse = torch.logsumexp(exact, dim=-1)
-    one_hot = torch.nn.functional.one_hot(target, 1000).double()
-    want = (torch.softmax(exact, dim=-1) - one_hot) * scale.double()[:, None]
-    assert (grad.dtype, row_loss.dtype, columns.dtype) == (dtype, torch.float32, torch.float32)
-    torch.testing.assert_close(row_loss.double(), lse - exact.gather(1, target[:, None]).squeeze(1),
-                               rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(grad.double(), want, **{k: 2 * v for k, v in TOLERANCE[dtype].items()})
-    assert torch.equal(grad[::3], torch.zeros_like(grad[::3])), "ignored rows have no gradient"
-    if column_sum:
-        torch.testing.assert_close(columns.double(), grad.double().sum(0), rtol=1e-5, atol=1e-6)
-    else:
-        assert columns.shape == (0,)
-
-
-def test_linear_cross_entropy_with_the_kernel_matches_the_pytorch_chunks():
-    """The whole fused decoder + loss, several chunks, one of them short: same loss and gradients."""
-    from modernbert_train.model.linear_cross_entropy import linear_cross_entropy
-    gen = torch.Generator().manual_seed(6)
-    x = torch.randn(50, 16, generator=gen).to(DEVICE).requires_grad_()
-    w = torch.randn(300, 16, generator=gen).to(DEVICE).requires_grad_()
-    b = torch.randn(300, generator=gen).to(DEVICE).requires_grad_()
-    target = torch.randint(0, 300, (50,), generator=gen).to(DEVICE)
-    target[::4] = -100
-    results = []
-    for chunk_grad in ({}, dict(chunk_grad=fused_kernels.cross_entropy_grad)):
-        loss = linear_cross_entropy(x, w, b, target, chunk_rows=16, **chunk_grad)
-        results.append((loss, *torch.autograd.grad(3.0 * loss, (x, w, b))))
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def _rotary_inputs(tokens: int, heads: int, head_dim: int, dtype: torch.dtype):
@@ -176,9 +125,6 @@ def test_custom_ops_pass_torch_library_opcheck():
     torch.library.opcheck(fused_kernels.geglu, (h,))
     torch.library.opcheck(fused_kernels.rotary_qkv, (qkv, cos, sin))
     torch.library.opcheck(fused_kernels.geglu_backward, (h.detach(), torch.randn(10, 6, device=DEVICE)))
-    for column_sum in (True, False):
-        torch.library.opcheck(fused_kernels.cross_entropy_grad,
-                              (*_loss_inputs(11, 40, torch.float32), torch.float32, column_sum))
 
 
 def test_ops_compile_into_one_graph_with_their_gradients():
@@ -186,13 +132,9 @@ def test_ops_compile_into_one_graph_with_their_gradients():
     qkv, cos, sin = _rotary_inputs(tokens=24, heads=2, head_dim=8, dtype=torch.float32)
     h = torch.randn(24, 12, device=DEVICE, requires_grad=True)
 
-    logits, target, scale = _loss_inputs(9, 40, torch.float32)
-
     def step(qkv, h):
         q, k, v = fused_kernels.rotary_qkv(qkv, cos, sin)
-        grad, row_loss, columns = fused_kernels.cross_entropy_grad(logits, target, scale, torch.float32, True)
-        return ((q * k).sum() + v.sum() + fused_kernels.geglu(h).square().sum()
-                + ((grad * logits).sum() + row_loss.sum() + columns.sum()) * h.mean())
+        return (q * k).sum() + v.sum() + fused_kernels.geglu(h).square().sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
@@ -206,14 +148,14 @@ def test_ops_compile_into_one_graph_with_their_gradients():
 def _tiny_model(fused: bool) -> ModernBertForMaskedLM:
     cfg = preset("tiny")
     cfg.num_hidden_layers, cfg.attention_backend, cfg.local_attention = 3, "sdpa", 32
-    cfg.fused_kernels = cfg.fused_loss_kernel = cfg.window_attention_kernel = fused
+    cfg.fused_kernels = cfg.window_attention_kernel = fused
     torch.manual_seed(0)
     return ModernBertForMaskedLM(cfg).to(DEVICE).train()
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_model_with_fused_kernels_matches_pytorch_path(compiled):
-    """Whole tiny model, fp32, every Triton kernel (GeGLU, RoPE, loss, the local layers' window
+    """Whole tiny model, fp32, every Triton kernel (GeGLU, RoPE, the local layers' window
     attention: model/window_attention.py) against the PyTorch path and the sdpa backend: the same
     loss and gradients, eager and Inductor-compiled."""
     ids = torch.randint(4, 4096, (160,), generator=torch.Generator().manual_seed(0))
@@ -225,7 +167,6 @@ def test_model_with_fused_kernels_matches_pytorch_path(compiled):
         torch._dynamo.reset()
         model = _tiny_model(fused)
         assert (model.model.layers[0].mlp.act is fused_kernels.geglu) == fused
-        assert (model.loss_chunk_grad is fused_kernels.cross_entropy_grad) == fused
         assert (model.model.layers[1].attn.attend is not model.model.layers[0].attn.attend) == fused
         forward = torch.compile(model) if compiled else model
         loss = forward(**batch).loss
@@ -247,15 +188,14 @@ def test_fused_kernels_are_the_default_and_cpu_tensors_skip_the_interpreter_unle
     assert not fused_kernels.use_triton(torch.zeros(2))
 
 
-@pytest.mark.parametrize("option", ["fused_loss_kernel", "window_attention_kernel"])
-def test_opt_in_kernels_without_triton_fail_naming_the_fix(monkeypatch, option):
+def test_the_opt_in_window_kernel_without_triton_fails_naming_the_fix(monkeypatch):
     for module in ("fused_kernels", "window_attention"):
         monkeypatch.delitem(sys.modules, f"modernbert_train.model.{module}", raising=False)
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
     cfg = preset("tiny")
     cfg.fused_kernels = False  # (its warning is the next test's subject)
-    setattr(cfg, option, True)
-    with pytest.raises(ImportError, match=f"model.{option}=true needs triton.*model.{option}=false"):
+    cfg.window_attention_kernel = True
+    with pytest.raises(ImportError, match="model.window_attention_kernel=true needs triton.*model.window_attention_kernel=false"):
         ModernBertForMaskedLM(cfg)
 
 
@@ -280,19 +220,16 @@ def test_kernels_compile_for_hopper_with_128_bit_memory_access(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = json.loads(out.read_text())["kernels"]
     assert [k["name"] for k in kernels] == ["ours: _geglu_fwd", "ours: _geglu_bwd", "ours: _rotary_qkv",
-                                            "ours: _rotary_qkv backward", "ours: _cross_entropy_grad",
+                                            "ours: _rotary_qkv backward",
                                             "ours: _window_fwd", "ours: _window_bwd_dkdv", "ours: _window_bwd_dq"], kernels
     assert [len(k["variants"]) for k in kernels] == [len(fused_kernels._GEGLU_CONFIGS)] * 2 + [
-        len(fused_kernels._rotary_qkv.configs)] * 2 + [len(fused_kernels._cross_entropy_grad.configs)] + [len(window_attention._CONFIGS)] * 3
+        len(fused_kernels._rotary_qkv.configs)] * 2 + [len(window_attention._CONFIGS)] * 3
     assert all(k["error"] is None for k in kernels), kernels
     for kernel in kernels[:4]:
         for variant in kernel["variants"]:
             assert (variant["loads"], variant["stores"]) == (["ld.global.v4.b32"], ["st.global.v4.b32"]), (
                 kernel["name"], variant)
-    for variant in kernels[4]["variants"]:  # the logits and the gradient 16 bytes at a time (plus per-row scalars)
-        assert "ld.global.v4.b32" in variant["loads"] and "st.global.v4.b32" in variant["stores"], variant
-        assert variant["instr_per_element"] < 60, variant  # Inductor's loss kernel: ~600 (torch 2.7)
-    for variant in (v for kernel in kernels[5:] for v in kernel["variants"]):  # window_attention.py: bf16 tiles
+    for variant in (v for kernel in kernels[4:] for v in kernel["variants"]):  # window_attention.py: bf16 tiles
         # on tensor cores: Hopper's wgmma from 64-row tiles up, mma.sync for 32-row ones
         hopper = variant["constants"]["TILE"] >= 64
         assert any(op.startswith("wgmma.mma_async" if hopper else "mma.sync") and ".bf16.bf16" in op
@@ -301,21 +238,13 @@ def test_kernels_compile_for_hopper_with_128_bit_memory_access(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", ["geglu", "rotary_qkv", "cross_entropy_grad"])
+@pytest.mark.parametrize("op", ["geglu", "rotary_qkv"])
 def test_cuda_kernels_at_base_width_under_bf16(op):
-    """ModernBERT-base widths (2 x 1152 GeGLU, 12 heads x 64, vocab 50368), 3000 tokens, bf16 as
+    """ModernBERT-base widths (2 x 1152 GeGLU, 12 heads x 64), 3000 tokens, bf16 as
     under autocast."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     gen = torch.Generator().manual_seed(3)
-    if op == "cross_entropy_grad":
-        logits, target, scale = _loss_inputs(3000, 50368, torch.bfloat16)
-        grad, row_loss, columns = fused_kernels.cross_entropy_grad(logits, target, scale, torch.bfloat16, True)
-        want = linear_cross_entropy_module.cross_entropy_grad(logits.float(), target, scale, torch.float32, True)
-        torch.testing.assert_close(grad.float(), want[0], rtol=2 ** -8, atol=1e-6)
-        torch.testing.assert_close(row_loss, want[1], rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(columns, grad.float().sum(0), rtol=1e-4, atol=1e-5)
-        return
     if op == "geglu":
         inputs = ((3 * torch.randn(3000, 2304, generator=gen)).cuda().bfloat16().requires_grad_(),)
         grads = [torch.randn(3000, 1152, generator=gen).cuda().bfloat16()]

@@ -21,8 +21,8 @@ def test_weights_come_back_and_retired_options_of_older_checkpoints_are_dropped(
     cfg.num_hidden_layers = 2
     torch.manual_seed(0)
     model = ModernBertForMaskedLM(cfg)
-    # Written by a version that still had the low-memory LayerNorm option.
-    _checkpoint(tmp_path / "old.pt", {**asdict(cfg), "low_memory_norm": True}, model)
+    # Written by versions that still had the low-memory LayerNorm and the Triton loss kernel options.
+    _checkpoint(tmp_path / "old.pt", {**asdict(cfg), "low_memory_norm": True, "fused_loss_kernel": False}, model)
     loaded = load_model_from_checkpoint(tmp_path / "old.pt")
     assert loaded.config.num_hidden_layers == 2 and loaded.config.attention_backend == "sdpa"
     for name, tensor in model.state_dict().items():

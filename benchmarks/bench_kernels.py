@@ -123,6 +123,14 @@ def _local_attention(tokens: int, cfg, seed: int, device: torch.device, windowed
             4 * cfg.head_dim * cfg.num_attention_heads * pairs)
 
 
+def _autotune_timings() -> dict[str, dict[str, float]]:
+    try:
+        from modernbert_train.model import fused_kernels
+    except ImportError:  # no triton
+        return {}
+    return fused_kernels.autotune_timings()
+
+
 def _triton_ops(device: torch.device) -> dict[str, Callable]:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return {}  # on CPU only Triton's interpreter runs them (slow: tiny shapes only)
@@ -253,11 +261,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     machine = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1"}
+    tuned = _autotune_timings()
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
     args.out_json.write_text(json.dumps({"machine": machine, "args": {**vars(args), "out_json": str(args.out_json)},
-                                         "dtype": str(dtype), "results": [asdict(r) for r in results]}, indent=2))
+                                         "dtype": str(dtype), "results": [asdict(r) for r in results],
+                                         "autotune_ms": tuned}, indent=2))
     print(f"{args.preset}, {args.tokens} tokens, {dtype}, {machine['gpu'] or device}")
     print(format_table(results))
+    for kernel, timings in tuned.items():  # which tile / warps / stages won on this card, and by how much
+        print(f"autotune {kernel}: " + ", ".join(f"{config} {ms:.3f} ms" for config, ms in timings.items()))
     return 1 if any(r.error and not r.error.startswith("no Triton kernel") for r in results) else 0
 
 

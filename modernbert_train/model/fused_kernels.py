@@ -54,9 +54,28 @@ class _Autotuned:
             self._tuned = triton.autotune(self.configs, key=self.key)(self.kernel)
         return self._tuned[grid]
 
+    def timings(self) -> dict[str, float]:
+        """ms per config of the latest tuning (GPU only; empty before the first launch), fastest
+        first: what benchmarks/bench_kernels.py reports, to see which tiles win on a card."""
+        measured = getattr(self._tuned, "configs_timings", None) or {}
+        ms = {str(c): float(t[0] if isinstance(t, (list, tuple)) else t) for c, t in measured.items()}
+        return dict(sorted(ms.items(), key=lambda item: item[1]))
+
+
+_AUTOTUNED: list[_Autotuned] = []
+
 
 def autotune(configs: list[triton.Config], key: list[str]):
-    return lambda kernel: _Autotuned(kernel, configs, key)
+    def wrap(kernel) -> _Autotuned:
+        _AUTOTUNED.append(_Autotuned(kernel, configs, key))
+        return _AUTOTUNED[-1]
+    return wrap
+
+
+def autotune_timings() -> dict[str, dict[str, float]]:
+    """Each kernel (here and in model/window_attention.py) tuned so far in this process: ms per
+    config, fastest first."""
+    return {getattr(t.kernel, "__name__", repr(t.kernel)): t.timings() for t in _AUTOTUNED if t.timings()}
 
 
 # --- GeGLU -----------------------------------------------------------------------------------------

@@ -180,11 +180,14 @@ def test_document_structure_compiled_matches_the_definition(device):
         for i in range(n):
             for column, value in zip(want, (d, s, s + n, i)):
                 column.append(value)
-    torch._dynamo.reset()
-    compiled = torch.compile(_document_structure, dynamic=False)
-    torch._dynamo.mark_dynamic(cu, 0)
-    for name, fn in (("eager", _document_structure), ("compiled", compiled)):
-        got = fn(cu, total)
-        for field, g, w in zip(("document", "start", "end", "position"), got, want):
-            assert g.tolist() == w, f"{name} {field} on {device}"
+    # Also as the second chunk of a stacked batch (data/loader.py split_batch): a storage offset.
+    offset = torch.stack([cu, cu])[1]
+    for source, offsets in (("plain", cu), ("offset view", offset)):
+        torch._dynamo.reset()
+        compiled = torch.compile(_document_structure, dynamic=False)
+        torch._dynamo.mark_dynamic(offsets, 0)
+        for name, fn in (("eager", _document_structure), ("compiled", compiled)):
+            got = fn(offsets, total)
+            for field, g, w in zip(("document", "start", "end", "position"), got, want):
+                assert g.tolist() == w, f"{name} {field} on {device} ({source} cu_seqlens)"
     torch._dynamo.reset()

@@ -6,10 +6,13 @@ with every kernel on are in test_fused_kernels.py.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from modernbert_train.model.attention import sdpa_attention
+from modernbert_train.data.chunk_layout import doc_slots
+from modernbert_train.data.synthetic import document_lengths
+from modernbert_train.model.attention import fastest_available, sdpa_attention
 from modernbert_train.model.config import preset
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
 from tests.model.test_attention import DOC_LAYOUTS, make_qkv, reference_attention
@@ -152,18 +155,12 @@ def test_cuda_bf16_at_base_width_matches_the_reference():
 @pytest.mark.gpu
 def test_cuda_compiled_model_with_the_window_kernel_matches_the_backend():
     """What the trainer runs: the Inductor-compiled model under bf16 autocast on a packed chunk with
-    trailing empty document slots and a dynamic slot count, 6 base-width layers (local and global):
-    with the window kernel the loss is finite and matches the fastest backend's, and so do the
-    gradients. (On the 2026-11-27 H200 the eager kernel tests passed while this path gave NaN: the
+    trailing empty document slots, a dynamic slot count and storage offsets, 6 base-width layers
+    (local and global): with the window kernel the loss is finite and matches the fastest
+    backend's, and so do the gradients. (On the 2026-11-27 H200 the eager kernel tests passed while this path gave NaN: the
     compiled document ids were off by one, model/attention.py token_document_ids.)"""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from modernbert_train.data.chunk_layout import doc_slots
-    from modernbert_train.data.synthetic import document_lengths
-    from modernbert_train.model.attention import fastest_available
-
-    import numpy as np
-
     tokens = 8 * 1024
     lengths = document_lengths(np.random.default_rng(0), 200, 1024)
     lengths = lengths[np.cumsum(lengths) <= tokens]
@@ -172,9 +169,13 @@ def test_cuda_compiled_model_with_the_window_kernel_matches_the_backend():
     cu[:lengths.size + 1] = np.concatenate([[0], np.cumsum(lengths)])
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 50000, (tokens,), generator=g)
-    batch = dict(input_ids=ids.cuda(), cu_seqlens=torch.from_numpy(cu).cuda(), max_seqlen=1024,
-                 position_ids=torch.from_numpy(np.arange(tokens) - np.repeat(cu[:lengths.size], lengths)).cuda(),
-                 labels=torch.where(torch.rand(tokens, generator=g) < 0.3, ids, -100).cuda())
+    chunk = dict(input_ids=ids, cu_seqlens=torch.from_numpy(cu),
+                 position_ids=torch.from_numpy(np.arange(tokens) - np.repeat(cu[:lengths.size], lengths)),
+                 labels=torch.where(torch.rand(tokens, generator=g) < 0.3, ids, -100))
+    # The second chunk of a stacked step batch, as data/loader.py split_batch hands it over: views
+    # with a storage offset.
+    batch = {key: torch.stack([value, value]).cuda()[1] for key, value in chunk.items()}
+    batch["max_seqlen"] = 1024
     results = {}
     for kernel in (False, True):
         cfg = preset("base")

@@ -50,6 +50,13 @@ step() {  # name, seconds, bench_step args...
   local name=$1 limit=$2; shift 2
   stage "step $name" "$limit" $PY benchmarks/bench_step.py --preset base --out-json "$OUT/step_$name.json" "$@"
 }
+trainer() {  # name, model overrides...: the real Composer trainer on synthetic shards (the recipe's
+  # microbatch, 2 chunks per step) against the raw loop on the same chunks
+  local name=$1; shift
+  stage "$name" ${T_TRAINER:-90} $PY benchmarks/bench_trainer.py --device cuda --max-seq-len 1024 \
+    --microbatch-seqs 96 --chunks-per-step 2 --warmup-batches 3 --batches 8 --time-limit-s 40 \
+    --attention-backend $V --compile full --out-json "$OUT/$name.json" "$@"
+}
 V=torch_varlen
 
 # Numerical parity of the attention and Triton kernels on this GPU first (gpu-marked tests, incl. the
@@ -72,11 +79,10 @@ want step1024x32 && step 1024x32 ${T_1024x32:-180} --seq-len 1024 --seqs-per-chu
   --runs ours:$V:full hf:sdpa:none hf:sdpa:full ours:$V:full:win
 # The real Composer trainer (stage trainer below) with the window kernel (a NaN loss stops it:
 # train/callbacks.py).
-want trainer-win && stage trainer-win ${T_TRAINER:-90} $PY benchmarks/bench_trainer.py --device cuda --max-seq-len 1024 \
-  --microbatch-seqs 96 --chunks-per-step 2 --warmup-batches 3 --batches 8 --time-limit-s 40 \
-  --attention-backend $V --compile full --out-json "$OUT/trainer_win.json" model.window_attention_kernel=true
-# GeGLU, RoPE and LayerNorm alone at 96 x 1024 tokens: eager, torch.compile, the Triton kernels;
-# time, GB/s against the minimal traffic, error against an fp32 reference.
+want trainer-win && trainer trainer-win model.window_attention_kernel=true
+# GeGLU, RoPE, LayerNorm and a local layer's attention alone at 96 x 1024 tokens: eager,
+# torch.compile, the Triton kernels; time, GB/s (TFLOP/s for attention), error against an fp32
+# reference, and each Triton kernel's autotuning timings (which tile won).
 want kernels && stage kernels ${T_KERNELS:-90} $PY benchmarks/bench_kernels.py --tokens 98304 \
   --out-json "$OUT/kernels.json"
 # What the compiled 96 x 1024 step keeps for backward, by shape and dtype (no timing): where the
@@ -92,13 +98,11 @@ want large && stage "step large1024x44" ${T_LARGE:-90} $PY benchmarks/bench_step
 # their memory-traffic bound at 96 x 1024; benchmarks/README.md), against step1024x96's full run.
 want tuning && step 1024x96_cdt ${T_TUNING:-150} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
   --baseline none --runs ours:$V:full:cdt
-want step8192x12 && step 8192x12 ${T_8192x12:-70} --seq-len 8192 --seqs-per-chunk 12 --steps 5 --warmup 3 \
+want step8192x12 && step 8192x12 ${T_8192x12:-150} --seq-len 8192 --seqs-per-chunk 12 --steps 5 --warmup 3 \
   --baseline none --runs ours:$V:full ours:$V:full:win
 # The real Composer trainer on synthetic shards (the recipe's microbatch, 2 chunks per step),
 # against the raw loop on the same chunks.
-want trainer && stage trainer ${T_TRAINER:-90} $PY benchmarks/bench_trainer.py --device cuda --max-seq-len 1024 \
-  --microbatch-seqs 96 --chunks-per-step 2 --warmup-batches 3 --batches 8 --time-limit-s 40 \
-  --attention-backend $V --compile full --out-json "$OUT/trainer.json"
+want trainer && trainer trainer
 # The compiled fast path (every backend, full and per-layer compile) against the eager reference.
 want pytest-compiled && stage pytest-compiled ${T_PYTEST_COMPILED:-90} $PY -m pytest -v -ra -m gpu \
   --timeout 80 --tb=short -p no:cacheprovider -k "${COMPILED_TESTS:-compiled}" tests/train/test_compile.py

@@ -300,7 +300,7 @@ def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
                               elements, len(kernel.configs), [], [], float("nan"), float("nan"))
         for config in kernel.configs:
             constants = {**fixed, **config.kwargs}
-            rows = constants.get("BLOCK_R", constants.get("ROWS", constants.get("TILE")))
+            rows = constants.get("BLOCK_R", constants.get("TILE"))
             block = rows * constants.get("BLOCK_C", 1) * per_block_unit
             stats = ptx_stats(compile_sm90(fn, signature, constants, attrs, config.num_warps, config.num_stages),
                               config.num_warps, block)

@@ -268,11 +268,12 @@ def test_cuda_kernels_at_base_width_under_bf16(op):
 
 def test_autotune_timings_list_each_tuned_kernel_fastest_first(monkeypatch):
     """What bench_kernels.py prints after a GPU run: per tuned kernel, ms per config, fastest first
-    (Triton keeps [median, p20, p80] per config); kernels not tuned yet (every one, on the CPU) are
-    left out."""
-    assert fused_kernels.autotune_timings() == {} or torch.cuda.is_available()
-    tuned = fused_kernels._geglu_fwd
-    fake = type("Tuned", (), {"configs_timings": {"BLOCK_R: 16": [0.30, 0.29, 0.31], "BLOCK_R: 8": [0.20, 0.19, 0.21]}})
-    monkeypatch.setattr(tuned, "_tuned", fake())
-    assert fused_kernels.autotune_timings()["_geglu_fwd"] == {"BLOCK_R: 8": 0.20, "BLOCK_R: 16": 0.30}
-    assert list(fused_kernels.autotune_timings()["_geglu_fwd"]) == ["BLOCK_R: 8", "BLOCK_R: 16"]
+    (Triton keeps [median, p20, p80] per config); a kernel not tuned yet is left out."""
+    tuned = fused_kernels._Autotuned(fused_kernels._geglu_fwd.kernel, fused_kernels._GEGLU_CONFIGS, ["n_cols"])
+    untuned = fused_kernels._Autotuned(fused_kernels._geglu_bwd.kernel, fused_kernels._GEGLU_CONFIGS, ["n_cols"])
+    tuned._tuned = type("Tuned", (), {"configs_timings": {"BLOCK_R: 16": [0.30, 0.29, 0.31],
+                                                          "BLOCK_R: 8": [0.20, 0.19, 0.21]}})()
+    monkeypatch.setattr(fused_kernels, "_AUTOTUNED", [untuned, tuned])
+    timings = fused_kernels.autotune_timings()
+    assert timings == {"_geglu_fwd": {"BLOCK_R: 8": 0.20, "BLOCK_R: 16": 0.30}}, timings
+    assert list(timings["_geglu_fwd"]) == ["BLOCK_R: 8", "BLOCK_R: 16"]

@@ -66,6 +66,7 @@ def test_matches_reference_forward_and_backward_fp32(layout, window, tile, monke
         assert err < 5 * tol, f"d{name} max abs err {err} ({layout}, window={window})"
 
 
+@pytest.mark.gpu  # (the gpu-marked stage of benchmarks/gpu_check.sh runs it)
 def test_bf16_close_to_the_reference_on_the_same_inputs():
     if DEVICE == "cpu":
         # Checked by hand: a 16 x 16 bf16 tl.dot in the interpreter is off by ~1e10 (fp32: exact).

@@ -1,14 +1,18 @@
-"""train/compile.py: compiling leaves the model's names alone; the compiled fast path (GPU) matches
-the eager reference path."""
+"""train/compile.py: compiling leaves the model's names alone; chunks with different document counts
+share one graph; the compiled fast path (GPU) matches the eager reference path."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from modernbert_train.data.loader import collate_chunk
+from modernbert_train.data.masking import MaskingConfig, MLMMasker
 from modernbert_train.model.attention import unavailable_reason
 from modernbert_train.model.config import preset
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
 from modernbert_train.train.compile import compile_model, mark_varlen_dims
+from modernbert_train.train.composer_model import chunk_inputs
 
 
 def tiny_model(**overrides) -> ModernBertForMaskedLM:
@@ -39,11 +43,19 @@ def test_memory_budget_out_of_range_is_rejected():
         compile_model(tiny_model(), "full", memory_budget=0.0)
 
 
-def test_lower_memory_budget_saves_fewer_activations(monkeypatch):
+@pytest.fixture
+def restore_memory_budget():
+    """compile_model sets the process-wide budget; put the value back for the tests that follow.
+    (Not monkeypatch: pytest 9.2's undo restores only what it finds in the target's __dict__, and torch's
+    config modules keep their values elsewhere, so its undo deleted the option for later tests.)"""
+    before = torch._functorch.config.activation_memory_budget
+    yield
+    torch._functorch.config.activation_memory_budget = before
+
+
+def test_lower_memory_budget_saves_fewer_activations(restore_memory_budget):
     """The budget reaches the compiler's partitioner: the compiled step keeps less for backward
     (counted through saved-tensor hooks, which see what the compiled graph saves)."""
-    # compile_model sets the process-wide budget; restore it for the tests that follow.
-    monkeypatch.setattr(torch._functorch.config, "activation_memory_budget", 1.0)
     saved_bytes = {}
     for budget in (1.0, 0.3):
         torch._dynamo.reset()
@@ -61,6 +73,45 @@ def test_lower_memory_budget_saves_fewer_activations(monkeypatch):
         saved_bytes[budget] = total[0]
     torch._dynamo.reset()
     assert saved_bytes[0.3] < 0.75 * saved_bytes[1.0], saved_bytes
+
+
+def uniform_chunk(cfg, doc_len: int, seqs: int = 8, seq_len: int = 128) -> dict:
+    """A loader chunk (collate_chunk) of `seqs` sequences cut into documents of `doc_len` tokens."""
+    rng = np.random.default_rng(doc_len)
+    masker = MLMMasker(MaskingConfig(), mask_id=cfg.mask_token_id, special_ids=[cfg.cls_token_id, cfg.sep_token_id],
+                       vocab_size=cfg.vocab_size, pad_id=cfg.pad_token_id, seed=0)
+    n = seq_len // doc_len
+    samples = [dict(input_ids=rng.integers(4, cfg.vocab_size, n * doc_len).astype(np.uint16),
+                    doc_lens=np.full(n, doc_len, np.int32), doc_ids=np.arange(n, dtype=np.int64), sample_idx=i)
+               for i in range(seqs)]
+    return collate_chunk(samples, max_seq_len=seq_len, microbatch_seqs=seqs, pad_id=cfg.pad_token_id,
+                         masker=masker, epoch=0)
+
+
+def test_chunks_of_any_document_count_share_one_graph_without_breaks():
+    """The loader rounds a chunk's document slots up to a multiple of 64, so their count changes from
+    chunk to chunk (here 64 and 128 slots); every other shape is fixed by the chunk layout.
+    chunk_inputs marks that one dimension dynamic, so nothing recompiles; fullgraph=True fails on any
+    graph break (a host sync in the forward pass would be one). Dynamo decides both, whichever
+    compiler builds the graph (aot_eager here: Inductor cannot build FlexAttention on the CPU with
+    torch 2.7, and sdpa, the CPU reference, reads document lengths back by design)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    cfg = preset("tiny")
+    cfg.attention_backend = "flex"
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    torch.manual_seed(0)
+    model = torch.compile(ModernBertForMaskedLM(cfg).train(), backend=counter, fullgraph=True)
+    slots = []
+    for doc_len in (64, 8, 32):  # 16 documents, 128, 32 (+ none for the pad tail: the chunks are full)
+        chunk = uniform_chunk(cfg, doc_len)
+        slots.append(chunk["cu_seqlens"].numel() - 1)
+        loss = model(**chunk_inputs(chunk)).loss
+        loss.backward()
+        assert torch.isfinite(loss), (doc_len, loss)
+    torch._dynamo.reset()
+    assert slots == [64, 128, 64], slots
+    assert counter.frame_count == 1, f"{counter.frame_count} compiles for document slots {slots}"
 
 
 def packed_batch(device, seed=0, docs=(300, 17, 440, 2, 500, 99), slots=128):

@@ -6,6 +6,7 @@ Prints a table and writes JSON. Usage (extra key=value overrides go to the run c
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import gc
 import json
@@ -17,7 +18,8 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
@@ -53,6 +55,9 @@ COMPILE_COUNT_NOTE = ("torch._dynamo.utils.counters['frames']['total'] deltas: f
                       "counters['stats']['unique_graphs'] (FX graphs compiled)")
 SYNC_NOTE = ("torch.cuda.synchronize only at the start (end of the last warmup batch) and end of each "
              "timed window; real tokens counted from the host-side batch (no extra syncs)")
+HOST_SYNC_NOTE = ("host syncs: the waits for the device inside the timed window (torch.cuda.set_sync_debug_mode"
+                  "('warn'): values read back, device-to-host copies, data-dependent shapes), per step and by the "
+                  "Python line that asked (host_sync_sites); cuda only")
 
 
 # --- measurements ---------------------------------------------------------------------------------
@@ -74,6 +79,8 @@ class PhaseResult:
     dynamo_frames_warmup: int = 0
     dynamo_frames_timed: int = 0
     dynamo_graphs_timed: int = 0
+    host_syncs_per_step: Optional[float] = None  # cuda: see HOST_SYNC_NOTE
+    host_sync_sites: dict[str, int] = field(default_factory=dict)
     loss_last: Optional[float] = None
     stopped_by_time_limit: bool = False
 
@@ -99,22 +106,60 @@ def peak_memory(device: torch.device) -> Optional[int]:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
+class HostSyncCounter:
+    """The host's waits for the device between start() and stop(), by call site: CUDA's sync debug
+    mode warns at each one, and the warning carries the innermost Python line (Composer's
+    `loss.cpu().item()`, say). Other warnings raised meanwhile are passed on. Off unless `enabled`
+    (on the CPU nothing waits)."""
+
+    MESSAGE = "called a synchronizing CUDA operation"
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.sites: collections.Counter[str] = collections.Counter()
+        self._catch: Optional[warnings.catch_warnings] = None
+        self._records: list[warnings.WarningMessage] = []
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        self._catch = warnings.catch_warnings(record=True)
+        self._records = self._catch.__enter__()
+        warnings.simplefilter("always")  # every wait, not one per line
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        if self._catch is None:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(None, None, None)
+        self._catch = None
+        for w in self._records:
+            if self.MESSAGE in str(w.message):
+                self.sites[f"{w.filename.rsplit('site-packages/', 1)[-1]}:{w.lineno}"] += 1
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 class TimedWindow:
-    """One timed span between two synchronizations, and the Dynamo compiles inside it."""
+    """One timed span between two synchronizations, the Dynamo compiles and the host syncs inside it."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.start_s = self.end_s = 0.0
         self.frames0 = self.graphs0 = 0
         self.frames = self.graphs = 0
+        self.syncs = HostSyncCounter(enabled=device.type == "cuda")
 
     def start(self) -> float:
         synchronize(self.device)
         self.start_s = time.perf_counter()
         self.frames0, self.graphs0 = dynamo_counts()
+        self.syncs.start()
         return self.start_s
 
     def stop(self) -> float:
+        self.syncs.stop()
         synchronize(self.device)
         self.end_s = time.perf_counter()
         frames, graphs = dynamo_counts()
@@ -131,6 +176,9 @@ class TimedWindow:
             result.ms_per_step = 1e3 * result.window_s / n
             result.tokens_per_s = sum(real_tokens) / result.window_s
             result.real_tokens_per_step = sum(real_tokens) / n
+        if self.syncs.enabled:
+            result.host_sync_sites = dict(self.syncs.sites.most_common())
+            result.host_syncs_per_step = sum(self.syncs.sites.values()) / n if n else None
 
 
 class StepTimer(Callback):
@@ -351,12 +399,13 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 def format_table(results: list[PhaseResult]) -> str:
     lines = [f"{'loop':<8} {'steps':>5} {'ms/step':>9} {'tok/s':>11} {'real tok/step':>13} "
-             f"{'host gap ms':>11} {'peak GiB':>8} {'compiles':>8} {'warmup s':>8}"]
+             f"{'host gap ms':>11} {'syncs/step':>10} {'peak GiB':>8} {'compiles':>8} {'warmup s':>8}"]
     for r in results:
         peak = None if r.peak_gpu_mem_bytes is None else r.peak_gpu_mem_bytes / 2 ** 30
         lines.append(f"{r.loop:<8} {r.timed_batches:>5} {_fmt(r.ms_per_step, '.1f'):>9} "
                      f"{_fmt(r.tokens_per_s, ',.0f'):>11} {_fmt(r.real_tokens_per_step, ',.0f'):>13} "
-                     f"{_fmt(r.host_gap_ms_median, '.2f'):>11} {_fmt(peak, '.2f'):>8} "
+                     f"{_fmt(r.host_gap_ms_median, '.2f'):>11} {_fmt(r.host_syncs_per_step, '.1f'):>10} "
+                     f"{_fmt(peak, '.2f'):>8} "
                      f"{r.dynamo_frames_timed:>8} {_fmt(r.warmup_s, '.1f'):>8}")
     return "\n".join(lines)
 
@@ -379,6 +428,7 @@ def payload_header(args: argparse.Namespace, device: torch.device, cfg: RunConfi
         "compile": cfg.compile,
         "measurement": SYNC_NOTE,
         "compile_count": COMPILE_COUNT_NOTE,
+        "host_syncs": HOST_SYNC_NOTE,
         "results": [],
         "ratios": None,
     }
@@ -467,8 +517,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if r["step_time_trainer_over_raw"] is not None:
         print(f"trainer / raw step time: {r['step_time_trainer_over_raw']:.3f} "
               f"(trainer reaches {100 * r['tokens_per_s_trainer_over_raw']:.1f}% of raw tokens/s)")
+    for res in results:
+        if res.host_sync_sites:
+            sites = ", ".join(f"{site} x{count}" for site, count in res.host_sync_sites.items())
+            print(f"host syncs in the {res.loop} window ({res.timed_batches} steps): {sites}")
     print(f"compiles = Dynamo frames converted in the timed window; host gap = median batch_end -> "
-          f"next batch_start on the host clock (trainer only)\nJSON: {args.out_json}")
+          f"next batch_start on the host clock (trainer only); syncs/step = host waits for the GPU "
+          f"(cuda only)\nJSON: {args.out_json}")
     # The trainer stops itself on a non-finite loss (train/callbacks.py); the raw loop is checked here.
     broken = [r.loop for r in results if r.loss_last is not None and not math.isfinite(r.loss_last)]
     if broken:

@@ -36,3 +36,31 @@ def test_main_times_trainer_and_raw_loop_on_the_same_tokens(tmp_path):
     # The synthetic shards stay in --data-dir and carry the loader's metadata contract.
     assert (tmp_path / "data" / "train" / "modernbert_meta.json").is_file()
     assert (tmp_path / "data" / "tokenizer.json").is_file()
+
+
+def test_host_sync_counter_counts_each_wait_by_line_and_passes_other_warnings_on(monkeypatch):
+    """Without a GPU: CUDA's sync debug mode is stubbed (its mode switches recorded) and its warning
+    raised by hand; each is counted at the line that raised it, other warnings still reach the user."""
+    import warnings
+
+    import pytest
+    import torch
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    counter = bench_trainer.HostSyncCounter(enabled=True)
+    with pytest.warns(UserWarning, match="an unrelated warning"):
+        counter.start()
+        for _ in range(3):
+            warnings.warn(bench_trainer.HostSyncCounter.MESSAGE)  # one line, three waits
+        warnings.warn(bench_trainer.HostSyncCounter.MESSAGE)
+        warnings.warn("an unrelated warning")
+        counter.stop()
+    assert modes == ["warn", "default"], modes
+    assert sorted(counter.sites.values()) == [1, 3], counter.sites
+    assert all(site.startswith(__file__.rsplit("site-packages/", 1)[-1] + ":") for site in counter.sites), counter.sites
+    disabled = bench_trainer.HostSyncCounter(enabled=False)
+    disabled.start()
+    warnings.warn(bench_trainer.HostSyncCounter.MESSAGE)
+    disabled.stop()
+    assert not disabled.sites and modes == ["warn", "default"]

@@ -5,7 +5,8 @@
 # machine, with carry [".whl"] (made here by ../shared/device/fetch-wheels.sh .whl, plus boto3,
 # botocore, s3transfer, jmespath and zstandard wheels for Python 3.12):
 #   bash benchmarks/gpu_check.sh [STAGE...]     (default: every stage, in the order below)
-# Stages: pytest step1024x96 step1024x32 trainer-win kernels pytest-compiled saved large tuning step8192x12 trainer.
+# Stages: pytest step1024x96 step1024x32 trainer-win pytest-syncs kernels pytest-compiled saved large tuning
+# step8192x12 trainer.
 # COMPILED_TESTS=flex (a pytest -k expression) narrows the last stage.
 # To compare against an older version, export its tree (git archive REV modernbert_train benchmarks
 # | tar -x -C .whl/old_src) and run its bench_step.py with PYTHONPATH=/tmp/site:.whl/old_src.
@@ -13,8 +14,8 @@
 # session's 15 device minutes with the machine's start: run the default order in one call with
 # timeout_s=600 (most important first, in this file's order; pytest + step1024x96 + step1024x32 +
 # trainer-win limits sum to 570 s; the first GPU test of each Triton kernel autotunes and compiles
-# its configs, hence 90 s per test), then `kernels pytest-compiled saved large tuning step8192x12
-# trainer` if time is left. A step benchmark
+# its configs, hence 90 s per test), then `pytest-syncs kernels pytest-compiled saved large tuning
+# step8192x12 trainer` if time is left. A step benchmark
 # rewrites its JSON after every configuration, so a stage cut short keeps what it measured.
 set -uo pipefail
 OUT=${OUT:-bench_results/gpu}
@@ -37,7 +38,7 @@ export WANDB_MODE=disabled
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-STAGES=" ${*:-pytest step1024x96 step1024x32 trainer-win kernels pytest-compiled saved large tuning step8192x12 trainer} "
+STAGES=" ${*:-pytest step1024x96 step1024x32 trainer-win pytest-syncs kernels pytest-compiled saved large tuning step8192x12 trainer} "
 want() { [[ $STAGES == *" $1 "* ]]; }
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -61,9 +62,10 @@ V=torch_varlen
 
 # Numerical parity of the attention and Triton kernels on this GPU first (gpu-marked tests, incl. the
 # compiled model with the window kernel on a trainer-like chunk; a per-test limit so a hung test
-# cannot hide the summary). The compiled-backend tests of tests/train run last.
+# cannot hide the summary). The host-sync tests (stage pytest-syncs) and the compiled-backend tests of
+# tests/train run later.
 want pytest && stage pytest ${T_PYTEST:-150} $PY -m pytest -v -ra -m gpu --timeout 90 --tb=short \
-  -p no:cacheprovider tests/model
+  -p no:cacheprovider -k "not never_synchronizes" tests/model
 # ModernBERT's own microbatch (96 x 1024: the memory target) with a kernel profile; win: the local
 # layers' Triton attention (config window_attention_kernel; its first timing had NaN loss, since
 # fixed: benchmarks/README.md). -triton: GeGLU / RoPE as torch.compile generates them
@@ -80,6 +82,10 @@ want step1024x32 && step 1024x32 ${T_1024x32:-180} --seq-len 1024 --seqs-per-chu
 # The real Composer trainer (stage trainer below) with the window kernel (a NaN loss stops it:
 # train/callbacks.py).
 want trainer-win && trainer trainer-win model.window_attention_kernel=true
+# The whole training step (forward, backward, clipping, StableAdamW) under
+# torch.cuda.set_sync_debug_mode("error"), eager and compiled, with and without the window kernel.
+want pytest-syncs && stage pytest-syncs ${T_PYTEST_SYNCS:-120} $PY -m pytest -v -ra -m gpu --timeout 80 \
+  --tb=short -p no:cacheprovider tests/model/test_host_syncs.py
 # GeGLU, RoPE, LayerNorm and a local layer's attention alone at 96 x 1024 tokens: eager,
 # torch.compile, the Triton kernels; time, GB/s (TFLOP/s for attention), error against an fp32
 # reference, and each Triton kernel's autotuning timings (which tile won).

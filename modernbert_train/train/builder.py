@@ -33,6 +33,21 @@ from modernbert_train.train.schedulers import build_scheduler, chunks_per_step
 log = logging.getLogger(__name__)
 
 
+class StepWithoutClosureTrainer(Trainer):
+    """Composer's Trainer, stepping the optimizer after the backward passes instead of through a
+    closure.
+
+    Composer 0.32.1 passes a closure to `optimizer.step` under every precision but fp16 AMP, and
+    that closure reads the loss back (`.item()`) between the last backward pass and the optimizer:
+    the GPU then idles while the host launches the optimizer's kernels (StableAdamW: two per
+    parameter tensor). StableAdamW never re-evaluates the loss, so nothing needs the closure;
+    without it Composer runs the same microbatches, then the same step, with no wait in between
+    (tests/train/test_builder.py; bench_trainer.py counts the waits that remain)."""
+
+    def _use_closures(self) -> bool:
+        return False
+
+
 def resolve_device(cfg: RunConfig) -> str:
     if cfg.device == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
@@ -199,7 +214,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         evaluators = Evaluator(label="val", dataloader=eval_spec,
                                metric_names=list(composer_model.get_metrics(is_train=False)),
                                subset_num_batches=cfg.eval.subset_batches or -1)
-    return Trainer(
+    return StepWithoutClosureTrainer(
         model=composer_model,
         train_dataloader=train_spec,
         eval_dataloader=evaluators,

@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -26,6 +27,7 @@ from typing import Any, Optional
 
 import torch
 from torch._dynamo.utils import counters as dynamo_counters
+from composer import Trainer
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import reproducibility
@@ -79,6 +81,7 @@ class PhaseResult:
     dynamo_frames_warmup: int = 0
     dynamo_frames_timed: int = 0
     dynamo_graphs_timed: int = 0
+    optimizer_closure: Optional[bool] = None  # trainer: stepped through Composer's closure (--composer-closure)
     host_syncs_per_step: Optional[float] = None  # cuda: see HOST_SYNC_NOTE
     host_sync_sites: dict[str, int] = field(default_factory=dict)
     loss_last: Optional[float] = None
@@ -246,10 +249,15 @@ class StepTimer(Callback):
 # --- the two loops --------------------------------------------------------------------------------
 
 def run_trainer(cfg: RunConfig, device: torch.device, warmup_batches: int, batches: int,
-                time_limit_s: float) -> StepTimer:
-    """The CLI's path: build_trainer + fit on the resolved RunConfig, with the timer added."""
+                time_limit_s: float, composer_closure: bool = False) -> StepTimer:
+    """The CLI's path: build_trainer + fit on the resolved RunConfig, with the timer added.
+    `composer_closure`: step the optimizer through Composer's closure, as stock Composer does (the
+    ablation of builder.StepWithoutClosureTrainer; this trainer object only)."""
     trainer = build_trainer(cfg)
+    if composer_closure:
+        trainer._use_closures = types.MethodType(Trainer._use_closures, trainer)
     timer = StepTimer(device, warmup_batches, warmup_batches + batches, time_limit_s)
+    timer.result.optimizer_closure = trainer._use_closures()
     trainer.state.callbacks.append(timer)
     fit(trainer, cfg)
     trainer.close()
@@ -462,6 +470,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="how both loops compile the model (train/compile.py); default: the recipe's")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="write (or reuse) the synthetic shards here instead of a temp dir")
+    p.add_argument("--composer-closure", action="store_true",
+                   help="trainer only: step the optimizer through Composer's closure, which reads the loss back "
+                        "before the step (stock Composer; what train/builder.py turns off)")
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     p.add_argument("--out-json", type=Path, default=Path("bench_results/trainer.json"))
     args = p.parse_args(argv)
@@ -494,7 +505,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = load_run_config(args.recipe, overrides + args.overrides)
         payload = payload_header(args, device, cfg, overrides + args.overrides)
 
-        timer = run_trainer(cfg, device, args.warmup_batches, args.batches, args.time_limit_s)
+        timer = run_trainer(cfg, device, args.warmup_batches, args.batches, args.time_limit_s,
+                            composer_closure=args.composer_closure)
         results = [timer.result]
         payload["results"] = [asdict(timer.result)]
         write_json(args.out_json, payload)  # a raw loop that fails (e.g. out of memory) keeps this

@@ -6,7 +6,7 @@
 # botocore, s3transfer, jmespath and zstandard wheels for Python 3.12):
 #   bash benchmarks/gpu_check.sh [STAGE...]     (default: every stage, in the order below)
 # Stages: pytest step1024x96 step1024x32 trainer-win pytest-syncs kernels pytest-compiled saved large tuning
-# step8192x12 trainer.
+# step8192x12 trainer trainer-closure.
 # COMPILED_TESTS=flex (a pytest -k expression) narrows the last stage.
 # To compare against an older version, export its tree (git archive REV modernbert_train benchmarks
 # | tar -x -C .whl/old_src) and run its bench_step.py with PYTHONPATH=/tmp/site:.whl/old_src.
@@ -15,7 +15,7 @@
 # timeout_s=600 (most important first, in this file's order; pytest + step1024x96 + step1024x32 +
 # trainer-win limits sum to 570 s; the first GPU test of each Triton kernel autotunes and compiles
 # its configs, hence 90 s per test), then `pytest-syncs kernels pytest-compiled saved large tuning
-# step8192x12 trainer` if time is left. A step benchmark
+# step8192x12 trainer trainer-closure` if time is left. A step benchmark
 # rewrites its JSON after every configuration, so a stage cut short keeps what it measured.
 set -uo pipefail
 OUT=${OUT:-bench_results/gpu}
@@ -38,7 +38,7 @@ export WANDB_MODE=disabled
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-STAGES=" ${*:-pytest step1024x96 step1024x32 trainer-win pytest-syncs kernels pytest-compiled saved large tuning step8192x12 trainer} "
+STAGES=" ${*:-pytest step1024x96 step1024x32 trainer-win pytest-syncs kernels pytest-compiled saved large tuning step8192x12 trainer trainer-closure} "
 want() { [[ $STAGES == *" $1 "* ]]; }
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -109,6 +109,9 @@ want step8192x12 && step 8192x12 ${T_8192x12:-150} --seq-len 8192 --seqs-per-chu
 # The real Composer trainer on synthetic shards (the recipe's microbatch, 2 chunks per step),
 # against the raw loop on the same chunks.
 want trainer && trainer trainer
+# The same, stepping through Composer's closure as stock Composer does (train/builder.py turns it
+# off: it reads the loss back before the optimizer step): what that bought, against stage trainer.
+want trainer-closure && trainer trainer-closure --composer-closure
 # The compiled fast path (every backend, full and per-layer compile) against the eager reference.
 want pytest-compiled && stage pytest-compiled ${T_PYTEST_COMPILED:-90} $PY -m pytest -v -ra -m gpu \
   --timeout 80 --tb=short -p no:cacheprovider -k "${COMPILED_TESTS:-compiled}" tests/train/test_compile.py

@@ -33,9 +33,20 @@ def test_main_times_trainer_and_raw_loop_on_the_same_tokens(tmp_path):
     assert payload["compile"] == "none" and payload["attention_backend"] == "sdpa", payload  # tiny.yaml's
     assert payload["run_config_overrides"][-1] == "logging.progress_bar=false", payload["run_config_overrides"]
     assert payload["machine"]["mosaicml"], payload["machine"]
+    assert trainer["optimizer_closure"] is False, trainer  # train/builder.py's trainer
     # The synthetic shards stay in --data-dir and carry the loader's metadata contract.
     assert (tmp_path / "data" / "train" / "modernbert_meta.json").is_file()
     assert (tmp_path / "data" / "tokenizer.json").is_file()
+
+
+def test_composer_closure_ablation_reaches_the_trainer(tmp_path):
+    out = tmp_path / "trainer.json"
+    rc = bench_trainer.main(["--device", "cpu", "--warmup-batches", "1", "--batches", "1", "--composer-closure",
+                             "--data-dir", str(tmp_path / "data"), "--out-json", str(out),
+                             "logging.progress_bar=false"])
+    results = {r["loop"]: r for r in json.loads(out.read_text())["results"]}
+    assert rc == 0 and results["trainer"]["optimizer_closure"] is True, (rc, results)
+    assert results["trainer"]["timed_batches"] == 1 and results["raw"]["timed_batches"] == 1, results
 
 
 def test_host_sync_counter_counts_each_wait_by_line_and_passes_other_warnings_on(monkeypatch):

@@ -18,6 +18,7 @@ from modernbert_train.data.synthetic import packed_sequences
 from modernbert_train.model.attention import unavailable_reason
 from modernbert_train.model.config import preset
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
+from modernbert_train.train.compile import compile_model
 from modernbert_train.train.composer_model import MLMComposerModel
 from modernbert_train.train.config import OptimizerConfig
 from modernbert_train.train.optim import build_optimizer
@@ -141,7 +142,6 @@ def test_cuda_training_step_never_synchronizes(backend, window_kernel, compile_m
         pytest.skip("needs a CUDA GPU")
     if unavailable_reason(backend):
         pytest.skip(f"{backend} not available here: {unavailable_reason(backend)}")
-    from modernbert_train.train.compile import compile_model
     torch._dynamo.reset()
     cfg = preset("tiny")
     cfg.attention_backend, cfg.window_attention_kernel = backend, window_kernel

@@ -71,7 +71,8 @@ def test_host_sync_counter_counts_each_wait_by_line_and_passes_other_warnings_on
     assert sorted(counter.sites.values()) == [1, 3], counter.sites
     assert all(site.startswith(__file__.rsplit("site-packages/", 1)[-1] + ":") for site in counter.sites), counter.sites
     disabled = bench_trainer.HostSyncCounter(enabled=False)
-    disabled.start()
-    warnings.warn(bench_trainer.HostSyncCounter.MESSAGE)
-    disabled.stop()
+    with pytest.warns(UserWarning, match=bench_trainer.HostSyncCounter.MESSAGE):  # not swallowed
+        disabled.start()
+        warnings.warn(bench_trainer.HostSyncCounter.MESSAGE)
+        disabled.stop()
     assert not disabled.sites and modes == ["warn", "default"]

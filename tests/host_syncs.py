@@ -28,9 +28,9 @@ def _is_sync(func, args, kwargs) -> bool:
         return True
     if name in _MASK_INDEXING:  # x[mask]: a nonzero inside the kernel
         return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
-    if name == "repeat_interleave":  # the output length is a sum over the repeats tensor
-        return isinstance(args[0] if args else None, torch.Tensor) and args[0].dim() > 0 \
-            and len(args) == 1 and kwargs.get("output_size") is None
+    if name == "repeat_interleave":  # with a repeats tensor, the output length is read from it
+        repeats = args[0] if func._overloadname == "Tensor" else args[1]
+        return isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None
     return False
 
 

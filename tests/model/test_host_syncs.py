@@ -8,13 +8,10 @@ error, through the whole step: forward, loss, backward, gradient clipping and th
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from modernbert_train.data.loader import collate_chunk, split_batch, stack_chunks
-from modernbert_train.data.masking import MaskingConfig, MLMMasker
-from modernbert_train.data.synthetic import packed_sequences
 from modernbert_train.model.attention import unavailable_reason
 from modernbert_train.model.config import preset
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
@@ -22,28 +19,21 @@ from modernbert_train.train.compile import compile_model
 from modernbert_train.train.composer_model import MLMComposerModel
 from modernbert_train.train.config import OptimizerConfig
 from modernbert_train.train.optim import build_optimizer
+from tests.data.test_loader import PAD, make_masker, make_packed_samples
 from tests.host_syncs import HostSyncDetector
 
 MAX_SEQ_LEN, MICROBATCH_SEQS = 128, 4
 
 
-def loader_batch(cfg, seed: int, chunks: int = 2) -> dict:
-    """A step batch of `chunks` chunks as the loader and StepBatcher build it (real packer and masker)."""
-    special = (cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id, cfg.pad_token_id)
-    seqs = packed_sequences(np.random.default_rng(seed), chunks * MICROBATCH_SEQS, max_seq_len=MAX_SEQ_LEN,
-                            vocab_size=cfg.vocab_size, cls_id=cfg.cls_token_id, sep_id=cfg.sep_token_id,
-                            special_ids=special)
-    masker = MLMMasker(MaskingConfig(), mask_id=cfg.mask_token_id, special_ids=special, vocab_size=cfg.vocab_size,
-                       pad_id=cfg.pad_token_id, seed=seed)
-    samples = [dict(input_ids=s.input_ids, doc_lens=s.doc_lens, doc_ids=s.doc_ids, sample_idx=i)
-               for i, s in enumerate(seqs)]
-    for s in samples[MICROBATCH_SEQS - 1::MICROBATCH_SEQS]:  # each chunk's last sequence loses its last
-        keep = len(s["doc_lens"]) - 1                         # document: a pad tail, a document of its own
-        s.update(input_ids=s["input_ids"][:int(s["doc_lens"][:keep].sum())], doc_lens=s["doc_lens"][:keep],
-                 doc_ids=s["doc_ids"][:keep])
-    groups = [samples[i:i + MICROBATCH_SEQS] for i in range(0, len(samples), MICROBATCH_SEQS)]
-    return stack_chunks([collate_chunk(g, max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS,
-                                       pad_id=cfg.pad_token_id, masker=masker, epoch=0) for g in groups])
+def loader_batch(seed: int, chunks: int = 2) -> dict:
+    """A step batch of `chunks` chunks as collate_chunk and StepBatcher build them: sequences shorter
+    than max_seq_len (so each chunk ends in a pad-tail document), 30% masking."""
+    samples = make_packed_samples(chunks * MICROBATCH_SEQS, max_seq_len=MAX_SEQ_LEN, seed=seed)
+    for i, sample in enumerate(samples):
+        sample["sample_idx"] = i
+    return stack_chunks([collate_chunk(samples[i:i + MICROBATCH_SEQS], max_seq_len=MAX_SEQ_LEN,
+                                       microbatch_seqs=MICROBATCH_SEQS, pad_id=PAD, masker=make_masker(seed), epoch=0)
+                         for i in range(0, len(samples), MICROBATCH_SEQS)])
 
 
 def training_step(composer_model: MLMComposerModel, batch: dict, device: str, optimizer=None) -> torch.Tensor:
@@ -110,7 +100,7 @@ def test_training_step_reads_nothing_back_from_the_device(backend, window_kernel
         cfg.window_attention_kernel = True
     torch.manual_seed(0)
     model = MLMComposerModel(ModernBertForMaskedLM(cfg).train())
-    batch = loader_batch(cfg, seed=1)
+    batch = loader_batch(seed=1)
     assert batch["cu_seqlens"].shape[0] == 2 and (batch["num_tokens"] < MAX_SEQ_LEN * MICROBATCH_SEQS).all(), \
         "two chunks, each with a pad tail (a document of its own)"
     with HostSyncDetector() as detector:
@@ -127,7 +117,7 @@ def test_reference_backend_is_the_one_that_waits():
     torch.manual_seed(0)
     model = MLMComposerModel(ModernBertForMaskedLM(cfg).train())
     with HostSyncDetector() as detector:
-        training_step(model, loader_batch(cfg, seed=1), "cpu")
+        training_step(model, loader_batch(seed=1), "cpu")
     callers = {caller for _, caller in detector.syncs}
     assert any("modernbert_train/model/attention.py" in c for c in callers), callers
 
@@ -152,8 +142,8 @@ def test_cuda_training_step_never_synchronizes(backend, window_kernel, compile_m
     optimizer = build_optimizer(OptimizerConfig(), net, device_type="cuda")
     compile_model(net, compile_mode)
     model = MLMComposerModel(net)
-    training_step(model, loader_batch(cfg, seed=1), "cuda", optimizer)
-    batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in loader_batch(cfg, seed=2).items()}
+    training_step(model, loader_batch(seed=1), "cuda", optimizer)
+    batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in loader_batch(seed=2).items()}
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

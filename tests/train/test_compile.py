@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from modernbert_train.data.loader import collate_chunk
-from modernbert_train.data.masking import MaskingConfig, MLMMasker
 from modernbert_train.model.attention import unavailable_reason
 from modernbert_train.model.config import preset
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
 from modernbert_train.train.compile import compile_model, mark_varlen_dims
 from modernbert_train.train.composer_model import chunk_inputs
+from tests.data.test_loader import PAD, VOCAB, make_masker
 
 
 def tiny_model(**overrides) -> ModernBertForMaskedLM:
@@ -75,17 +75,15 @@ def test_lower_memory_budget_saves_fewer_activations(restore_memory_budget):
     assert saved_bytes[0.3] < 0.75 * saved_bytes[1.0], saved_bytes
 
 
-def uniform_chunk(cfg, doc_len: int, seqs: int = 8, seq_len: int = 128) -> dict:
+def uniform_chunk(doc_len: int, seqs: int = 8, seq_len: int = 128) -> dict:
     """A loader chunk (collate_chunk) of `seqs` sequences cut into documents of `doc_len` tokens."""
     rng = np.random.default_rng(doc_len)
-    masker = MLMMasker(MaskingConfig(), mask_id=cfg.mask_token_id, special_ids=[cfg.cls_token_id, cfg.sep_token_id],
-                       vocab_size=cfg.vocab_size, pad_id=cfg.pad_token_id, seed=0)
     n = seq_len // doc_len
-    samples = [dict(input_ids=rng.integers(4, cfg.vocab_size, n * doc_len).astype(np.uint16),
+    samples = [dict(input_ids=rng.integers(5, VOCAB, n * doc_len).astype(np.uint16),
                     doc_lens=np.full(n, doc_len, np.int32), doc_ids=np.arange(n, dtype=np.int64), sample_idx=i)
                for i in range(seqs)]
-    return collate_chunk(samples, max_seq_len=seq_len, microbatch_seqs=seqs, pad_id=cfg.pad_token_id,
-                         masker=masker, epoch=0)
+    return collate_chunk(samples, max_seq_len=seq_len, microbatch_seqs=seqs, pad_id=PAD, masker=make_masker(0),
+                         epoch=0)
 
 
 def test_chunks_of_any_document_count_share_one_graph_without_breaks():
@@ -104,7 +102,7 @@ def test_chunks_of_any_document_count_share_one_graph_without_breaks():
     model = torch.compile(ModernBertForMaskedLM(cfg).train(), backend=counter, fullgraph=True)
     slots = []
     for doc_len in (64, 8, 32):  # 16 documents, 128, 32 (+ none for the pad tail: the chunks are full)
-        chunk = uniform_chunk(cfg, doc_len)
+        chunk = uniform_chunk(doc_len)
         slots.append(chunk["cu_seqlens"].numel() - 1)
         loss = model(**chunk_inputs(chunk)).loss
         loss.backward()

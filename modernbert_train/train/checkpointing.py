@@ -98,13 +98,52 @@ def checkpoint_saver(ck: CheckpointConfig) -> CheckpointSaver:
       (written in place, or uploaded before `latest` moved): they must be overwritten when the
       run gets there again, where Composer would refuse to start or to upload.
     """
-    _, _, prefix = parse_uri(ck.save_folder)
-    return CheckpointSaver(
+    backend, _, prefix = parse_uri(ck.save_folder)
+    saver_class = BucketCheckpointSaver if backend else CheckpointSaver
+    return saver_class(
         folder=ck.save_folder, filename=CHECKPOINT_FILENAME,
         remote_file_name=_join(prefix, CHECKPOINT_FILENAME), latest_filename=LATEST_FILENAME,
         latest_remote_file_name=_join(prefix, LATEST_FILENAME), overwrite=ck.autoresume,
         save_interval=ck.save_interval,
         num_checkpoints_to_keep=ck.keep_local if ck.keep_local is not None else -1)
+
+
+class BucketCheckpointSaver(CheckpointSaver):
+    """A CheckpointSaver for an object-store folder that deletes its local staging folder once
+    every upload has finished.
+
+    Composer stages checkpoints for a bucket in a fresh `mkdtemp()` folder per launch and never
+    removes it: each launch (a preemption restart, a new phase) would leave up to `keep_local`
+    full checkpoints in TMPDIR. If an upload failed, the staging folder may hold the only copy, so
+    it is kept and its path logged.
+    """
+
+    def __init__(self, *, folder: str, **kwargs) -> None:
+        super().__init__(folder=folder, **kwargs)
+        # Composer's local folder is mkdtemp() joined with the bucket prefix.
+        staging = Path(self.folder)
+        for _ in Path(parse_uri(folder)[2]).parts:
+            staging = staging.parent
+        # Only a folder directly in TMPDIR is the mkdtemp() one, and ours to delete.
+        ours = staging.parent.resolve() == Path(tempfile.gettempdir()).resolve()
+        self.staging_folder: Path | None = staging if ours else None
+
+    def post_close(self) -> None:
+        uploader, self.remote_uploader = self.remote_uploader, None
+        uploaded = True
+        if uploader is not None:
+            try:
+                uploader.wait_and_close()
+            except Exception as e:  # noqa: BLE001 - Composer logs and carries on here, too
+                uploaded = False
+                log.error("checkpoint upload failed (%s: %s)", type(e).__name__, e)
+        super().post_close()
+        staging = self.staging_folder
+        if not uploaded:
+            log.warning("kept the local checkpoint copies in %s: an upload failed", staging)
+        elif staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            log.info("removed the checkpoint staging folder %s (uploads finished)", staging)
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,10 +48,48 @@ def test_saver_for_a_bucket_stages_each_launch_in_a_fresh_folder_outside_the_cwd
         # Under autoresume a checkpoint newer than `latest` is one a crash interrupted: overwritable.
         assert (first.overwrite, second.overwrite) == (True, False)
     finally:
-        for saver in (first, second):  # folder = mkdtemp()/runs/tiny
-            staging = Path(saver.folder).parents[1]
-            if staging.parent == Path(tempfile.gettempdir()) and staging.name.startswith("tmp"):
-                shutil.rmtree(staging, ignore_errors=True)
+        for saver in (first, second):
+            shutil.rmtree(saver.staging_folder, ignore_errors=True)
+
+
+class _Uploader:
+    """Stands in for Composer's RemoteUploader at close: wait_and_close succeeds or raises."""
+
+    def __init__(self, error: Exception | None):
+        self.error, self.closed = error, False
+
+    def wait_and_close(self):
+        self.closed = True
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.mark.parametrize("upload_error", [None, OSError("connection reset")], ids=["uploaded", "upload-failed"])
+def test_bucket_saver_removes_its_staging_folder_only_after_every_upload_finished(upload_error, caplog):
+    """Composer never deletes the mkdtemp() staging folder: each launch would leave up to keep_local
+    checkpoints in TMPDIR. After a failed upload it may hold the only copy, so it stays."""
+    saver = checkpoint_saver(CheckpointConfig(save_folder="s3://test-bucket/runs/tiny", save_interval="4ba"))
+    staging = saver.staging_folder
+    assert staging is not None and staging.parent == Path(tempfile.gettempdir()).resolve(), staging
+    assert Path(saver.folder) == staging / "runs" / "tiny", (saver.folder, staging)
+    try:
+        Path(saver.folder).mkdir(parents=True)
+        (Path(saver.folder) / "ep0-ba4-rank0.pt").write_bytes(b"weights")
+        saver.remote_uploader = uploader = _Uploader(upload_error)
+        saver.post_close()
+        assert uploader.closed
+        if upload_error is None:
+            assert not staging.exists(), f"staging folder {staging} left behind after the uploads finished"
+        else:
+            assert (Path(saver.folder) / "ep0-ba4-rank0.pt").read_bytes() == b"weights"
+            assert f"kept the local checkpoint copies in {staging}" in caplog.text, caplog.text
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def test_local_save_folder_uses_composers_saver_as_is(tmp_path):
+    saver = checkpoint_saver(CheckpointConfig(save_folder=str(tmp_path / "ckpt"), save_interval="4ba"))
+    assert type(saver).__name__ == "CheckpointSaver" and saver.folder == str(tmp_path / "ckpt")
 
 
 # ---------------------------------------------------------------- pre-flight: local

@@ -84,10 +84,15 @@ def test_checkpoints_in_s3_and_autoresume_from_the_bucket(tmp_path, s3_server):
     first_dir.mkdir()
     second_dir.mkdir()
     folder = "s3://test-bucket/runs/tiny"
+    tmpdir = tmp_path / "tmpdir"  # where Composer stages checkpoints before uploading them
+    tmpdir.mkdir()
+    env = {**s3_server.env(), "TMPDIR": str(tmpdir)}
     first = run_train(first_dir, "max_duration=20ba", f"checkpoint.save_folder={folder}",
                       "checkpoint.save_interval=10ba", "eval.interval=20ba", "checkpoint.keep_remote=1",
-                      env_extra=s3_server.env())
+                      env_extra=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    left = sorted(str(p.relative_to(tmpdir)) for p in tmpdir.rglob("*.pt"))
+    assert left == [], f"a finished launch left staged checkpoints in TMPDIR: {left}"
     bucket = s3_server.root / "test-bucket" / "runs" / "tiny"
     remote = sorted(p.name for p in bucket.glob("ep*-ba*-rank0.pt"))
     assert remote == ["ep0-ba20-rank0.pt"], f"keep_remote=1 should leave only the newest: {remote}"
@@ -96,8 +101,9 @@ def test_checkpoints_in_s3_and_autoresume_from_the_bucket(tmp_path, s3_server):
     # Reuse the first run's demo data (tokenizer + shards), but nothing of its checkpoints.
     (second_dir / "demo").symlink_to(first_dir / "demo")
     second = run_train(second_dir, "max_duration=30ba", f"checkpoint.save_folder={folder}",
-                       "checkpoint.save_interval=10ba", "eval.interval=30ba", env_extra=s3_server.env())
+                       "checkpoint.save_interval=10ba", "eval.interval=30ba", env_extra=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert list(tmpdir.rglob("*.pt")) == [], sorted(tmpdir.rglob("*"))
     assert "ep0-ba20-rank0.pt" in second.stdout + second.stderr, "must resume from the bucket's batch-20 checkpoint"
     assert (bucket / "ep0-ba30-rank0.pt").exists()
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import cProfile
 import gc
 import json
 import logging
 import math
 import os
 import platform
+import pstats
 import statistics
 import sys
 import tempfile
@@ -44,6 +46,7 @@ from modernbert_train.train.config import RunConfig, load_run_config
 from modernbert_train.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Small enough for the lent GPU's ~90 s (compilation included) and for a CPU smoke run.
 DEVICE_DEFAULTS = {
@@ -57,6 +60,10 @@ COMPILE_COUNT_NOTE = ("torch._dynamo.utils.counters['frames']['total'] deltas: f
                       "counters['stats']['unique_graphs'] (FX graphs compiled)")
 SYNC_NOTE = ("torch.cuda.synchronize only at the start (end of the last warmup batch) and end of each "
              "timed window; real tokens counted from the host-side batch (no extra syncs)")
+GAP_PROFILE_NOTE = ("cProfile of the host from each batch_end to the next batch's first forward, over "
+                    "--profile-gap batches after the timed window: the span in which the GPU idles (Composer "
+                    "has read the loss back just before batch_end). cum_ms_per_gap is each function's "
+                    "cumulative time per gap, with cProfile's own overhead (the gap_ms are inflated by it)")
 HOST_SYNC_NOTE = ("host syncs: the waits for the device inside the timed window (torch.cuda.set_sync_debug_mode"
                   "('warn'): values read back, device-to-host copies, data-dependent shapes), per step and by the "
                   "Python line that asked (host_sync_sites); cuda only")
@@ -188,8 +195,10 @@ class StepTimer(Callback):
     """Host timestamps per batch and one timed window, opened at the end of the last warmup batch;
     keeps the host-side step batches so the raw loop can replay them."""
 
-    def __init__(self, device: torch.device, warmup_batches: int, total_batches: int, time_limit_s: float):
+    def __init__(self, device: torch.device, warmup_batches: int, total_batches: int, time_limit_s: float,
+                 batches_after_window: int = 0):
         self.device = device
+        self.batches_after_window = batches_after_window  # then GapProfiler stops the run
         self.warmup_batches = warmup_batches
         self.total_batches = total_batches
         self.time_limit_s = time_limit_s
@@ -228,7 +237,7 @@ class StepTimer(Callback):
             if done == self.total_batches or out_of_time:
                 now = self.close_window(state, done - self.warmup_batches)
                 self.result.stopped_by_time_limit = out_of_time
-                if out_of_time:
+                if out_of_time and not self.batches_after_window:
                     state.stop_training()
         self.batch_end_s.append(now)
 
@@ -246,23 +255,76 @@ class StepTimer(Callback):
         return end
 
 
+class GapProfiler(Callback):
+    """After the timer's window: cProfile from each batch_end to the next before_forward, for
+    `batches` gaps (GAP_PROFILE_NOTE); then stops the run."""
+
+    def __init__(self, timer: StepTimer, batches: int):
+        self.timer, self.batches = timer, batches
+        self.profile = cProfile.Profile()
+        self.gap_ms: list[float] = []
+        self._started_s: Optional[float] = None
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if not self.timer.closed:
+            return
+        if len(self.gap_ms) + (self._started_s is not None) >= self.batches:
+            state.stop_training()
+            return
+        self._started_s = time.perf_counter()
+        self.profile.enable()
+
+    def before_forward(self, state: State, logger: Logger) -> None:
+        if self._started_s is not None:  # the first microbatch's forward of the next batch
+            self.profile.disable()
+            self.gap_ms.append(1e3 * (time.perf_counter() - self._started_s))
+            self._started_s = None
+
+    def summary(self, top: int = 25) -> dict[str, Any]:
+        """The `top` functions by cumulative and by own time per gap (paths from the package on)."""
+        rows = []
+        if self.gap_ms:
+            stats = pstats.Stats(self.profile).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
+            for (file, line, name), (_, ncalls, tottime, cumtime, _) in stats.items():
+                rows.append({"function": f"{_short_path(file)}:{line}({name})",
+                             "cum_ms_per_gap": 1e3 * cumtime / len(self.gap_ms),
+                             "own_ms_per_gap": 1e3 * tottime / len(self.gap_ms),
+                             "calls_per_gap": ncalls / len(self.gap_ms)})
+        by = {key: sorted(rows, key=lambda r: -r[f"{key}_ms_per_gap"])[:top] for key in ("cum", "own")}
+        return {"gaps": len(self.gap_ms), "gap_ms": self.gap_ms, "top_cumulative": by["cum"], "top_own": by["own"]}
+
+
+def _short_path(file: str) -> str:
+    """A source path from its package on: site-packages, the standard library, or this repo."""
+    for marker in ("site-packages/", f"python{sys.version_info[0]}.{sys.version_info[1]}/", f"{REPO_ROOT}/"):
+        if marker in file:
+            return file.rsplit(marker, 1)[-1]
+    return file
+
+
 # --- the two loops --------------------------------------------------------------------------------
 
 def run_trainer(cfg: RunConfig, device: torch.device, warmup_batches: int, batches: int,
-                time_limit_s: float, composer_closure: bool = False) -> StepTimer:
+                time_limit_s: float, composer_closure: bool = False,
+                profile_gaps: int = 0) -> tuple[StepTimer, Optional[GapProfiler]]:
     """The CLI's path: build_trainer + fit on the resolved RunConfig, with the timer added.
     `composer_closure`: step the optimizer through Composer's closure, as stock Composer does (the
-    ablation of builder.StepWithoutClosureTrainer; this trainer object only)."""
+    ablation of builder.StepWithoutClosureTrainer; this trainer object only). `profile_gaps`: that
+    many more batches after the window, with the GapProfiler."""
     trainer = build_trainer(cfg)
     if composer_closure:
         trainer._use_closures = types.MethodType(Trainer._use_closures, trainer)
-    timer = StepTimer(device, warmup_batches, warmup_batches + batches, time_limit_s)
+    timer = StepTimer(device, warmup_batches, warmup_batches + batches, time_limit_s,
+                      batches_after_window=profile_gaps)
     timer.result.optimizer_closure = trainer._use_closures()
     trainer.state.callbacks.append(timer)
+    profiler = GapProfiler(timer, profile_gaps) if profile_gaps else None
+    if profiler is not None:
+        trainer.state.callbacks.append(profiler)
     fit(trainer, cfg)
     trainer.close()
     del trainer
-    return timer
+    return timer, profiler
 
 
 def run_raw(cfg: RunConfig, device: torch.device, host_batches: list[dict[str, Any]], warmup_batches: int,
@@ -333,7 +395,7 @@ def run_overrides(args: argparse.Namespace, device: torch.device) -> list[str]:
     return chosen + [
         "run_name=bench-trainer",
         f"device={'gpu' if device.type == 'cuda' else 'cpu'}",
-        f"max_duration={args.warmup_batches + args.batches}ba",
+        f"max_duration={args.warmup_batches + args.batches + args.profile_gap}ba",
         f"data.max_seq_len={args.max_seq_len}",
         f"data.microbatch_seqs={args.microbatch_seqs}",
         "data.eval_streams=[]",
@@ -473,6 +535,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--composer-closure", action="store_true",
                    help="trainer only: step the optimizer through Composer's closure, which reads the loss back "
                         "before the step (stock Composer; what train/builder.py turns off)")
+    p.add_argument("--profile-gap", type=int, default=0, metavar="N",
+                   help="after the timed window, cProfile the host between steps for N more batches "
+                        "(JSON host_gap_profile; not timed)")
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     p.add_argument("--out-json", type=Path, default=Path("bench_results/trainer.json"))
     args = p.parse_args(argv)
@@ -490,6 +555,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for key, value in DEVICE_DEFAULTS[device.type].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.profile_gap < 0:
+        raise SystemExit(f"--profile-gap must be >= 0, got {args.profile_gap}")
     if args.warmup_batches < 1 or args.batches < 1:
         raise SystemExit("--warmup-batches and --batches must be >= 1 (the window opens after a warmup batch)")
 
@@ -499,16 +566,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         scratch = Path(tmp)
         tokenizer_path, stream_root = prepare_data(
             args.data_dir or scratch / "data", probe,
-            sequences_needed(probe, args.warmup_batches + args.batches), args.seed)
+            sequences_needed(probe, args.warmup_batches + args.batches + args.profile_gap), args.seed)
         overrides += [f"data.tokenizer='{tokenizer_path}'", f"data.train_streams=[{{local: '{stream_root}'}}]",
                       "data.train_split=train", f"run_dir='{scratch / 'run'}'"]
         cfg = load_run_config(args.recipe, overrides + args.overrides)
         payload = payload_header(args, device, cfg, overrides + args.overrides)
 
-        timer = run_trainer(cfg, device, args.warmup_batches, args.batches, args.time_limit_s,
-                            composer_closure=args.composer_closure)
+        timer, profiler = run_trainer(cfg, device, args.warmup_batches, args.batches, args.time_limit_s,
+                                      composer_closure=args.composer_closure, profile_gaps=args.profile_gap)
         results = [timer.result]
         payload["results"] = [asdict(timer.result)]
+        if profiler is not None:
+            payload["host_gap_profile"] = {"note": GAP_PROFILE_NOTE, **profiler.summary()}
         write_json(args.out_json, payload)  # a raw loop that fails (e.g. out of memory) keeps this
         gc.collect()
         if device.type == "cuda":
@@ -529,6 +598,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if r["step_time_trainer_over_raw"] is not None:
         print(f"trainer / raw step time: {r['step_time_trainer_over_raw']:.3f} "
               f"(trainer reaches {100 * r['tokens_per_s_trainer_over_raw']:.1f}% of raw tokens/s)")
+    gap = payload.get("host_gap_profile")
+    if gap and gap["gaps"]:
+        print(f"\nhost between steps (batch_end -> next forward), cProfile over {gap['gaps']} gaps, "
+              f"{statistics.median(gap['gap_ms']):.1f} ms median with the profiler on:")
+        for key in ("cumulative", "own"):
+            print(f"  by {key} time:")
+            for row in gap[f"top_{key}"][:10]:
+                ms = row["cum_ms_per_gap" if key == "cumulative" else "own_ms_per_gap"]
+                print(f"  {ms:8.2f} ms {row['calls_per_gap']:7.1f} calls  {row['function']}")
     for res in results:
         if res.host_sync_sites:
             sites = ", ".join(f"{site} x{count}" for site, count in res.host_sync_sites.items())

@@ -52,11 +52,12 @@ step() {  # name, seconds, bench_step args...
   stage "step $name" "$limit" $PY benchmarks/bench_step.py --preset base --out-json "$OUT/step_$name.json" "$@"
 }
 trainer() {  # name, model overrides...: the real Composer trainer on synthetic shards (the recipe's
-  # microbatch, 2 chunks per step) against the raw loop on the same chunks
+  # microbatch, 2 chunks per step) against the raw loop on the same chunks; then 3 more batches with
+  # the host's work between steps profiled (where the GPU idles; JSON host_gap_profile)
   local name=$1; shift
   stage "$name" ${T_TRAINER:-90} $PY benchmarks/bench_trainer.py --device cuda --max-seq-len 1024 \
     --microbatch-seqs 96 --chunks-per-step 2 --warmup-batches 3 --batches 8 --time-limit-s 40 \
-    --attention-backend $V --compile full --out-json "$OUT/$name.json" "$@"
+    --profile-gap 3 --attention-backend $V --compile full --out-json "$OUT/$name.json" "$@"
 }
 V=torch_varlen
 

@@ -39,14 +39,22 @@ def test_main_times_trainer_and_raw_loop_on_the_same_tokens(tmp_path):
     assert (tmp_path / "data" / "tokenizer.json").is_file()
 
 
-def test_composer_closure_ablation_reaches_the_trainer(tmp_path):
+def test_composer_closure_ablation_and_gap_profile_reach_the_trainer(tmp_path):
     out = tmp_path / "trainer.json"
     rc = bench_trainer.main(["--device", "cpu", "--warmup-batches", "1", "--batches", "1", "--composer-closure",
-                             "--data-dir", str(tmp_path / "data"), "--out-json", str(out),
+                             "--profile-gap", "2", "--data-dir", str(tmp_path / "data"), "--out-json", str(out),
                              "logging.progress_bar=false"])
-    results = {r["loop"]: r for r in json.loads(out.read_text())["results"]}
+    payload = json.loads(out.read_text())
+    results = {r["loop"]: r for r in payload["results"]}
     assert rc == 0 and results["trainer"]["optimizer_closure"] is True, (rc, results)
+    # The profiled batches come after the window: neither loop times them.
     assert results["trainer"]["timed_batches"] == 1 and results["raw"]["timed_batches"] == 1, results
+    gap = payload["host_gap_profile"]
+    assert gap["gaps"] == 2 and len(gap["gap_ms"]) == 2 and min(gap["gap_ms"]) > 0, gap
+    # The next batch is fetched between batch_end and the forward: the loader must be in the profile.
+    fetch = [r for r in gap["top_cumulative"] if r["function"].startswith("modernbert_train/data/loader.py:")]
+    assert fetch and all(r["calls_per_gap"] >= 1 for r in fetch), gap["top_cumulative"]
+    assert all(r["cum_ms_per_gap"] <= max(gap["gap_ms"]) + 1e-6 for r in gap["top_cumulative"]), gap
 
 
 def test_host_sync_counter_counts_each_wait_by_line_and_passes_other_warnings_on(monkeypatch):

@@ -7,6 +7,9 @@ per step (batch-size warmup) and resumes exactly through Streaming's own sample-
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -332,6 +335,26 @@ def build_packed_dataset(cfg: LoaderConfig, *, vocab_size: int) -> PackedSequenc
     )
 
 
+# DataLoader workers hand each tensor's storage to the main process through a Unix socket that
+# multiprocessing creates as TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX; a socket path has at most
+# 107 bytes on Linux (103 on macOS), and a longer one stalls the loader with the OSError buried
+# in a worker's traceback.
+_SOCKET_PATH_MAX = 103 if sys.platform == "darwin" else 107
+_WORKER_SOCKET_SUFFIX = len("/pymp-XXXXXXXX/listener-XXXXXXXX")
+
+
+def check_worker_tmpdir(num_workers: int) -> None:
+    """Refuse a TMPDIR too long for the workers' sockets, naming it and the fix."""
+    tmp = tempfile.gettempdir()
+    longest = _SOCKET_PATH_MAX - _WORKER_SOCKET_SUFFIX
+    if num_workers > 0 and len(os.fsencode(tmp)) > longest:
+        raise ValueError(
+            f"TMPDIR {tmp} is {len(os.fsencode(tmp))} bytes long: DataLoader workers "
+            f"(data.num_workers={num_workers}) open Unix sockets under it and a socket path is "
+            f"limited to {_SOCKET_PATH_MAX} bytes; set TMPDIR to a folder of at most {longest} "
+            f"bytes (or data.num_workers=0)")
+
+
 def build_chunk_dataloader(
     cfg: LoaderConfig,
     *,
@@ -346,6 +369,7 @@ def build_chunk_dataloader(
     are rejected, and random replacement ids are drawn below it. With `check_meta`, each stream's
     metadata must match the run (`check_stream_metas`).
     """
+    check_worker_tmpdir(cfg.num_workers)
     if check_meta:
         check_stream_metas(cfg, special=special, vocab_size=vocab_size)
     dataset = build_packed_dataset(cfg, vocab_size=vocab_size)

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -608,3 +610,35 @@ def test_streams_from_s3_three_times_with_fresh_caches(tmp_path, s3_server):
         del loader
         assert sorted(seen) == list(range(96)), f"attempt {attempt}: {len(seen)} samples"
         assert any(p.name.startswith("shard.") for p in cache.iterdir()), f"attempt {attempt}: nothing cached"
+
+
+
+@pytest.mark.parametrize("extra, num_workers, refused", [(0, 1, False), (1, 1, True), (1, 0, False)],
+                         ids=["longest-tmpdir", "one-byte-longer", "one-byte-longer-no-workers"])
+def test_a_tmpdir_too_long_for_the_workers_sockets_is_refused_up_front(tmp_path, extra, num_workers, refused):
+    """multiprocessing puts TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX sockets there; past the OS limit
+    the loader stalls with the error inside a worker. In a fresh process with that TMPDIR: at the
+    longest allowed one, real workers deliver every chunk; one byte longer is refused at once,
+    naming TMPDIR and both fixes."""
+    samples = make_packed_samples(2 * MICROBATCH_SEQS, max_seq_len=MAX_SEQ_LEN, seed=3)
+    write_shards(str(tmp_path / "ds"), samples)
+    limit = (103 if sys.platform == "darwin" else 107) - len("/pymp-XXXXXXXX/listener-XXXXXXXX")
+    base = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))
+    try:
+        long_dir = base / ("d" * (limit + extra - len(str(base)) - 1))
+        long_dir.mkdir()
+        assert len(str(long_dir)) == limit + extra
+        script = ("from tests.data.test_loader import build_loader, loader_config\n"
+                  f"cfg = loader_config([{str(tmp_path / 'ds')!r}], num_workers={num_workers})\n"
+                  "print(sorted(i for c in build_loader(cfg) for i in c['sample_idx'].tolist()))\n")
+        proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "TMPDIR": str(long_dir)})
+        if refused:
+            assert proc.returncode != 0, proc.stdout
+            assert (f"ValueError: TMPDIR {long_dir} is {limit + 1} bytes long" in proc.stderr
+                    and f"at most {limit} bytes (or data.num_workers=0)" in proc.stderr), proc.stderr[-2000:]
+        else:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert proc.stdout.strip() == str(list(range(2 * MICROBATCH_SEQS))), proc.stdout[-500:]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -83,10 +85,19 @@ def test_checkpoints_in_s3_and_autoresume_from_the_bucket(tmp_path, s3_server):
     first_dir, second_dir = tmp_path / "a", tmp_path / "b"
     first_dir.mkdir()
     second_dir.mkdir()
-    folder = "s3://test-bucket/runs/tiny"
-    tmpdir = tmp_path / "tmpdir"  # where Composer stages checkpoints before uploading them
-    tmpdir.mkdir()
+    # TMPDIR: where Composer stages checkpoints before uploading them. Short, not under tmp_path:
+    # DataLoader workers put Unix sockets there (data/loader.py check_worker_tmpdir).
+    tmpdir = Path(tempfile.mkdtemp(prefix="stage-"))
     env = {**s3_server.env(), "TMPDIR": str(tmpdir)}
+    try:
+        _train_twice_through_the_bucket(first_dir, second_dir, s3_server, tmpdir, env)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _train_twice_through_the_bucket(first_dir: Path, second_dir: Path, s3_server, tmpdir: Path,
+                                    env: dict[str, str]) -> None:
+    folder = "s3://test-bucket/runs/tiny"
     first = run_train(first_dir, "max_duration=20ba", f"checkpoint.save_folder={folder}",
                       "checkpoint.save_interval=10ba", "eval.interval=20ba", "checkpoint.keep_remote=1",
                       env_extra=env)

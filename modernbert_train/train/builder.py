@@ -218,7 +218,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         model=composer_model,
         train_dataloader=train_spec,
         eval_dataloader=evaluators,
-        eval_interval=cfg.eval.interval,
+        eval_interval=cfg.eval.interval if evaluators is not None else 1,  # Composer warns otherwise
         max_duration=cfg.max_duration,
         optimizers=optimizer,
         schedulers=scheduler,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +42,17 @@ FAST = (
 )
 # A run that hangs is a failure, not a stuck CI job.
 LAUNCH_TIMEOUT_S = 300
+
+
+@pytest.fixture(autouse=True)
+def launch_tmpdir(monkeypatch) -> Path:
+    """Each test's launches get their own TMPDIR, removed afterwards: a killed launch leaves its
+    checkpoint staging folder there (checkpointing.BucketCheckpointSaver). Short and outside
+    pytest's tmp_path, since DataLoader workers put Unix sockets in it (loader.check_worker_tmpdir)."""
+    folder = Path(tempfile.mkdtemp(prefix="rel-"))  # also fixes this process's own tempdir first
+    monkeypatch.setenv("TMPDIR", str(folder))  # for the launches only
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,14 @@ def peak_memory(device: torch.device) -> Optional[int]:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
+def _short_path(file: str) -> str:
+    """A source path from its package on: site-packages, the standard library, or this repo."""
+    for marker in ("site-packages/", f"python{sys.version_info[0]}.{sys.version_info[1]}/", f"{REPO_ROOT}/"):
+        if marker in file:
+            return file.rsplit(marker, 1)[-1]
+    return file
+
+
 class HostSyncCounter:
     """The host's waits for the device between start() and stop(), by call site: CUDA's sync debug
     mode warns at each one, and the warning carries the innermost Python line (Composer's
@@ -146,7 +154,7 @@ class HostSyncCounter:
         self._catch = None
         for w in self._records:
             if self.MESSAGE in str(w.message):
-                self.sites[f"{w.filename.rsplit('site-packages/', 1)[-1]}:{w.lineno}"] += 1
+                self.sites[f"{_short_path(w.filename)}:{w.lineno}"] += 1
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
@@ -268,7 +276,7 @@ class GapProfiler(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         if not self.timer.closed:
             return
-        if len(self.gap_ms) + (self._started_s is not None) >= self.batches:
+        if len(self.gap_ms) >= self.batches:
             state.stop_training()
             return
         self._started_s = time.perf_counter()
@@ -292,14 +300,6 @@ class GapProfiler(Callback):
                              "calls_per_gap": ncalls / len(self.gap_ms)})
         by = {key: sorted(rows, key=lambda r: -r[f"{key}_ms_per_gap"])[:top] for key in ("cum", "own")}
         return {"gaps": len(self.gap_ms), "gap_ms": self.gap_ms, "top_cumulative": by["cum"], "top_own": by["own"]}
-
-
-def _short_path(file: str) -> str:
-    """A source path from its package on: site-packages, the standard library, or this repo."""
-    for marker in ("site-packages/", f"python{sys.version_info[0]}.{sys.version_info[1]}/", f"{REPO_ROOT}/"):
-        if marker in file:
-            return file.rsplit(marker, 1)[-1]
-    return file
 
 
 # --- the two loops --------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ class BucketCheckpointSaver(CheckpointSaver):
         super().post_close()
         staging = self.staging_folder
         if not uploaded:
-            log.warning("kept the local checkpoint copies in %s: an upload failed", staging)
+            log.warning("kept the local checkpoint copies in %s: an upload failed", staging or self.folder)
         elif staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
             log.info("removed the checkpoint staging folder %s (uploads finished)", staging)

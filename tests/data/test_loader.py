@@ -612,7 +612,6 @@ def test_streams_from_s3_three_times_with_fresh_caches(tmp_path, s3_server):
         assert any(p.name.startswith("shard.") for p in cache.iterdir()), f"attempt {attempt}: nothing cached"
 
 
-
 @pytest.mark.parametrize("extra, num_workers, refused", [(0, 1, False), (1, 1, True), (1, 0, False)],
                          ids=["longest-tmpdir", "one-byte-longer", "one-byte-longer-no-workers"])
 def test_a_tmpdir_too_long_for_the_workers_sockets_is_refused_up_front(tmp_path, extra, num_workers, refused):

@@ -13,7 +13,7 @@
 # Each stage has its own time limit (T_* to override). All stages need ~900 s, more than one lent
 # session's 15 device minutes with the machine's start: run the default order in one call with
 # timeout_s=600 (most important first, in this file's order; pytest + step1024x96 + step1024x32 +
-# trainer-win limits sum to 570 s; the first GPU test of each Triton kernel autotunes and compiles
+# trainer-win limits sum to 590 s; the first GPU test of each Triton kernel autotunes and compiles
 # its configs, hence 90 s per test), then `pytest-syncs kernels pytest-compiled saved large tuning
 # step8192x12 trainer trainer-closure` if time is left. A step benchmark
 # rewrites its JSON after every configuration, so a stage cut short keeps what it measured.
@@ -65,21 +65,23 @@ V=torch_varlen
 # compiled model with the window kernel on a trainer-like chunk; a per-test limit so a hung test
 # cannot hide the summary). The host-sync tests (stage pytest-syncs) and the compiled-backend tests of
 # tests/train run later.
-want pytest && stage pytest ${T_PYTEST:-150} $PY -m pytest -v -ra -m gpu --timeout 90 --tb=short \
+want pytest && stage pytest ${T_PYTEST:-120} $PY -m pytest -v -ra -m gpu --timeout 90 --tb=short \
   -p no:cacheprovider -k "not never_synchronizes" tests/model
 # ModernBERT's own microbatch (96 x 1024: the memory target) with a kernel profile; win: the local
 # layers' Triton attention (config window_attention_kernel; its first timing had NaN loss, since
 # fixed: benchmarks/README.md). -triton: GeGLU / RoPE as torch.compile generates them
 # (2026-11-27, H200: 408k tok/s / 48.7 GiB with the kernels, 385k / 54.8 GiB without).
+# bf16res: the residual stream in bf16 (config autocast_residual; halves every LayerNorm's traffic;
+# its loss curve against the fp32 stream: benchmarks/bench_precision.py), alone and with win.
 # ours:$V:full:mem=0.7 trades speed for memory (the compiler's activation memory budget).
-want step1024x96 && step 1024x96 ${T_1024x96:-150} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
-  --baseline none --profile 2 --runs ours:$V:full ours:$V:full:win
+want step1024x96 && step 1024x96 ${T_1024x96:-180} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
+  --baseline none --profile 2 --runs ours:$V:full ours:$V:full:win ours:$V:full:bf16res ours:$V:full:win:bf16res
 # Pretraining shape, 32 x 1024: ours (the recipe's full compile) vs transformers eager and compiled,
-# and ours with the window kernel (win).
+# and ours with the window kernel (win), then also with the bf16 residual stream (bf16res).
 # Ablations of single optimisations: add e.g. ours:$V:regional:-fused ours:$V:regional:-slots
 # ours:flex:regional ours:$V:none (regional recompiles are cheap).
-want step1024x32 && step 1024x32 ${T_1024x32:-180} --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 \
-  --runs ours:$V:full hf:sdpa:none hf:sdpa:full ours:$V:full:win
+want step1024x32 && step 1024x32 ${T_1024x32:-200} --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 \
+  --runs ours:$V:full hf:sdpa:none hf:sdpa:full ours:$V:full:win ours:$V:full:win:bf16res
 # The real Composer trainer (stage trainer below) with the window kernel (a NaN loss stops it:
 # train/callbacks.py).
 want trainer-win && trainer trainer-win model.window_attention_kernel=true

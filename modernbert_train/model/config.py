@@ -44,6 +44,12 @@ class ModernBertConfig:
     # model/window_attention.py on CUDA tensors, instead of the attention backend with a window.
     # Off until a GPU run times it.
     window_attention_kernel: bool = False
+    # Under autocast, carry the residual stream (the running sum through the layers) in the autocast
+    # dtype (bf16 under amp_bf16) instead of fp32: half the memory traffic of every LayerNorm and
+    # residual add, and half the bytes they keep for backward. Off: the numerics of ModernBERT's
+    # reference and of transformers (an fp32 stream, as autocast leaves it). No effect without
+    # autocast. Off until a GPU run times it and a training run shows the same loss curve.
+    autocast_residual: bool = False
     # sdpa | flex | flash | torch_varlen (model/attention.py); a run config may also say auto
     # (the fastest available, resolved by the trainer).
     attention_backend: str = "sdpa"
@@ -88,7 +94,7 @@ class ModernBertConfig:
 # Fields that choose how a step is computed (kernels, loss fusion, attention backend), not what the
 # weights mean: left out of an exported transformers config (model/hf_interop.py).
 EXECUTION_OPTIONS = frozenset({"sparse_prediction", "fused_head_loss", "fused_kernels", "window_attention_kernel",
-                               "attention_backend"})
+                               "autocast_residual", "attention_backend"})
 
 _PRESETS = {
     "base": ModernBertConfig(preset="base"),

@@ -10,6 +10,8 @@ What is notable, top to bottom:
   for the local layers) when the model is built; the model never branches on it in forward.
 - GeGLU MLP: Wi -> (input, gate), GELU(input) * gate -> Wo; no biases.
 - LayerNorms without bias.
+- Under autocast the residual stream stays fp32 (as in the reference), or, with
+  `autocast_residual`, runs in the autocast dtype; chosen when the model is built.
 - Final LayerNorm, then the MLM head: dense -> GELU -> LayerNorm -> decoder tied to the token
   embeddings; the decoder's bias is the only bias in the model. With labels, the head runs only
   on the masked positions (sparse prediction).
@@ -124,6 +126,25 @@ def attention_op(config: ModernBertConfig, is_global: bool):
     return _triton_module("window_attention", "window_attention_kernel").windowed(backend)
 
 
+def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype of its device while autocast is on there; x itself otherwise."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def residual_cast(config: ModernBertConfig):
+    """What the embeddings' output passes through before the layers: with `autocast_residual` the
+    cast above (the sums x + attn(...) and x + mlp(...) then stay in that dtype, since both branches
+    end in an autocast matmul), else nothing, and autocast's fp32 LayerNorm output keeps the stream
+    in fp32."""
+    return to_autocast_dtype if config.autocast_residual else _unchanged
+
+
 # --- blocks ----------------------------------------------------------------------------------------
 
 def layer_norm(config: ModernBertConfig) -> nn.LayerNorm:
@@ -202,6 +223,7 @@ class ModernBertModel(nn.Module):
                                            config.max_position_embeddings)
         self.local_rope = RotaryEmbedding(config.head_dim, config.local_rope_theta,
                                           config.max_position_embeddings)
+        self.residual_cast = residual_cast(config)
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -214,7 +236,7 @@ class ModernBertModel(nn.Module):
         cache = prepare_attention(self.config.attention_backend, cu_seqlens, total,
                                   {layer.attn.window for layer in self.layers},
                                   bounds=self.config.window_attention_kernel)
-        x = self.embeddings(input_ids)
+        x = self.residual_cast(self.embeddings(input_ids))  # (T, H)
         for layer in self.layers:
             rope = global_rope if layer.attn.is_global else local_rope
             x = layer(x, rope, cu_seqlens, max_seqlen, cache)

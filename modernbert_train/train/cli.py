@@ -26,10 +26,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        print(f"error: overrides must be key=value, got {bad}", file=sys.stderr)
-        return 2
     try:
         cfg = load_run_config(args.recipe, args.overrides)
     except (ConfigError, FileNotFoundError) as e:

@@ -180,6 +180,9 @@ def _merge(base: DictConfig, other: Any, where: str, known: list[str]) -> DictCo
 
 def load_run_config(yaml_path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Merge a recipe and `key=value` overrides onto RunConfig and validate the result."""
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must be key=value, got {bad}")
     raw = OmegaConf.load(yaml_path) if yaml_path is not None else OmegaConf.create({})
     cli = OmegaConf.from_dotlist(list(overrides)) if overrides else OmegaConf.create({})
     # The model preset decides the model defaults before the recipe's own model keys apply.

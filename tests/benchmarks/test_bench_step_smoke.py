@@ -71,8 +71,12 @@ def test_run_specs_parse_options_and_reject_bad_ones():
     kernels = bench_step.RunSpec.parse("ours:sdpa:full:win")
     assert (kernels.window_attention_kernel, kernels.label) == (True, "win"), kernels
     assert bench_step.build_ours(preset("tiny"), kernels).config.window_attention_kernel
+    bf16_stream = bench_step.RunSpec.parse("ours:sdpa:full:win:bf16res")
+    assert (bf16_stream.autocast_residual, bf16_stream.label) == (True, "win,bf16res"), bf16_stream
+    assert bench_step.build_ours(preset("tiny"), bf16_stream).config.autocast_residual
+    assert not bench_step.build_ours(preset("tiny"), kernels).config.autocast_residual
     for bad in ["ours:torch_varlen:full:mem=1.5", "hf:sdpa:full:triton", "ours:torch_varlen:full:mem=x", "ours:torch_varlen:full:fast",
-                "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "hf:sdpa:full:-triton", "ours:sdpa:full:triton", "ours:sdpa:full:ce", "hf:sdpa:full:win", "ours:torch_varlen:jit"]:
+                "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "hf:sdpa:full:-triton", "ours:sdpa:full:triton", "ours:sdpa:full:ce", "hf:sdpa:full:win", "hf:sdpa:full:bf16res", "ours:torch_varlen:jit"]:
         with pytest.raises(ValueError, match="run spec"):
             bench_step.RunSpec.parse(bad)
 

@@ -131,6 +131,40 @@ def test_fused_head_loss_matches_plain_loss_and_gradients(slots):
         assert err < 1e-12, f"{name}: gradient differs by {err}"
 
 
+def residual_run(autocast: bool, **overrides) -> tuple[float, set, dict]:
+    """One training forward + backward (fp32 weights): the loss, the dtypes the layers received and
+    the gradients."""
+    torch.manual_seed(0)
+    model = ModernBertForMaskedLM(tiny(**overrides)).train()
+    layer_inputs = set()
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda module, args: layer_inputs.add(args[0].dtype))
+    ids, labels, cu = masked_example(tokens=400, every=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(ids, cu_seqlens=cu, max_seqlen=360, labels=labels, prediction_slots=160)
+    out.loss.backward()
+    return out.loss.item(), layer_inputs, {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_autocast_residual_carries_the_stream_in_the_autocast_dtype():
+    loss_ref, stream_ref, grads_ref = residual_run(True)
+    loss, stream, grads = residual_run(True, autocast_residual=True)
+    assert stream_ref == {torch.float32} and stream == {torch.bfloat16}, (stream_ref, stream)
+    assert loss != loss_ref, "a bf16 stream must change the numerics"
+    assert abs(loss - loss_ref) < 1e-3 * loss_ref, (loss, loss_ref)
+    for name, grad in grads.items():
+        cos = torch.nn.functional.cosine_similarity(grad.flatten(), grads_ref[name].flatten(), dim=0).item()
+        assert cos > 0.999, f"{name}: gradient cosine {cos:.5f} against the fp32 stream"
+
+
+def test_autocast_residual_changes_nothing_without_autocast():
+    loss_ref, stream_ref, grads_ref = residual_run(False)
+    loss, stream, grads = residual_run(False, autocast_residual=True)
+    assert stream_ref == stream == {torch.float32}, (stream_ref, stream)
+    assert loss == loss_ref, (loss, loss_ref)
+    assert all(torch.equal(grads[name], grads_ref[name]) for name in grads)
+
+
 def test_init_is_truncated_and_output_projections_scaled_by_depth():
     torch.manual_seed(0)
     cfg = preset("base")

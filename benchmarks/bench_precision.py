@@ -1,7 +1,9 @@
 """Does an execution option change what the model learns? The recipe's whole run (default: the tiny
-CPU demo on its built-in corpus) once per arm, same seed, same data order, same initial weights, so
-the loss curves differ by numerics alone. Prints a table and writes JSON. Usage:
-    python benchmarks/bench_precision.py [--arms fp32 bf16 bf16-residual] [key=value ...]
+CPU demo on its built-in corpus) once per arm and seed; arms with the same seed see the same data in
+the same order from the same initial weights, so their loss curves differ by numerics alone, and
+the spread over seeds says how large a difference has to be to mean anything. Prints tables and
+writes JSON. Usage:
+    python benchmarks/bench_precision.py [--arms fp32 bf16 bf16-residual] [--seeds 1 2 3] [key=value ...]
 
 Arms: `fp32` (no autocast: the demo as `train.py` runs it on the CPU), `bf16` (bf16 autocast around
 the model's forward, fp32 residual stream: ModernBERT's amp_bf16 numerics), `bf16-residual` (the
@@ -67,11 +69,14 @@ def autocast_forward(module: torch.nn.Module, device_type: str) -> None:
     module.forward = wrapped
 
 
-def run_arm(arm: str, recipe: str, overrides: list[str], save_root: Path) -> dict[str, Any]:
+def run_arm(arm: str, seed: Optional[int], recipe: str, overrides: list[str], save_root: Path) -> dict[str, Any]:
+    """One whole run of the recipe in one arm; `seed` None: the recipe's."""
     bf16, residual = ARMS[arm]
-    cfg = load_run_config(recipe, ["logging.progress_bar=false", *overrides, f"run_name=precision-{arm}",
+    name = f"{arm}-seed{seed}"
+    cfg = load_run_config(recipe, ["logging.progress_bar=false", *overrides, f"run_name=precision-{name}",
+                                   *([f"seed={seed}"] if seed is not None else []),
                                    f"model.autocast_residual={str(residual).lower()}",
-                                   f"run_dir={save_root / arm}", f"checkpoint.save_folder={save_root / arm / 'ckpt'}",
+                                   f"run_dir={save_root / name}", f"checkpoint.save_folder={save_root / name / 'ckpt'}",
                                    "checkpoint.autoresume=false",
                                    "checkpoint.load_path=null", "logging.wandb_mode=disabled"])
     on_gpu = resolve_device(cfg) == "gpu"
@@ -87,29 +92,59 @@ def run_arm(arm: str, recipe: str, overrides: list[str], save_root: Path) -> dic
     elapsed = time.perf_counter() - start
     trainer.close()
     tail = curve.train[-50:]
-    return {"arm": arm, "autocast_bf16": bf16, "autocast_residual": residual, "device": "gpu" if on_gpu else "cpu",
-            "batches": len(curve.train), "seconds": elapsed, "train_loss_last50_mean": statistics.fmean(tail),
-            "train_loss": curve.train, "evals": curve.evals}
+    return {"arm": arm, "seed": cfg.seed, "autocast_bf16": bf16, "autocast_residual": residual,
+            "device": "gpu" if on_gpu else "cpu", "batches": len(curve.train), "seconds": elapsed,
+            "train_loss_last50_mean": statistics.fmean(tail), "train_loss": curve.train, "evals": curve.evals}
 
 
-def format_table(results: list[dict[str, Any]]) -> str:
+def _markdown(rows: list[list[str]]) -> str:
+    return "\n".join("| " + " | ".join(row) + " |" for row in [rows[0], ["---"] * len(rows[0]), *rows[1:]])
+
+
+def format_runs(results: list[dict[str, Any]]) -> str:
     eval_batches = [e["batch"] for e in results[0]["evals"]]
-    head = ["arm", "s", "train loss (last 50)"] + [f"val loss @{b}" for b in eval_batches] + ["val acc (last)"]
-    rows = [head, ["---"] * len(head)]
+    rows = [["arm", "seed", "s", "train loss (last 50)"] + [f"val loss @{b}" for b in eval_batches]
+            + ["val acc (last)"]]
     for r in results:
-        rows.append([r["arm"], f"{r['seconds']:.0f}", f"{r['train_loss_last50_mean']:.4f}"]
+        rows.append([r["arm"], str(r["seed"]), f"{r['seconds']:.0f}", f"{r['train_loss_last50_mean']:.4f}"]
                     + [f"{e['loss']:.4f}" for e in r["evals"]]
                     + [f"{r['evals'][-1]['accuracy']:.4f}" if r["evals"] else "-"])
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    return _markdown(rows)
 
 
-def differences(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each arm's largest |val loss difference| against the first arm, over the evaluations."""
-    ref = results[0]
-    return [{"arm": r["arm"], "vs": ref["arm"],
-             "max_abs_val_loss_diff": max((abs(a["loss"] - b["loss"]) for a, b in zip(r["evals"], ref["evals"])),
-                                          default=None)}
-            for r in results[1:]]
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per arm over its seeds: the last evaluation's loss (mean, sample sd), and against the first
+    arm with the same seed (paired: same data and initial weights) the mean difference of that loss
+    and the largest |difference| at any evaluation. The seeds' spread is what a difference must beat."""
+    ref_arm = results[0]["arm"]
+    ref = {r["seed"]: r for r in results if r["arm"] == ref_arm}
+    summary = []
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        runs = [r for r in results if r["arm"] == arm]
+        final = [r["evals"][-1]["loss"] for r in runs if r["evals"]]
+        paired = [(r, ref[r["seed"]]) for r in runs if r["seed"] in ref and r["evals"]]
+        summary.append({
+            "arm": arm, "seeds": [r["seed"] for r in runs],
+            "final_val_loss_mean": statistics.fmean(final) if final else None,
+            "final_val_loss_sd": statistics.stdev(final) if len(final) > 1 else None,
+            "vs": ref_arm,
+            "final_val_loss_diff_mean": (statistics.fmean(r["evals"][-1]["loss"] - b["evals"][-1]["loss"]
+                                                          for r, b in paired) if paired else None),
+            "max_abs_val_loss_diff": max((abs(x["loss"] - y["loss"]) for r, b in paired
+                                          for x, y in zip(r["evals"], b["evals"])), default=None)})
+    return summary
+
+
+def format_summary(summary: list[dict[str, Any]]) -> str:
+    def num(value: Optional[float], spec: str = ".4f") -> str:
+        return "-" if value is None else format(value, spec)
+
+    rows = [["arm", "seeds", "final val loss mean", "sd over seeds", "paired diff vs " + summary[0]["vs"],
+             "max abs diff (any eval)"]]
+    for s in summary:
+        rows.append([s["arm"], str(len(s["seeds"])), num(s["final_val_loss_mean"]), num(s["final_val_loss_sd"]),
+                     num(s["final_val_loss_diff_mean"], "+.4f"), num(s["max_abs_val_loss_diff"])])
+    return _markdown(rows)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -119,6 +154,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--recipe", default=str(REPO_ROOT / "yamls/tiny.yaml"))
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
                    help="the first one is what the others are compared with")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="run every arm once per seed (default: once, with the recipe's seed)")
     p.add_argument("--out-json", type=Path, default=Path("bench_results/precision.json"))
     return p.parse_args(argv)
 
@@ -129,19 +166,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ["WANDB_MODE"] = "disabled"
     results = []
     with tempfile.TemporaryDirectory(prefix="precision-") as save_root:  # checkpoints, run logs
-        for arm in args.arms:
-            print(f"== {arm}", flush=True)
-            results.append(run_arm(arm, args.recipe, args.overrides, Path(save_root)))
-    table = format_table(results)
-    print(table)
-    diffs = differences(results)
-    for d in diffs:
-        print(f"{d['arm']} vs {d['vs']}: largest |val loss difference| {d['max_abs_val_loss_diff']:.4f}")
+        for seed in args.seeds or [None]:
+            for arm in args.arms:
+                print(f"== {arm}, seed {seed if seed is not None else 'of the recipe'}", flush=True)
+                results.append(run_arm(arm, seed, args.recipe, args.overrides, Path(save_root)))
+    runs, summary = format_runs(results), summarize(results)
+    print(runs, format_summary(summary), sep="\n\n")
     payload = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                            "cpu_threads": os.cpu_count(), "platform": platform.platform(),
                            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
                "recipe": args.recipe, "overrides": args.overrides, "command": [sys.executable, *sys.argv],
-               "results": results, "differences": diffs, "table": table}
+               "results": results, "summary": summary, "tables": [runs, format_summary(summary)]}
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
     args.out_json.write_text(json.dumps(payload, indent=1))
     print(f"wrote {args.out_json}")

@@ -112,6 +112,25 @@ def test_chunks_of_any_document_count_share_one_graph_without_breaks():
     assert counter.frame_count == 1, f"{counter.frame_count} compiles for document slots {slots}"
 
 
+def test_bf16_residual_stream_compiles_into_one_graph():
+    """model.autocast_residual reads the autocast state in forward (to_autocast_dtype): Dynamo
+    folds it into the graph (fullgraph=True fails on a break) and the chunks share that graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    cfg = preset("tiny")
+    cfg.attention_backend, cfg.autocast_residual = "flex", True
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    torch.manual_seed(0)
+    model = torch.compile(ModernBertForMaskedLM(cfg).train(), backend=counter, fullgraph=True)
+    for doc_len in (64, 8):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**chunk_inputs(uniform_chunk(doc_len))).loss
+        loss.backward()
+        assert torch.isfinite(loss), (doc_len, loss)
+    torch._dynamo.reset()
+    assert counter.frame_count == 1, f"{counter.frame_count} compiles"
+
+
 def packed_batch(device, seed=0, docs=(300, 17, 440, 2, 500, 99), slots=128):
     g = torch.Generator().manual_seed(seed)
     total = sum(docs)

@@ -3,7 +3,8 @@ PyTorch definitions eager, the same compiled by torch.compile (what a compiled s
 Triton kernels of model/fused_kernels.py; prints a table and writes JSON, with each variant's
 error against an fp32 reference. `local_attention`: one local layer's sliding-window attention on
 packed documents (data/synthetic.py's lognormal lengths, median 250 tokens), the fastest attention backend here
-("eager") against model/window_attention.py ("triton"), with TFLOP/s of the allowed pairs.
+("eager") against model/window_attention.py ("triton"), with TFLOP/s of the allowed pairs;
+`rotary_local_attention` the same from the Wqkv output with RoPE (the op first, or inside the kernels).
 Usage: python benchmarks/bench_kernels.py --tokens 98304
 """
 from __future__ import annotations
@@ -74,7 +75,8 @@ def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch
     residual = torch.randn(tokens, hidden, generator=gen)
     norm = torch.nn.LayerNorm(hidden, eps=cfg.norm_eps, bias=False).to(device)
     kernels = _triton_ops(device)
-    attention, window_kernel, exact, flops = _local_attention(tokens, cfg, 0, device, kernels.get("windowed"))
+    attention, window_kernel, exact, flops, rope = _local_attention(tokens, cfg, 0, device, kernels.get("windowed"),
+                                                                    kernels.get("rotary_windowed"))
     q, k, v = (torch.randn(tokens, heads, head_dim, generator=gen) for _ in range(3))
     return [
         OpCase("geglu", geglu_activation, kernels.get("geglu"), lambda dt: (h.to(device, dt),),
@@ -89,13 +91,22 @@ def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch
         OpCase("local_attention", attention, window_kernel,
                lambda dt: (q.to(device, dt), k.to(device, dt).requires_grad_(), v.to(device, dt).requires_grad_()),
                4 * tokens * hidden * size, 8 * tokens * hidden * size, flops, exact),
+        # RoPE + the local layer's attention from the Wqkv output: the RoPE op then the attention
+        # (eager, compiled), against the window kernels rotating q and k themselves (triton;
+        # config window_attention_rope). Compare with rotary_qkv + local_attention's triton rows.
+        OpCase("rotary_local_attention", rope[0], rope[1],
+               lambda dt: (qkv.to(device, dt), cos.to(device), sin.to(device)),
+               4 * tokens * hidden * size + 2 * tokens * head_dim * 4,
+               8 * tokens * hidden * size + 2 * tokens * head_dim * 4, flops, rope[2]),
     ]
 
 
-def _local_attention(tokens: int, cfg, seed: int, device: torch.device, windowed: Optional[Callable]):
+def _local_attention(tokens: int, cfg, seed: int, device: torch.device, windowed: Optional[Callable],
+                     rotary_windowed: Optional[Callable] = None):
     """Packed documents over `tokens`; attention(q, k, v) of a local layer through the fastest
     backend here and through model/window_attention.py (None without it); an exact per-document
-    reference; the forward FLOPs of the allowed pairs."""
+    reference; the forward FLOPs of the allowed pairs; and the same three from the Wqkv output
+    with RoPE: (the RoPE op, then the backend), (the kernels with RoPE inside), (RoPE, exact)."""
     # Enough lengths to cover `tokens` (each is >= MIN_DOC_TOKENS), the last document cut to fit.
     drawn = synthetic.document_lengths(np.random.default_rng(seed), tokens // synthetic.MIN_DOC_TOKENS + 1, 1024)
     ends = np.minimum(np.cumsum(drawn), tokens)
@@ -119,8 +130,16 @@ def _local_attention(tokens: int, cfg, seed: int, device: torch.device, windowed
             out[s:e] = torch.einsum("nij,jnd->ind", scores.softmax(-1), v[s:e])
         return out
 
+    def rope_call(fn):
+        return lambda qkv, cos, sin: fn(rotary_qkv, backend, qkv, (cos, sin), cu_seqlens=cu_dev,
+                                        max_seqlen=max_len, window=window, cache={})
+
+    def rope_then(attend):
+        return lambda qkv, cos, sin: attend(*rotary_qkv(qkv, cos, sin))
+
+    rope = (rope_then(call(backend)), rope_call(rotary_windowed) if rotary_windowed else None, rope_then(exact))
     return (call(backend), call(windowed(backend)) if windowed else None, exact,
-            4 * cfg.head_dim * cfg.num_attention_heads * pairs)
+            4 * cfg.head_dim * cfg.num_attention_heads * pairs, rope)
 
 
 def _autotune_timings() -> dict[str, dict[str, float]]:
@@ -136,7 +155,8 @@ def _triton_ops(device: torch.device) -> dict[str, Callable]:
         return {}  # on CPU only Triton's interpreter runs them (slow: tiny shapes only)
     from modernbert_train.model import fused_kernels, window_attention
     fused_kernels.interpret_cpu_tensors = True
-    return {"geglu": fused_kernels.geglu, "rotary_qkv": fused_kernels.rotary_qkv, "windowed": window_attention.windowed}
+    return {"geglu": fused_kernels.geglu, "rotary_qkv": fused_kernels.rotary_qkv, "windowed": window_attention.windowed,
+            "rotary_windowed": window_attention.rotary_windowed}
 
 
 def _outputs(out) -> tuple:
@@ -245,7 +265,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="activation dtype (default bf16 on cuda, as under autocast; fp32 on cpu)")
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--ops", nargs="+", default=["geglu", "rotary_qkv", "layer_norm", "local_attention"])
+    p.add_argument("--ops", nargs="+",
+                   default=["geglu", "rotary_qkv", "layer_norm", "local_attention", "rotary_local_attention"])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--out-json", type=Path, default=Path("bench_results/kernels.json"))
     args = p.parse_args(argv)

@@ -153,7 +153,8 @@ class RunSpec:
     torch.compile generates them instead of the Triton kernels of model/fused_kernels.py, config
     fused_kernels), `mem=0.7` (an activation memory budget for the compiler's partitioner: recompute
     more, save memory), `win` (the local layers' attention as the
-    Triton kernels of model/window_attention.py, config window_attention_kernel), `bf16res` (the
+    Triton kernels of model/window_attention.py, config window_attention_kernel), `winrope` (the
+    same kernels rotating q and k themselves, config window_attention_rope), `bf16res` (the
     residual stream in bf16 under autocast, config autocast_residual), `cdt` (inductor's
     coordinate-descent tuning of kernel block sizes: a longer compile), `capacity` (worst-case
     `cu_seqlens` length instead of the document count rounded up to 64)."""
@@ -170,6 +171,7 @@ class RunSpec:
     memory_budget: float = 1.0
     coordinate_descent_tuning: bool = False
     window_attention_kernel: bool = False
+    window_attention_rope: bool = False
     autocast_residual: bool = False
 
     @property
@@ -179,7 +181,7 @@ class RunSpec:
         off += [self.doc_slots] if self.doc_slots != "bucket" else []
         off += [f"mem={self.memory_budget:g}"] if self.memory_budget != 1.0 else []
         off += ["cdt"] if self.coordinate_descent_tuning else []
-        off += ["win"] if self.window_attention_kernel else []
+        off += ["winrope" if self.window_attention_rope else "win"] if self.window_attention_kernel else []
         off += ["bf16res"] if self.autocast_residual else []
         return ",".join(off) or "-"
 
@@ -192,7 +194,7 @@ class RunSpec:
         options = set(parts[3:])
         budgets = {o for o in options if o.startswith("mem=")}
         options -= budgets
-        unknown = options - {"-fused", "-slots", "-triton", "capacity", "cdt", "win", "bf16res"}
+        unknown = options - {"-fused", "-slots", "-triton", "capacity", "cdt", "win", "winrope", "bf16res"}
         budget = 1.0
         if budgets:
             try:
@@ -203,13 +205,13 @@ class RunSpec:
                 unknown.add("mem= (one budget in (0, 1])")
         if unknown or ((options or budgets) and parts[0] == "hf") or (parts[0] == "hf" and parts[2] == "regional"):
             raise ValueError(f"run spec {text!r}: options {sorted(unknown) or sorted(options)} / compile "
-                             "mode not valid here (options -fused -slots -triton capacity cdt win bf16res mem= are for ours; "
+                             "mode not valid here (options -fused -slots -triton capacity cdt win winrope bf16res mem= are for ours; "
                              "transformers compiles none or full)")
         return RunSpec(parts[0], parts[1], parts[2], fused_loss="-fused" not in options,
                        prediction_slots="-slots" not in options, fused_kernels="-triton" not in options,
                        doc_slots="capacity" if "capacity" in options else "bucket", memory_budget=budget,
-                       coordinate_descent_tuning="cdt" in options, window_attention_kernel="win" in options,
-                       autocast_residual="bf16res" in options)
+                       coordinate_descent_tuning="cdt" in options, window_attention_kernel=bool({"win", "winrope"} & options),
+                       window_attention_rope="winrope" in options, autocast_residual="bf16res" in options)
 
 
 @dataclass
@@ -243,6 +245,7 @@ class RunResult:
 def build_ours(cfg: ModernBertConfig, spec: RunSpec) -> torch.nn.Module:
     return ModernBertForMaskedLM(replace(cfg, attention_backend=spec.attention, fused_head_loss=spec.fused_loss,
                                          fused_kernels=spec.fused_kernels, window_attention_kernel=spec.window_attention_kernel,
+                                         window_attention_rope=spec.window_attention_rope,
                                          autocast_residual=spec.autocast_residual))
 
 

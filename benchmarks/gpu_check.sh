@@ -71,17 +71,19 @@ want pytest && stage pytest ${T_PYTEST:-120} $PY -m pytest -v -ra -m gpu --timeo
 # layers' Triton attention (config window_attention_kernel; its first timing had NaN loss, since
 # fixed: benchmarks/README.md). -triton: GeGLU / RoPE as torch.compile generates them
 # (2026-11-27, H200: 408k tok/s / 48.7 GiB with the kernels, 385k / 54.8 GiB without).
-# bf16res: the residual stream in bf16 (config autocast_residual; halves every LayerNorm's traffic;
-# its loss curve against the fp32 stream: benchmarks/bench_precision.py), alone and with win.
+# winrope: the same kernels with RoPE inside (config window_attention_rope: no RoPE passes over
+# q, k, v in memory on local layers). bf16res: the residual stream in bf16 (config
+# autocast_residual; halves every LayerNorm's traffic; its loss curves against the fp32 stream:
+# benchmarks/bench_precision.py), on top of win.
 # ours:$V:full:mem=0.7 trades speed for memory (the compiler's activation memory budget).
 want step1024x96 && step 1024x96 ${T_1024x96:-180} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
-  --baseline none --profile 2 --runs ours:$V:full ours:$V:full:win ours:$V:full:bf16res ours:$V:full:win:bf16res
+  --baseline none --profile 2 --runs ours:$V:full ours:$V:full:win ours:$V:full:winrope ours:$V:full:win:bf16res
 # Pretraining shape, 32 x 1024: ours (the recipe's full compile) vs transformers eager and compiled,
-# and ours with the window kernel (win), then also with the bf16 residual stream (bf16res).
+# and ours with the window kernel (win), then with everything untried on (winrope:bf16res).
 # Ablations of single optimisations: add e.g. ours:$V:regional:-fused ours:$V:regional:-slots
 # ours:flex:regional ours:$V:none (regional recompiles are cheap).
 want step1024x32 && step 1024x32 ${T_1024x32:-200} --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 \
-  --runs ours:$V:full hf:sdpa:none hf:sdpa:full ours:$V:full:win ours:$V:full:win:bf16res
+  --runs ours:$V:full hf:sdpa:none hf:sdpa:full ours:$V:full:win ours:$V:full:winrope:bf16res
 # The real Composer trainer (stage trainer below) with the window kernel (a NaN loss stops it:
 # train/callbacks.py).
 want trainer-win && trainer trainer-win model.window_attention_kernel=true
@@ -108,7 +110,7 @@ want large && stage "step large1024x44" ${T_LARGE:-90} $PY benchmarks/bench_step
 want tuning && step 1024x96_cdt ${T_TUNING:-150} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
   --baseline none --runs ours:$V:full:cdt
 want step8192x12 && step 8192x12 ${T_8192x12:-150} --seq-len 8192 --seqs-per-chunk 12 --steps 5 --warmup 3 \
-  --baseline none --runs ours:$V:full ours:$V:full:win
+  --baseline none --runs ours:$V:full ours:$V:full:win ours:$V:full:winrope
 # The real Composer trainer on synthetic shards (the recipe's microbatch, 2 chunks per step),
 # against the raw loop on the same chunks.
 want trainer && trainer trainer

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -29,7 +30,7 @@ import torch._inductor.config
 
 from modernbert_train.model.config import preset
 from modernbert_train.model.linear_cross_entropy import linear_cross_entropy
-from modernbert_train.model.modernbert import EncoderLayer, MLMHead, RotaryEmbedding
+from modernbert_train.model.modernbert import EncoderLayer, MLMHead, RotaryEmbedding, rotary_attention
 
 # One H100 SXM as Inductor sees it (the H200 has the same SM count and compute capability).
 _Props = collections.namedtuple("_Props", "name major minor total_memory multi_processor_count "
@@ -97,7 +98,8 @@ def trace_layer(tokens: int, fused_kernels: bool, preset_name: str) -> list[tupl
     GeGLU), bf16 autocast."""
     cfg = replace(preset(preset_name), fused_kernels=fused_kernels)
     layer = EncoderLayer(cfg, layer_idx=1)
-    layer.attn.attend = lambda q, k, v, **_: _attention(q, k, v)
+    rotary = layer.attn.attend.args[0]  # the RoPE op of attention_op's rotary_attention
+    layer.attn.attend = functools.partial(rotary_attention, rotary, lambda q, k, v, **_: _attention(q, k, v))
     cos, sin = RotaryEmbedding(cfg.head_dim, cfg.local_rope_theta, 1024)(torch.arange(tokens) % 1024)
     params = dict(layer.named_parameters())
 
@@ -258,7 +260,7 @@ def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
     """model/fused_kernels.py's kernels in every autotuning config, bf16 as under autocast, with the
     element counts of the Inductor kernels they replace (GeGLU: T x I forward, T x 2I backward;
     RoPE: 3 x T x hidden). Launch-time specialisation as on aligned tensors: 16-byte aligned
-    pointers, token and width counts divisible by 16."""
+    pointers, token and width counts and token strides divisible by 16."""
     import triton
 
     from modernbert_train.model import fused_kernels
@@ -278,25 +280,28 @@ def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
                       3 * head_dim, 3 * tokens * hidden))
     # model/window_attention.py (config window_attention_kernel), one local layer: elements = the
     # output's T x hidden; the loops over key / query tiles count once (3 iterations at run time).
+    # ROPE: q and k rotated as they are loaded (config window_attention_rope).
     from modernbert_train.model import window_attention as window
     attention = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16")
-    sizes = dict(n_tokens="i32", n_heads="i32", qk_scale="fp32")
-    tile = dict(HALF=cfg.local_attention // 2, HEAD_DIM=head_dim)
-    cases += [("forward", window._window_fwd, dict(**attention, out_ptr="*bf16", lse_ptr="*fp32",
-                                                           start_ptr="*i32", end_ptr="*i32", **sizes), tile,
-               head_dim, tokens * hidden),
-              ("backward", window._window_bwd_dkdv,
-               dict(**attention, do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32", dk_ptr="*bf16", dv_ptr="*bf16",
-                    start_ptr="*i32", end_ptr="*i32", **sizes, scale="fp32"), tile, head_dim, tokens * hidden),
-              ("backward", window._window_bwd_dq,
-               dict(**attention, do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32", dq_ptr="*bf16",
-                    start_ptr="*i32", end_ptr="*i32", **sizes, scale="fp32"), tile, head_dim, tokens * hidden)]
+    bounds = dict(start_ptr="*i32", end_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32")
+    sizes = dict(n_tokens="i32", n_heads="i32", stride="i32", qk_scale="fp32")
+    for rope in (False, True):
+        tile = dict(HALF=cfg.local_attention // 2, HEAD_DIM=head_dim, ROPE=rope)
+        cases += [("forward", window._window_fwd, dict(**attention, out_ptr="*bf16", lse_ptr="*fp32", **bounds,
+                                                       **sizes), tile, head_dim, tokens * hidden),
+                  ("backward", window._window_bwd_dkdv,
+                   dict(**attention, do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32", dk_ptr="*bf16",
+                        dv_ptr="*bf16", **bounds, **sizes, scale="fp32"), tile, head_dim, tokens * hidden),
+                  ("backward", window._window_bwd_dq,
+                   dict(**attention, do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32", dq_ptr="*bf16", **bounds,
+                        **sizes, scale="fp32"), tile, head_dim, tokens * hidden)]
     reports = []
     for graph, kernel, signature, fixed, per_block_unit, elements in cases:
         fn = kernel.kernel
         attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items()
-                 if ty.startswith("*") or name in ("n_rows", "n_cols")}
-        report = KernelReport(graph, f"ours: {fn.__name__}" + (" backward" if fixed.get("BACKWARD") else ""),
+                 if ty.startswith("*") or name in ("n_rows", "n_cols", "stride")}
+        report = KernelReport(graph, f"ours: {fn.__name__}" + (" backward" if fixed.get("BACKWARD") else "")
+                              + (" rope" if fixed.get("ROPE") else ""),
                               elements, len(kernel.configs), [], [], float("nan"), float("nan"))
         for config in kernel.configs:
             constants = {**fixed, **config.kwargs}

@@ -44,6 +44,10 @@ class ModernBertConfig:
     # model/window_attention.py on CUDA tensors, instead of the attention backend with a window.
     # Off until a GPU run times it.
     window_attention_kernel: bool = False
+    # With window_attention_kernel: those kernels apply RoPE to q and k as they load them, and write
+    # the gradient of the Wqkv output directly (no rotated copies of q, k, v in memory, forward or
+    # backward). Off until a GPU run times it against the kernels after the RoPE op.
+    window_attention_rope: bool = False
     # Under autocast, carry the residual stream (the running sum through the layers) in the autocast
     # dtype (bf16 under amp_bf16) instead of fp32: half the memory traffic of every LayerNorm and
     # residual add, and half the bytes they keep for backward. Off: the numerics of ModernBERT's
@@ -84,6 +88,8 @@ class ModernBertConfig:
         if self.window_attention_kernel and (self.head_dim < 16 or self.head_dim & (self.head_dim - 1)):
             problems.append(f"model.window_attention_kernel needs a power-of-two head dim >= 16, got "
                             f"{self.head_dim} (hidden_size / num_attention_heads)")
+        if self.window_attention_rope and not self.window_attention_kernel:
+            problems.append("model.window_attention_rope=true needs model.window_attention_kernel=true")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -94,7 +100,7 @@ class ModernBertConfig:
 # Fields that choose how a step is computed (kernels, loss fusion, attention backend), not what the
 # weights mean: left out of an exported transformers config (model/hf_interop.py).
 EXECUTION_OPTIONS = frozenset({"sparse_prediction", "fused_head_loss", "fused_kernels", "window_attention_kernel",
-                               "autocast_residual", "attention_backend"})
+                               "window_attention_rope", "autocast_residual", "attention_backend"})
 
 _PRESETS = {
     "base": ModernBertConfig(preset="base"),

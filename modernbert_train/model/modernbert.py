@@ -7,7 +7,8 @@ What is notable, top to bottom:
 - Attention: fused Wqkv, RoPE, Wo; no biases. Layers 0, n, 2n, ... are global, the others see a
   sliding window (|i - j| <= local_attention // 2). Global and local layers use their own RoPE
   theta. The kernel is chosen by name (model/attention.py; optionally model/window_attention.py
-  for the local layers) when the model is built; the model never branches on it in forward.
+  for the local layers, which may apply RoPE itself) when the model is built; the model never
+  branches on it in forward.
 - GeGLU MLP: Wi -> (input, gate), GELU(input) * gate -> Wo; no biases.
 - LayerNorms without bias.
 - Under autocast the residual stream stays fp32 (as in the reference), or, with
@@ -22,6 +23,7 @@ V vocab, M masked positions, B x S a padded batch.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import warnings
@@ -118,12 +120,25 @@ def _triton_module(name: str, option: str):
 
 
 def attention_op(config: ModernBertConfig, is_global: bool):
-    """The attention backend by name (model/attention.py); with `window_attention_kernel` the local
-    layers wrap it in model/window_attention.py's kernels (used on CUDA tensors)."""
+    """RoPE, then attention, as one function: (qkv (T, 3, N, Dh), (cos, sin), *, cu_seqlens,
+    max_seqlen, window, cache) -> (T, N, Dh). The attention backend by name (model/attention.py)
+    after the RoPE op; with `window_attention_kernel` the local layers wrap the backend in
+    model/window_attention.py's kernels (used on CUDA tensors), and with `window_attention_rope`
+    too those kernels rotate q and k themselves."""
     backend = get_backend(config.attention_backend)
-    if is_global or not config.window_attention_kernel:
-        return backend
-    return _triton_module("window_attention", "window_attention_kernel").windowed(backend)
+    rotary = pointwise_ops(config)[0]
+    if not is_global and config.window_attention_kernel:
+        kernels = _triton_module("window_attention", "window_attention_kernel")
+        if config.window_attention_rope:
+            return functools.partial(kernels.rotary_windowed, rotary, backend)
+        backend = kernels.windowed(backend)
+    return functools.partial(rotary_attention, rotary, backend)
+
+
+def rotary_attention(rotary, attend, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                     **kwargs) -> torch.Tensor:
+    q, k, v = rotary(qkv, *rope)  # (T, N, Dh) each
+    return attend(q, k, v, **kwargs)
 
 
 def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -172,15 +187,13 @@ class Attention(nn.Module):
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.attend = attention_op(config, self.is_global)
-        self.rotary_qkv = pointwise_ops(config)[0]
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cu_seqlens: torch.Tensor,
                 max_seqlen: int, cache: dict) -> torch.Tensor:
         total = x.shape[0]
         qkv = self.Wqkv(x).view(total, 3, self.num_heads, self.head_dim)  # (T, 3, N, Dh)
-        q, k, v = self.rotary_qkv(qkv, *rope)  # (T, N, Dh) each
-        out = self.attend(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=self.window,
-                          cache=cache)
+        out = self.attend(qkv, rope, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=self.window,
+                          cache=cache)  # (T, N, Dh)
         return self.Wo(out.reshape(total, self.num_heads * self.head_dim))  # (T, H)
 
 

@@ -75,8 +75,13 @@ def test_run_specs_parse_options_and_reject_bad_ones():
     assert (bf16_stream.autocast_residual, bf16_stream.label) == (True, "win,bf16res"), bf16_stream
     assert bench_step.build_ours(preset("tiny"), bf16_stream).config.autocast_residual
     assert not bench_step.build_ours(preset("tiny"), kernels).config.autocast_residual
+    rope = bench_step.RunSpec.parse("ours:sdpa:full:winrope")
+    assert (rope.window_attention_kernel, rope.window_attention_rope, rope.label) == (True, True, "winrope"), rope
+    built = bench_step.build_ours(preset("tiny"), rope).config
+    assert built.window_attention_kernel and built.window_attention_rope, built
+    assert not bench_step.build_ours(preset("tiny"), kernels).config.window_attention_rope
     for bad in ["ours:torch_varlen:full:mem=1.5", "hf:sdpa:full:triton", "ours:torch_varlen:full:mem=x", "ours:torch_varlen:full:fast",
-                "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "hf:sdpa:full:-triton", "ours:sdpa:full:triton", "ours:sdpa:full:ce", "hf:sdpa:full:win", "hf:sdpa:full:bf16res", "ours:torch_varlen:jit"]:
+                "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "hf:sdpa:full:-triton", "ours:sdpa:full:triton", "ours:sdpa:full:ce", "hf:sdpa:full:win", "hf:sdpa:full:winrope", "hf:sdpa:full:bf16res", "ours:torch_varlen:jit"]:
         with pytest.raises(ValueError, match="run spec"):
             bench_step.RunSpec.parse(bad)
 

@@ -14,7 +14,8 @@ from modernbert_train.data.chunk_layout import doc_slots
 from modernbert_train.data.synthetic import document_lengths
 from modernbert_train.model.attention import fastest_available, sdpa_attention
 from modernbert_train.model.config import preset
-from modernbert_train.model.modernbert import ModernBertForMaskedLM
+from modernbert_train.model.modernbert import (ModernBertForMaskedLM, RotaryEmbedding, positions_from_cu_seqlens,
+                                                rotary_qkv)
 from tests.model.test_attention import DOC_LAYOUTS, make_qkv, reference_attention
 
 pytest.importorskip("triton", reason="the window kernels are written in Triton")
@@ -66,6 +67,94 @@ def test_matches_reference_forward_and_backward_fp32(layout, window, tile, monke
         assert err < 5 * tol, f"d{name} max abs err {err} ({layout}, window={window})"
 
 
+def _rotary_inputs(lengths, heads=2, head_dim=16, dtype=torch.float32):
+    """qkv (T, 3, N, Dh) as the Wqkv output, and the cos / sin tables of the positions in each document."""
+    q, k, v, cu = make_qkv(lengths, heads=heads, head_dim=head_dim)
+    qkv = torch.stack((q, k, v), dim=1).to(DEVICE, dtype)
+    cos, sin = RotaryEmbedding(head_dim, 10_000.0, 4096)(positions_from_cu_seqlens(cu, qkv.shape[0]))
+    return qkv, cos.to(DEVICE), sin.to(DEVICE), cu.to(DEVICE)
+
+
+def _rotary_attend(qkv, cos, sin, cu, window, max_seqlen=None):
+    max_seqlen = int((cu[1:] - cu[:-1]).max()) if max_seqlen is None else max_seqlen
+    return window_attention.rotary_windowed(rotary_qkv, sdpa_attention, qkv, (cos, sin), cu_seqlens=cu,
+                                            max_seqlen=max_seqlen, window=window, cache={})
+
+
+def _rotary_reference(qkv, cos, sin, cu, window):
+    """RoPE (model/modernbert.py's definition) then the independent reference, in fp64."""
+    return reference_attention(*rotary_qkv(qkv, cos.double(), sin.double()), cu, window)
+
+
+@pytest.mark.parametrize("layout, tile", [(layout, 64) for layout in sorted(DOC_LAYOUTS)]
+                         + [("many_short_and_a_long", 32), ("ragged_block_tail", 128)])
+def test_rope_inside_the_kernels_matches_rope_then_the_reference(layout, tile, monkeypatch):
+    """window_attention_rope: q and k rotated as the kernels load them, and the gradient of the
+    Wqkv output written by them, against the RoPE op followed by the reference attention."""
+    if DEVICE == "cpu":
+        _only_tile(monkeypatch, tile)
+    elif tile != 64:
+        pytest.skip("on the GPU the autotuner picks the tile")
+    qkv, cos, sin, cu = _rotary_inputs(DOC_LAYOUTS[layout])
+    qkv.requires_grad_()
+    qkv_ref = qkv.detach().double().requires_grad_()
+    got = _rotary_attend(qkv, cos, sin, cu, 128)
+    want = _rotary_reference(qkv_ref, cos, sin, cu, 128)
+    tol = 2e-5 if DEVICE == "cpu" else 5e-3  # tf32 matmuls on the GPU
+    assert (got.double() - want).abs().max().item() < tol
+    grad = torch.randn_like(want)
+    (got_grad,), (want_grad,) = torch.autograd.grad(got, qkv, grad.float()), torch.autograd.grad(want, qkv_ref, grad)
+    for i, name in enumerate("qkv"):
+        err = (got_grad[:, i].double() - want_grad[:, i]).abs().max().item()
+        assert err < 5 * tol, f"d{name} max abs err {err} ({layout}, tile {tile})"
+
+
+def test_rope_inside_the_kernels_leaves_global_layers_and_plain_cpu_tensors_to_rope_and_the_backend(monkeypatch):
+    calls = []
+
+    def backend(q, k, v, **kwargs):
+        calls.append(kwargs["window"])
+        return q
+
+    qkv, cos, sin, cu = _rotary_inputs([40, 30])
+    rope_first = rotary_qkv(qkv, cos, sin)[0]
+    for window, interpret in ((None, True), (128, False)):  # a global layer; CPU tensors, no interpreter
+        monkeypatch.setattr(fused_kernels, "interpret_cpu_tensors", interpret)
+        out = window_attention.rotary_windowed(rotary_qkv, backend, qkv, (cos, sin), cu_seqlens=cu, max_seqlen=40,
+                                               window=window, cache={})
+        assert torch.equal(out, rope_first), window
+    assert calls == [None, 128]
+
+
+def test_rope_inside_the_kernels_gives_the_models_loss_and_gradients():
+    """The tiny model (layers 1 and 2 local) with window_attention_rope against the window kernel
+    after the RoPE op, fp32 in the interpreter."""
+    ids = torch.randint(4, 4096, (200,), generator=torch.Generator().manual_seed(0))
+    labels = torch.where(torch.arange(200) % 3 == 0, ids, torch.full_like(ids, -100))
+    batch = dict(input_ids=ids.to(DEVICE), labels=labels.to(DEVICE), max_seqlen=120,
+                 cu_seqlens=torch.tensor([0, 50, 170, 200], dtype=torch.int32, device=DEVICE))
+    results = {}
+    for rope in (False, True):
+        cfg = preset("tiny")
+        cfg.window_attention_kernel, cfg.window_attention_rope = True, rope
+        torch.manual_seed(0)
+        model = ModernBertForMaskedLM(cfg).to(DEVICE).train()
+        loss = model(**batch).loss
+        loss.backward()
+        results[rope] = loss.item(), {n: p.grad for n, p in model.named_parameters()}
+    (loss_ref, grads_ref), (loss_rope, grads_rope) = results[False], results[True]
+    assert abs(loss_rope - loss_ref) < 1e-5, (loss_rope, loss_ref)
+    for name, grad in grads_ref.items():
+        torch.testing.assert_close(grads_rope[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_rope_inside_the_kernels_needs_the_window_kernel():
+    cfg = preset("tiny")
+    cfg.window_attention_rope = True
+    with pytest.raises(ValueError, match="window_attention_rope=true needs model.window_attention_kernel=true"):
+        ModernBertForMaskedLM(cfg)
+
+
 @pytest.mark.gpu  # (the gpu-marked stage of benchmarks/gpu_check.sh runs it)
 def test_bf16_close_to_the_reference_on_the_same_inputs():
     if DEVICE == "cpu":
@@ -114,6 +203,8 @@ def test_custom_ops_pass_torch_library_opcheck():
     q, k, v = (x.float().to(DEVICE).requires_grad_() for x in (q, k, v))
     start, end = (t.to(DEVICE) for t in window_attention.document_bounds(cu, 70))
     torch.library.opcheck(window_attention.window_attention, (q, k, v, start, end, 8, 0.25))
+    qkv, cos, sin, _ = _rotary_inputs([20, 50])
+    torch.library.opcheck(window_attention.window_attention_qkv, (qkv.requires_grad_(), cos, sin, start, end, 8, 0.25))
 
 
 def test_compiles_into_one_graph_with_its_gradient():
@@ -132,6 +223,20 @@ def test_compiles_into_one_graph_with_its_gradient():
     torch._dynamo.reset()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_inside_the_kernels_compiles_into_one_graph_with_its_gradient():
+    qkv, cos, sin, cu = _rotary_inputs([90, 60])
+    qkv.requires_grad_()
+
+    def step(qkv):
+        return (_rotary_attend(qkv, cos, sin, cu, 32, max_seqlen=90) ** 2).sum()
+
+    torch._dynamo.reset()
+    (got,) = torch.autograd.grad(torch.compile(step, fullgraph=True)(qkv), qkv)
+    (want,) = torch.autograd.grad(step(qkv), qkv)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
@@ -154,11 +259,29 @@ def test_cuda_bf16_at_base_width_matches_the_reference():
 
 
 @pytest.mark.gpu
+def test_cuda_bf16_rope_inside_the_kernels_at_base_width_matches_the_reference():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    qkv, cos, sin, cu = _rotary_inputs([300, 5, 1200, 64, 65, 128, 900, 1, 1337], heads=12, head_dim=64,
+                                       dtype=torch.bfloat16)
+    qkv.requires_grad_()
+    qkv_ref = qkv.detach().double().requires_grad_()
+    got = _rotary_attend(qkv, cos, sin, cu, 128)
+    want = _rotary_reference(qkv_ref, cos, sin, cu, 128)
+    assert (got.double() - want).abs().max().item() < 2e-2
+    grad = torch.randn_like(want)
+    (a,), (b,) = torch.autograd.grad(got, qkv, grad.bfloat16()), torch.autograd.grad(want, qkv_ref, grad)
+    for i, name in enumerate("qkv"):
+        rel = ((a[:, i].double() - b[:, i]).norm() / b[:, i].norm()).item()
+        assert rel < 2e-2, f"d{name}: relative error {rel}"
+
+
+@pytest.mark.gpu
 def test_cuda_compiled_model_with_the_window_kernel_matches_the_backend():
     """What the trainer runs: the Inductor-compiled model under bf16 autocast on a packed chunk with
     trailing empty document slots, a dynamic slot count and storage offsets, 6 base-width layers
-    (local and global): with the window kernel the loss is finite and matches the fastest
-    backend's, and so do the gradients. (On the 2026-11-27 H200 the eager kernel tests passed while this path gave NaN: the
+    (local and global): with the window kernel (after the RoPE op, or with RoPE inside) the loss
+    is finite and matches the fastest backend's, and so do the gradients. (On the 2026-11-27 H200 the eager kernel tests passed while this path gave NaN: the
     compiled document ids were off by one, model/attention.py token_document_ids.)"""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -178,10 +301,10 @@ def test_cuda_compiled_model_with_the_window_kernel_matches_the_backend():
     batch = {key: torch.stack([value, value]).cuda()[1] for key, value in chunk.items()}
     batch["max_seqlen"] = 1024
     results = {}
-    for kernel in (False, True):
+    for kernel in (False, True, "rope"):
         cfg = preset("base")
         cfg.num_hidden_layers, cfg.attention_backend = 6, fastest_available("cuda")
-        cfg.window_attention_kernel = kernel
+        cfg.window_attention_kernel, cfg.window_attention_rope = bool(kernel), kernel == "rope"
         torch.manual_seed(0)
         model = ModernBertForMaskedLM(cfg).cuda().train()
         torch._dynamo.reset()
@@ -191,7 +314,9 @@ def test_cuda_compiled_model_with_the_window_kernel_matches_the_backend():
         loss.backward()
         results[kernel] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if "layers.1." in n}
     torch._dynamo.reset()
-    (loss_ref, grads_ref), (loss_win, grads_win) = results[False], results[True]
-    assert np.isfinite(loss_win) and abs(loss_win - loss_ref) < 1e-2 * abs(loss_ref), (loss_win, loss_ref)
-    for name, grad in grads_ref.items():  # layer 1: local, the kernel's forward and backward
-        assert ((grads_win[name] - grad).norm() / grad.norm()).item() < 5e-2, name
+    loss_ref, grads_ref = results[False]
+    for kernel in (True, "rope"):  # the window kernel after the RoPE op, and with RoPE inside
+        loss_win, grads_win = results[kernel]
+        assert np.isfinite(loss_win) and abs(loss_win - loss_ref) < 1e-2 * abs(loss_ref), (kernel, loss_win, loss_ref)
+        for name, grad in grads_ref.items():  # layer 1: local, the kernel's forward and backward
+            assert ((grads_win[name] - grad).norm() / grad.norm()).item() < 5e-2, (kernel, name)

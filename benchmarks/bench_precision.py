@@ -33,7 +33,6 @@ from composer.loggers import Logger
 from modernbert_train.train.builder import build_trainer, fit, resolve_device
 from modernbert_train.train.config import load_run_config
 
-log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # arm -> (autocast to bf16?, model.autocast_residual)
@@ -73,15 +72,16 @@ def run_arm(arm: str, seed: Optional[int], recipe: str, overrides: list[str], sa
     """One whole run of the recipe in one arm; `seed` None: the recipe's."""
     bf16, residual = ARMS[arm]
     name = f"{arm}-seed{seed}"
+    # precision: Composer's amp_bf16 on a GPU; on the CPU build_trainer falls back to fp32, and the
+    # bf16 arms enter autocast themselves below.
     cfg = load_run_config(recipe, ["logging.progress_bar=false", *overrides, f"run_name=precision-{name}",
                                    *([f"seed={seed}"] if seed is not None else []),
+                                   f"precision={'amp_bf16' if bf16 else 'fp32'}",
                                    f"model.autocast_residual={str(residual).lower()}",
                                    f"run_dir={save_root / name}", f"checkpoint.save_folder={save_root / name / 'ckpt'}",
                                    "checkpoint.autoresume=false",
                                    "checkpoint.load_path=null", "logging.wandb_mode=disabled"])
     on_gpu = resolve_device(cfg) == "gpu"
-    if on_gpu:
-        cfg.precision = "amp_bf16" if bf16 else "fp32"
     trainer = build_trainer(cfg)
     if bf16 and not on_gpu:
         autocast_forward(trainer.state.model.model, "cpu")
@@ -170,13 +170,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             for arm in args.arms:
                 print(f"== {arm}, seed {seed if seed is not None else 'of the recipe'}", flush=True)
                 results.append(run_arm(arm, seed, args.recipe, args.overrides, Path(save_root)))
-    runs, summary = format_runs(results), summarize(results)
-    print(runs, format_summary(summary), sep="\n\n")
+    summary = summarize(results)
+    tables = [format_runs(results), format_summary(summary)]
+    print(*tables, sep="\n\n")
     payload = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                            "cpu_threads": os.cpu_count(), "platform": platform.platform(),
                            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
                "recipe": args.recipe, "overrides": args.overrides, "command": [sys.executable, *sys.argv],
-               "results": results, "summary": summary, "tables": [runs, format_summary(summary)]}
+               "results": results, "summary": summary, "tables": tables}
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
     args.out_json.write_text(json.dumps(payload, indent=1))
     print(f"wrote {args.out_json}")

@@ -352,6 +352,13 @@ def _qkv_grad(ctx, grad, _grad_lse):
 window_attention_qkv.register_autograd(_qkv_grad, setup_context=_setup)
 
 
+def _cached_bounds(cache: dict, cu_seqlens: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's document [start, end), normally built once per forward by prepare_attention."""
+    if "document_bounds" not in cache:
+        cache["document_bounds"] = document_bounds(cu_seqlens, n_tokens)
+    return cache["document_bounds"]
+
+
 def windowed(backend):
     """An attention backend for the local layers: this kernel for windowed calls on tensors Triton
     runs (CUDA, or the interpreter in tests); the given backend for everything else."""
@@ -360,10 +367,8 @@ def windowed(backend):
         if window is None or not fused_kernels.use_triton(q):
             return backend(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=window, cache=cache,
                            scale=scale)
-        if "document_bounds" not in cache:  # normally built once per forward by prepare_attention
-            cache["document_bounds"] = document_bounds(cu_seqlens, q.shape[0])
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        out, _ = window_attention(q, k, v, *cache["document_bounds"], window // 2, scale)
+        out, _ = window_attention(q, k, v, *_cached_bounds(cache, cu_seqlens, q.shape[0]), window // 2, scale)
         return out
 
     return attend
@@ -375,7 +380,6 @@ def rotary_windowed(rotary, backend, qkv, rope, *, cu_seqlens, max_seqlen, windo
     given backend."""
     if window is None or not fused_kernels.use_triton(qkv):
         return backend(*rotary(qkv, *rope), cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=window, cache=cache)
-    if "document_bounds" not in cache:  # normally built once per forward by prepare_attention
-        cache["document_bounds"] = document_bounds(cu_seqlens, qkv.shape[0])
-    out, _ = window_attention_qkv(qkv, *rope, *cache["document_bounds"], window // 2, 1.0 / math.sqrt(qkv.shape[-1]))
+    out, _ = window_attention_qkv(qkv, *rope, *_cached_bounds(cache, cu_seqlens, qkv.shape[0]), window // 2,
+                                  1.0 / math.sqrt(qkv.shape[-1]))
     return out

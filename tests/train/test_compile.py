@@ -86,16 +86,19 @@ def uniform_chunk(doc_len: int, seqs: int = 8, seq_len: int = 128) -> dict:
                          epoch=0)
 
 
-def test_chunks_of_any_document_count_share_one_graph_without_breaks():
+@pytest.mark.parametrize("bf16_stream", [False, True], ids=["default", "autocast_residual"])
+def test_chunks_of_any_document_count_share_one_graph_without_breaks(bf16_stream):
     """The loader rounds a chunk's document slots up to a multiple of 64, so their count changes from
     chunk to chunk (here 64 and 128 slots); every other shape is fixed by the chunk layout.
     chunk_inputs marks that one dimension dynamic, so nothing recompiles; fullgraph=True fails on any
     graph break (a host sync in the forward pass would be one). Dynamo decides both, whichever
     compiler builds the graph (aot_eager here: Inductor cannot build FlexAttention on the CPU with
-    torch 2.7, and sdpa, the CPU reference, reads document lengths back by design)."""
+    torch 2.7, and sdpa, the CPU reference, reads document lengths back by design). With
+    model.autocast_residual under bf16 autocast too: the autocast state it reads in forward is
+    folded into the graph."""
     from torch._dynamo.testing import CompileCounterWithBackend
     cfg = preset("tiny")
-    cfg.attention_backend = "flex"
+    cfg.attention_backend, cfg.autocast_residual = "flex", bf16_stream
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     torch.manual_seed(0)
@@ -104,31 +107,13 @@ def test_chunks_of_any_document_count_share_one_graph_without_breaks():
     for doc_len in (64, 8, 32):  # 16 documents, 128, 32 (+ none for the pad tail: the chunks are full)
         chunk = uniform_chunk(doc_len)
         slots.append(chunk["cu_seqlens"].numel() - 1)
-        loss = model(**chunk_inputs(chunk)).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_stream):
+            loss = model(**chunk_inputs(chunk)).loss
         loss.backward()
         assert torch.isfinite(loss), (doc_len, loss)
     torch._dynamo.reset()
     assert slots == [64, 128, 64], slots
     assert counter.frame_count == 1, f"{counter.frame_count} compiles for document slots {slots}"
-
-
-def test_bf16_residual_stream_compiles_into_one_graph():
-    """model.autocast_residual reads the autocast state in forward (to_autocast_dtype): Dynamo
-    folds it into the graph (fullgraph=True fails on a break) and the chunks share that graph."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-    cfg = preset("tiny")
-    cfg.attention_backend, cfg.autocast_residual = "flex", True
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    torch.manual_seed(0)
-    model = torch.compile(ModernBertForMaskedLM(cfg).train(), backend=counter, fullgraph=True)
-    for doc_len in (64, 8):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**chunk_inputs(uniform_chunk(doc_len))).loss
-        loss.backward()
-        assert torch.isfinite(loss), (doc_len, loss)
-    torch._dynamo.reset()
-    assert counter.frame_count == 1, f"{counter.frame_count} compiles"
 
 
 def packed_batch(device, seed=0, docs=(300, 17, 440, 2, 500, 99), slots=128):

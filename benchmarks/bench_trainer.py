@@ -22,7 +22,7 @@ import tempfile
 import time
 import types
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
@@ -73,7 +73,7 @@ HOST_SYNC_NOTE = ("host syncs: the waits for the device inside the timed window 
 
 @dataclass
 class PhaseResult:
-    loop: str  # "trainer" | "raw"
+    loop: str  # "trainer" | "sync-free" (the trainer with sync_free_steps) | "raw"
     warmup_batches: int
     timed_batches: int = 0
     window_s: Optional[float] = None
@@ -309,7 +309,7 @@ def run_trainer(cfg: RunConfig, device: torch.device, warmup_batches: int, batch
                 profile_gaps: int = 0) -> tuple[StepTimer, Optional[GapProfiler]]:
     """The CLI's path: build_trainer + fit on the resolved RunConfig, with the timer added.
     `composer_closure`: step the optimizer through Composer's closure, as stock Composer does (the
-    ablation of builder.StepWithoutClosureTrainer; this trainer object only). `profile_gaps`: that
+    ablation of trainer.HostAheadTrainer._use_closures; this trainer object only). `profile_gaps`: that
     many more batches after the window, with the GapProfiler."""
     trainer = build_trainer(cfg)
     if composer_closure:
@@ -468,11 +468,11 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def format_table(results: list[PhaseResult]) -> str:
-    lines = [f"{'loop':<8} {'steps':>5} {'ms/step':>9} {'tok/s':>11} {'real tok/step':>13} "
+    lines = [f"{'loop':<9} {'steps':>5} {'ms/step':>9} {'tok/s':>11} {'real tok/step':>13} "
              f"{'host gap ms':>11} {'syncs/step':>10} {'peak GiB':>8} {'compiles':>8} {'warmup s':>8}"]
     for r in results:
         peak = None if r.peak_gpu_mem_bytes is None else r.peak_gpu_mem_bytes / 2 ** 30
-        lines.append(f"{r.loop:<8} {r.timed_batches:>5} {_fmt(r.ms_per_step, '.1f'):>9} "
+        lines.append(f"{r.loop:<9} {r.timed_batches:>5} {_fmt(r.ms_per_step, '.1f'):>9} "
                      f"{_fmt(r.tokens_per_s, ',.0f'):>11} {_fmt(r.real_tokens_per_step, ',.0f'):>13} "
                      f"{_fmt(r.host_gap_ms_median, '.2f'):>11} {_fmt(r.host_syncs_per_step, '.1f'):>10} "
                      f"{_fmt(peak, '.2f'):>8} "
@@ -480,10 +480,17 @@ def format_table(results: list[PhaseResult]) -> str:
     return "\n".join(lines)
 
 
-def ratios(trainer: PhaseResult, raw: PhaseResult) -> dict[str, Optional[float]]:
-    ok = trainer.ms_per_step and raw.ms_per_step
-    return {"step_time_trainer_over_raw": trainer.ms_per_step / raw.ms_per_step if ok else None,
-            "tokens_per_s_trainer_over_raw": trainer.tokens_per_s / raw.tokens_per_s if ok else None}
+def ratios(results: list[PhaseResult]) -> dict[str, Optional[float]]:
+    """Each trainer loop against the raw loop (the last result): step_time_<loop>_over_raw and
+    tokens_per_s_<loop>_over_raw, <loop> = trainer or sync_free."""
+    raw = results[-1]
+    out: dict[str, Optional[float]] = {}
+    for r in results[:-1]:
+        ok = r.ms_per_step and raw.ms_per_step
+        name = r.loop.replace("-", "_")
+        out[f"step_time_{name}_over_raw"] = r.ms_per_step / raw.ms_per_step if ok else None
+        out[f"tokens_per_s_{name}_over_raw"] = r.tokens_per_s / raw.tokens_per_s if ok else None
+    return out
 
 
 def payload_header(args: argparse.Namespace, device: torch.device, cfg: RunConfig,
@@ -534,7 +541,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="write (or reuse) the synthetic shards here instead of a temp dir")
     p.add_argument("--composer-closure", action="store_true",
                    help="trainer only: step the optimizer through Composer's closure, which reads the loss back "
-                        "before the step (stock Composer; what train/builder.py turns off)")
+                        "before the step (stock Composer; what train/trainer.py turns off)")
+    p.add_argument("--sync-free", choices=["off", "on", "both"], default="off",
+                   help="the trainer with sync_free_steps (train/trainer.py: no host wait for the GPU between "
+                        "steps): off, on, or both trainers side by side before the raw loop")
     p.add_argument("--profile-gap", type=int, default=0, metavar="N",
                    help="after the timed window, cProfile the host between steps for N more batches "
                         "(JSON host_gap_profile; not timed)")
@@ -568,35 +578,44 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = load_run_config(args.recipe, overrides + args.overrides)
         payload = payload_header(args, device, cfg, overrides + args.overrides)
 
-        timer, profiler = run_trainer(cfg, device, args.warmup_batches, args.batches, args.time_limit_s,
-                                      composer_closure=args.composer_closure, profile_gaps=args.profile_gap)
-        results = [timer.result]
-        payload["results"] = [asdict(timer.result)]
-        if profiler is not None:
-            payload["host_gap_profile"] = {"note": GAP_PROFILE_NOTE, **profiler.summary()}
-        write_json(args.out_json, payload)  # a raw loop that fails (e.g. out of memory) keeps this
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        replay = timer.batches[:args.warmup_batches + timer.result.timed_batches]
+        results, replay = [], []
+        for sync_free in {"off": [False], "on": [True], "both": [False, True]}[args.sync_free]:
+            cfg = replace(cfg, sync_free_steps=sync_free)
+            timer, profiler = run_trainer(cfg, device, args.warmup_batches, args.batches, args.time_limit_s,
+                                          composer_closure=args.composer_closure, profile_gaps=args.profile_gap)
+            timer.result.loop = "sync-free" if sync_free else "trainer"
+            results.append(timer.result)
+            replay = replay or timer.batches[:args.warmup_batches + timer.result.timed_batches]
+            payload["results"] = [asdict(r) for r in results]
+            if profiler is not None:
+                payload.setdefault("host_gap_profile", {})[timer.result.loop] = {
+                    "note": GAP_PROFILE_NOTE, **profiler.summary()}
+            write_json(args.out_json, payload)  # a later loop that fails (e.g. out of memory) keeps this
+            del timer, profiler
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         results.append(run_raw(cfg, device, replay, args.warmup_batches, args.time_limit_s))
 
     payload["results"] = [asdict(r) for r in results]
-    payload["ratios"] = ratios(*results)
+    payload["ratios"] = ratios(results)
     write_json(args.out_json, payload)
 
-    r = payload["ratios"]
     print(f"\n{args.recipe} (model {cfg.model.preset}, {cfg.model.attention_backend}, compile={cfg.compile}, "
           f"{payload['precision']}) on {payload['machine'].get('gpu') or payload['machine']['cpu']}, "
           f"torch {torch.__version__}, composer {payload['machine']['mosaicml']}: "
           f"{args.chunks_per_step} x {args.microbatch_seqs} x {args.max_seq_len} tokens/step")
     print(format_table(results))
-    if r["step_time_trainer_over_raw"] is not None:
-        print(f"trainer / raw step time: {r['step_time_trainer_over_raw']:.3f} "
-              f"(trainer reaches {100 * r['tokens_per_s_trainer_over_raw']:.1f}% of raw tokens/s)")
-    gap = payload.get("host_gap_profile")
-    if gap and gap["gaps"]:
-        print(f"\nhost between steps (batch_end -> next forward), cProfile over {gap['gaps']} gaps, "
+    for res in results[:-1]:
+        name = res.loop.replace("-", "_")
+        step_ratio = payload["ratios"][f"step_time_{name}_over_raw"]
+        if step_ratio is not None:
+            print(f"{res.loop} / raw step time: {step_ratio:.3f} ({res.loop} reaches "
+                  f"{100 * payload['ratios'][f'tokens_per_s_{name}_over_raw']:.1f}% of raw tokens/s)")
+    for loop, gap in payload.get("host_gap_profile", {}).items():
+        if not gap["gaps"]:
+            continue
+        print(f"\n{loop}: host between steps (batch_end -> next forward), cProfile over {gap['gaps']} gaps, "
               f"{statistics.median(gap['gap_ms']):.1f} ms median with the profiler on:")
         for key in ("cumulative", "own"):
             print(f"  by {key} time:")

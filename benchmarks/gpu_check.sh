@@ -13,8 +13,8 @@
 # Each stage has its own time limit (T_* to override). All stages need ~900 s, more than one lent
 # session's 15 device minutes with the machine's start: run the default order in one call with
 # timeout_s=600 (most important first, in this file's order; pytest + step1024x96 + step1024x32 +
-# trainer-win limits sum to 620 s, their actual times ~480 s (2026-11-27: pytest 37 s, 1024x96 142 s,
-# 1024x32 122 s, plus the rows added since); the first GPU test of each Triton kernel autotunes and
+# trainer-win limits sum to 670 s, their actual times ~530 s (2026-11-27: pytest 37 s, 1024x96 142 s,
+# 1024x32 122 s, trainer ~45 s per trainer run, plus the rows added since); the first GPU test of each Triton kernel autotunes and
 # compiles its configs, and the compiled-model test builds three models, hence 120 s per test), then `pytest-syncs kernels pytest-compiled saved large tuning
 # step8192x12 trainer trainer-closure` if time is left. A step benchmark
 # rewrites its JSON after every configuration, so a stage cut short keeps what it measured.
@@ -56,7 +56,7 @@ trainer() {  # name, model overrides...: the real Composer trainer on synthetic 
   # microbatch, 2 chunks per step) against the raw loop on the same chunks; then 3 more batches with
   # the host's work between steps profiled (where the GPU idles; JSON host_gap_profile)
   local name=$1; shift
-  stage "$name" ${T_TRAINER:-90} $PY benchmarks/bench_trainer.py --device cuda --max-seq-len 1024 \
+  stage "$name" ${T_TRAINER:-140} $PY benchmarks/bench_trainer.py --device cuda --max-seq-len 1024 \
     --microbatch-seqs 96 --chunks-per-step 2 --warmup-batches 3 --batches 8 --time-limit-s 40 \
     --profile-gap 3 --attention-backend $V --compile full --out-json "$OUT/$name.json" "$@"
 }
@@ -86,12 +86,14 @@ want step1024x96 && step 1024x96 ${T_1024x96:-180} --seq-len 1024 --seqs-per-chu
 want step1024x32 && step 1024x32 ${T_1024x32:-200} --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 \
   --runs ours:$V:full hf:sdpa:none hf:sdpa:full ours:$V:full:win ours:$V:full:winrope:bf16res
 # The real Composer trainer (stage trainer below) with the window kernel (a NaN loss stops it:
-# train/callbacks.py).
-want trainer-win && trainer trainer-win model.window_attention_kernel=true
+# train/callbacks.py), stock and with sync_free_steps (train/trainer.py: no host wait for the GPU
+# between steps; syncs/step should read 0) side by side, then the raw loop.
+want trainer-win && trainer trainer-win --sync-free both model.window_attention_kernel=true
 # The whole training step (forward, backward, clipping, StableAdamW) under
-# torch.cuda.set_sync_debug_mode("error"), eager and compiled, with and without the window kernel.
-want pytest-syncs && stage pytest-syncs ${T_PYTEST_SYNCS:-120} $PY -m pytest -v -ra -m gpu --timeout 80 \
-  --tb=short -p no:cacheprovider tests/model/test_host_syncs.py
+# torch.cuda.set_sync_debug_mode("error"), eager and compiled, with and without the window kernel;
+# and the trainer with sync_free_steps from one batch's end to three batches later.
+want pytest-syncs && stage pytest-syncs ${T_PYTEST_SYNCS:-150} $PY -m pytest -v -ra -m gpu --timeout 80 \
+  --tb=short -p no:cacheprovider tests/model/test_host_syncs.py tests/train/test_trainer.py
 # GeGLU, RoPE, LayerNorm and a local layer's attention alone at 96 x 1024 tokens: eager,
 # torch.compile, the Triton kernels; time, GB/s (TFLOP/s for attention), error against an fp32
 # reference, and each Triton kernel's autotuning timings (which tile won).
@@ -115,7 +117,7 @@ want step8192x12 && step 8192x12 ${T_8192x12:-150} --seq-len 8192 --seqs-per-chu
 # The real Composer trainer on synthetic shards (the recipe's microbatch, 2 chunks per step),
 # against the raw loop on the same chunks.
 want trainer && trainer trainer
-# The same, stepping through Composer's closure as stock Composer does (train/builder.py turns it
+# The same, stepping through Composer's closure as stock Composer does (train/trainer.py turns it
 # off: it reads the loss back before the optimizer step): what that bought, against stage trainer.
 want trainer-closure && trainer trainer-closure --composer-closure
 # The compiled fast path (every backend, full and per-layer compile) against the eager reference.

@@ -7,6 +7,12 @@ shape depends on the data (`nonzero`, boolean-mask indexing, `masked_select`, `u
 them; this records them instead, so that the CPU suite keeps them out of the training step. What
 it cannot see on the CPU: device-to-host copies (`.cpu()`, `.tolist()`, `.numpy()` are no-ops or
 plain reads there). The GPU tests use the real debug mode, which sees those too.
+
+With a `DeviceResidency`, it emulates where tensors would live on a GPU: only reads of tensors that
+would be on the device count (a host counter read back is free there), plus blocking copies from
+the device to the host. What stands for the GPU: tensors marked as moved there (the emulated
+device marks them), and the outputs of every op that has such an input. Blind spot: factory ops
+(`torch.zeros(..., device=x.device)`) make host tensors on the CPU, so reads of them are missed.
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 _VALUE_READ = {"_local_scalar_dense", "equal", "is_nonzero"}
 _DATA_DEPENDENT_SHAPE = {"nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive"}
@@ -43,19 +51,54 @@ def _caller() -> str:
     return "?"
 
 
-class HostSyncDetector(TorchDispatchMode):
-    """with HostSyncDetector() as d: ...; d.syncs = [(op, caller), ...]"""
+class DeviceResidency:
+    """The CPU tensors that stand for GPU tensors in an emulated GPU run."""
 
     def __init__(self):
+        self._on_device = WeakIdKeyDictionary()
+
+    def mark(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._on_device[tensor] = True
+        return tensor
+
+    def __contains__(self, tensor: torch.Tensor) -> bool:
+        return tensor in self._on_device
+
+    def any_of(self, *trees) -> bool:
+        return any(isinstance(t, torch.Tensor) and t in self for t in tree_leaves(trees))
+
+
+class HostSyncDetector(TorchDispatchMode):
+    """with HostSyncDetector() as d: ...; d.syncs = [(op, caller), ...]
+
+    `residency`: count only what would wait on a GPU (see the module docstring)."""
+
+    def __init__(self, residency: DeviceResidency | None = None):
         super().__init__()
         self.syncs: list[tuple[str, str]] = []
+        self.residency = residency
         _pass_through_flex_attention()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _is_sync(func, args, kwargs):
+        residency = self.residency
+        if residency is None:
+            if _is_sync(func, args, kwargs):
+                self.syncs.append((func.overloadpacket.__name__, _caller()))
+            return func(*args, **kwargs)
+        from_device = residency.any_of(args, kwargs)
+        if func.overloadpacket.__name__ == "copy_" and args[0] not in residency:
+            if from_device and not (kwargs.get("non_blocking") or (len(args) > 2 and args[2])):
+                self.syncs.append(("copy_ (device to host)", _caller()))
+            return func(*args, **kwargs)  # the destination stays on the host
+        if from_device and _is_sync(func, args, kwargs):
             self.syncs.append((func.overloadpacket.__name__, _caller()))
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if from_device:
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    residency.mark(t)
+        return out
 
 
 def _pass_through_flex_attention() -> None:

@@ -20,7 +20,7 @@ from modernbert_train.data.tokenizer import TextTokenizer
 from modernbert_train.model.attention import fastest_available
 from modernbert_train.model.config import ModernBertConfig
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
-from modernbert_train.train.callbacks import (DataResumption, DataTrace, NonFiniteLossGuard,
+from modernbert_train.train.callbacks import (DataResumption, DataTrace, NonFiniteLossGuard, NonFiniteWeightsGuard,
                                               PackingEfficiency, RunInfo, StalledDataGuard)
 from modernbert_train.train.checkpointing import RemoteRetention, checkpoint_saver, preflight_save_folder
 from modernbert_train.train.compile import compile_model
@@ -29,23 +29,9 @@ from modernbert_train.train.config import RunConfig, StreamSpec
 from modernbert_train.train.loggers import MetricsFileLogger, WandBCompatLogger
 from modernbert_train.train.optim import build_optimizer
 from modernbert_train.train.schedulers import build_scheduler, chunks_per_step
+from modernbert_train.train.trainer import HostAheadTrainer, HostBookkeepingGPU
 
 log = logging.getLogger(__name__)
-
-
-class StepWithoutClosureTrainer(Trainer):
-    """Composer's Trainer, stepping the optimizer after the backward passes instead of through a
-    closure.
-
-    Composer 0.32.1 passes a closure to `optimizer.step` under every precision but fp16 AMP, and
-    that closure reads the loss back (`.item()`) between the last backward pass and the optimizer:
-    the GPU then idles while the host launches the optimizer's kernels (StableAdamW: two per
-    parameter tensor). StableAdamW never re-evaluates the loss, so nothing needs the closure;
-    without it Composer runs the same microbatches, then the same step, with no wait in between
-    (tests/train/test_builder.py; bench_trainer.py counts the waits that remain)."""
-
-    def _use_closures(self) -> bool:
-        return False
 
 
 def resolve_device(cfg: RunConfig) -> str:
@@ -183,7 +169,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     callbacks = [
         DataResumption(batcher),
         RunInfo(cfg, model_cfg, run_dir),
-        NonFiniteLossGuard(),
+        NonFiniteWeightsGuard(),
         PackingEfficiency(),
         StalledDataGuard(timeout_s=cfg.data.stall_timeout_s),
         LRMonitor(),
@@ -201,6 +187,9 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     if cfg.logging.wandb_project and cfg.logging.wandb_mode != "disabled":
         loggers.append(WandBCompatLogger(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
                                          mode=cfg.logging.wandb_mode, name=cfg.run_name, wandb_dir=run_dir))
+    # A logger destination, so that it sees each loss under its batch, after the metrics file has
+    # recorded it.
+    loggers.append(NonFiniteLossGuard())
     algorithms = []
     if cfg.optimizer.grad_clip_norm:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.optimizer.grad_clip_norm))
@@ -209,12 +198,18 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         parallelism = {"fsdp": {"sharding_strategy": "SHARD_GRAD_OP", "mixed_precision": "DEFAULT",
                                 "use_orig_params": True, "state_dict_type": "full"}}
 
+    sync_free = cfg.sync_free_steps and dist.get_world_size() == 1
+    if cfg.sync_free_steps and not sync_free:
+        log.warning("sync_free_steps applies to one process; with %d, Composer's per-step reductions "
+                    "go through NCCL and wait for the GPU as before", dist.get_world_size())
+
     evaluators = None
     if eval_spec is not None:
         evaluators = Evaluator(label="val", dataloader=eval_spec,
                                metric_names=list(composer_model.get_metrics(is_train=False)),
                                subset_num_batches=cfg.eval.subset_batches or -1)
-    return StepWithoutClosureTrainer(
+    return HostAheadTrainer(
+        lag_loss_read=sync_free,
         model=composer_model,
         train_dataloader=train_spec,
         eval_dataloader=evaluators,
@@ -223,7 +218,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         optimizers=optimizer,
         schedulers=scheduler,
         step_schedulers_every_batch=True,
-        device=device,
+        device=HostBookkeepingGPU() if sync_free and device == "gpu" else device,
         precision=precision,
         device_train_microbatch_size=cfg.data.microbatch_seqs,
         algorithms=algorithms,

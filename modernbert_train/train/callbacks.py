@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from composer.core import Callback, Event, State
-from composer.loggers import Logger
+from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 from omegaconf import OmegaConf
 
 from modernbert_train.data.loader import StepBatcher
 from modernbert_train.model.config import ModernBertConfig
+from modernbert_train.train.loggers import BatchPositions
 
 log = logging.getLogger(__name__)
 
@@ -101,52 +102,59 @@ class RunInfo(Callback):
             raise ValueError(f"checkpoint model shape differs from the recipe (checkpoint, recipe): {diff}")
 
 
-class NonFiniteLossGuard(Callback):
-    """Stops the run at the first NaN/inf loss, naming the batch, and refuses to checkpoint
-    non-finite weights (an inf gradient can poison the weights while the loss is still finite), so
-    the last good checkpoint stays `latest`. Runs before Composer's CheckpointSaver.
+def checkpoint_due(state: State) -> bool:
+    """Whether a CheckpointSaver writes a checkpoint at this batch's BATCH_CHECKPOINT event."""
+    from composer.callbacks import CheckpointSaver
+    return any(cb.save_interval(state, Event.BATCH_CHECKPOINT)
+               for cb in state.callbacks if isinstance(cb, CheckpointSaver))
 
-    Batches are named by their index in metrics.jsonl and the data trace (from 0). At batch_end
-    Composer's `state.timestamp` already counts the finished batch; `previous_timestamp` is the
-    one that batch was logged under.
 
-    The loss checked is the one Composer has just logged, `state.total_loss_dict`: host floats over
-    every microbatch, summed over the ranks (so all ranks stop at the same batch), and no device
-    sync of our own. Only when Composer did not refresh it (an fp16 step the grad scaler skipped)
-    is the last microbatch's `state.loss` read from the device.
+class NonFiniteLossGuard(LoggerDestination):
+    """Stops the run at the first NaN/inf training loss, naming the batch.
+
+    It checks the losses as they are logged (`loss/train/*`: totals over every microbatch, summed
+    over the ranks, so all ranks stop at the same batch), under the batch they are logged for:
+    Composer logs them right after the step, a `sync_free_steps` run one batch later, and before a
+    checkpoint of that batch is written (train/trainer.py). No device sync of its own. Batches are
+    named by their index in metrics.jsonl and the data trace (from 0). An fp16 step that the grad
+    scaler skipped logs no loss and is not checked: skipping it is how the scaler handles an
+    overflow. A logger destination, so that it sees each loss under its batch; listed after the
+    metrics file, which then records the bad value first.
     """
 
     def __init__(self) -> None:
-        self._seen_total_loss: dict[str, float] | None = None
+        self._state: State | None = None
+        self._positions = BatchPositions()
 
-    def _losses(self, state: State) -> list[float]:
-        total = state.total_loss_dict
-        if total and total is not self._seen_total_loss:  # Composer builds a new dict per batch
-            self._seen_total_loss = total
-            return [float(v) for v in total.values()]
-        loss = state.loss
-        values = loss.values() if isinstance(loss, dict) else [loss]
-        return [float(v.detach().float().sum().item()) if hasattr(v, "detach") else float(v) for v in values]
+    def init(self, state: State, logger: Logger) -> None:
+        del logger
+        self._state = state
 
-    def batch_end(self, state: State, logger: Logger) -> None:
-        for v in self._losses(state):
-            if not math.isfinite(v):
-                at = state.previous_timestamp
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        position = self._positions.at(self._state, step) if self._state is not None else None
+        for name, value in metrics.items():
+            if name.startswith("loss/train/") and not math.isfinite(float(value)):
+                token = f" (token {position.tokens})" if position is not None else ""
                 raise RuntimeError(
-                    f"non-finite training loss {v} at batch {int(at.batch)} (token {int(at.token)}); "
+                    f"non-finite training loss {float(value)} at batch {step}{token}; "
                     "stopping before this state is checkpointed. Resume from the last checkpoint, "
                     "perhaps with a lower lr.")
 
+
+class NonFiniteWeightsGuard(Callback):
+    """Refuses to checkpoint non-finite weights (an inf gradient can poison the weights while the
+    loss is still finite), so the last good checkpoint stays `latest`. A callback listed before
+    Composer's CheckpointSaver; it reads the weights back only when a checkpoint is due."""
+
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        from composer.callbacks import CheckpointSaver
-        savers = [cb for cb in state.callbacks if isinstance(cb, CheckpointSaver)]
-        if not any(s.save_interval(state, Event.BATCH_CHECKPOINT) for s in savers):
+        if not checkpoint_due(state):
             return  # only pay for the check when a checkpoint is about to be written
         import torch
         bad = torch.zeros((), device=next(state.model.parameters()).device)
         for p in state.model.parameters():
             bad += (~torch.isfinite(p)).sum()
-        dist.all_reduce(bad)
+        if dist.get_world_size() > 1:  # (a sync_free_steps run's gloo group has no GPU reduce to offer)
+            dist.all_reduce(bad)
         if int(bad):
             raise RuntimeError(
                 f"{int(bad)} non-finite weights after batch {int(state.previous_timestamp.batch)}; not "

@@ -131,6 +131,10 @@ class RunConfig:
     compile_memory_budget: float = 1.0
     # "ddp" or "fsdp" when more than one process.
     parallelism: str = "ddp"
+    # One process: the host never waits for the GPU in or between steps (train/trainer.py): each
+    # batch's train loss is read once the next batch is queued and logged under its own batch.
+    # Ignored, with a warning, when several processes train.
+    sync_free_steps: bool = False
     # Where the run writes its local files (metrics, resolved config, local checkpoint copies).
     run_dir: str = "runs/${run_name}"
     model: ModernBertConfig = field(default_factory=ModernBertConfig)

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import IO, Any, Optional
+from typing import IO, Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ class WandBCompatLogger(WandBLogger):
       through `wandb.Api()`, which needs an API key and the network. Checkpoints never go to W&B
       here (artifacts off), so `download_file` says "not here" (NotImplementedError, which Composer
       skips) and `can_upload_files` is False.
+    - W&B takes steps in increasing order only: metrics are sent in step order (`log_metrics`).
     Works with mode "online", "offline" and "disabled"; the last two need no login.
     """
 
@@ -43,6 +44,7 @@ class WandBCompatLogger(WandBLogger):
             kwargs["dir"] = str(wandb_dir)
         super().__init__(project=project, group=group, name=name, entity=entity, tags=tags,
                          log_artifacts=False, rank_zero_only=True, init_kwargs=kwargs)
+        self._held: dict[int, dict[str, Any]] = {}
 
     def init(self, state: State, logger: Logger) -> None:
         import wandb
@@ -64,6 +66,24 @@ class WandBCompatLogger(WandBLogger):
         dist.broadcast_object_list(entity_and_project)
         self.entity, self.project = entity_and_project
 
+    def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
+        """W&B drops a step lower than one it has seen, and a `sync_free_steps` run logs each
+        batch's loss while the next batch runs: each step's metrics are held until a step two
+        later is logged (or the logger closes), then sent once, in step order."""
+        if step is None:
+            super().log_metrics(metrics, step)
+            return
+        self._held.setdefault(step, {}).update(metrics)
+        self._send_held(below=step - 1)
+
+    def _send_held(self, below: Optional[int] = None) -> None:
+        for step in sorted(s for s in self._held if below is None or s < below):
+            super().log_metrics(self._held.pop(step), step)
+
+    def close(self, state: State, logger: Logger) -> None:
+        self._send_held()
+        super().close(state, logger)
+
     def can_upload_files(self) -> bool:
         return False
 
@@ -72,6 +92,32 @@ class WandBCompatLogger(WandBLogger):
         del destination, overwrite, progress_bar
         raise NotImplementedError(
             f"{remote_file_name}: checkpoints are kept in the save folder, not in W&B artifacts")
+
+
+class Position(NamedTuple):
+    tokens: int
+    samples: int
+
+
+class BatchPositions:
+    """Where the last few batches started (tokens and samples trained before each), for metrics
+    logged after their batch is counted: a `sync_free_steps` run logs each batch's loss one batch
+    late (train/trainer.py), under that batch's step."""
+
+    def __init__(self, keep: int = 4):
+        self._keep = keep
+        self._by_batch: dict[int, Position] = {}
+
+    def at(self, state: State, batch: Optional[int]) -> Optional[Position]:
+        """`batch`'s position; None for a batch that is neither the current one nor remembered."""
+        now = state.timestamp
+        if batch is None or batch == int(now.batch):
+            batch, position = int(now.batch), Position(int(now.token), int(now.sample))
+            self._by_batch[batch] = position
+            for old in [b for b in self._by_batch if b <= batch - self._keep]:
+                del self._by_batch[old]
+            return position
+        return self._by_batch.get(batch)
 
 
 def _jsonable(value: Any) -> Any:
@@ -94,6 +140,7 @@ class MetricsFileLogger(LoggerDestination):
     def __init__(self, run_dir: str | Path, filename: str = "metrics.jsonl"):
         self.path = Path(run_dir) / filename
         self._state: Optional[State] = None
+        self._positions = BatchPositions()
         self._file: Optional[IO[str]] = None
 
     def init(self, state: State, logger: Logger) -> None:
@@ -111,11 +158,11 @@ class MetricsFileLogger(LoggerDestination):
             return
         record: dict[str, Any] = {"batch": step}
         if self._state is not None:
-            timestamp = self._state.timestamp
             if step is None:
-                record["batch"] = int(timestamp.batch.value)
-            record["tokens"] = int(timestamp.token.value)
-            record["samples"] = int(timestamp.sample.value)
+                record["batch"] = int(self._state.timestamp.batch)
+            position = self._positions.at(self._state, step)
+            if position is not None:
+                record["tokens"], record["samples"] = position.tokens, position.samples
         record.update({name: _jsonable(value) for name, value in metrics.items()})
         f = self._open()
         f.write(json.dumps(record) + "\n")

@@ -37,11 +37,17 @@ def _finite(checkpoint) -> bool:
     return all(torch.isfinite(t).all() for t in load_checkpoint(checkpoint)["state"]["model"].values())
 
 
-def test_diverging_loss_stops_naming_the_batch_and_latest_stays_finite(tmp_path, demo_data):
+# sync_free_steps reads each batch's loss one batch late (train/trainer.py): same guarantees.
+SYNC_FREE = pytest.mark.parametrize("sync_free", ["false", "true"], ids=["stock", "sync_free_steps"])
+
+
+@SYNC_FREE
+def test_diverging_loss_stops_naming_the_batch_and_latest_stays_finite(tmp_path, demo_data, sync_free):
     """lr 1e6 without clipping diverges within a few steps (the lr warms up from 0)."""
     ckpt = tmp_path / "ckpt"
     result = run_train(demo_data, tmp_path, "max_duration=12ba", f"checkpoint.save_folder={ckpt}",
-                       "checkpoint.save_interval=1ba", "optimizer.lr=1e6", "optimizer.grad_clip_norm=null")
+                       "checkpoint.save_interval=1ba", "optimizer.lr=1e6", "optimizer.grad_clip_norm=null",
+                       f"sync_free_steps={sync_free}")
     assert result.returncode != 0, result.tail()
     match = re.search(r"non-finite training loss (nan|inf|-inf) at batch (\d+) \(token (\d+)\)", result.output)
     assert match, result.tail()
@@ -57,11 +63,13 @@ def test_diverging_loss_stops_naming_the_batch_and_latest_stays_finite(tmp_path,
     assert _finite(ckpt / latest)
 
 
-def test_non_finite_weights_are_never_checkpointed(tmp_path, demo_data):
+@SYNC_FREE
+def test_non_finite_weights_are_never_checkpointed(tmp_path, demo_data, sync_free):
     ckpt = tmp_path / "ckpt"
     env = fault_hook_env(tmp_path / "hook", "modernbert_train.train.optim", NAN_UPDATE)
     result = run_train(demo_data, tmp_path, "max_duration=12ba", f"checkpoint.save_folder={ckpt}",
-                       "checkpoint.save_interval=4ba", env={**env, "FAULT_STEP": "8"})
+                       "checkpoint.save_interval=4ba", f"sync_free_steps={sync_free}",
+                       env={**env, "FAULT_STEP": "8"})
     assert result.returncode != 0, result.tail()
     # Step 8 is batch 7 in metrics.jsonl, the last one trained; its checkpoint would be ep0-ba8.
     trained = max(r["batch"] for r in metrics_rows(tmp_path / "run") if "loss/train/total" in r)

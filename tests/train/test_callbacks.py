@@ -10,23 +10,25 @@ import torch
 from modernbert_train.train.callbacks import NonFiniteLossGuard
 
 
-def _state(total_loss_dict: dict, last_microbatch_loss: float, batch: int) -> SimpleNamespace:
-    return SimpleNamespace(total_loss_dict=total_loss_dict, loss=torch.tensor(last_microbatch_loss),
-                           previous_timestamp=SimpleNamespace(batch=batch, token=1000 * batch))
+def _timestamp(batch: int) -> SimpleNamespace:
+    return SimpleNamespace(batch=batch, token=1000 * batch, sample=10 * batch)
 
 
-def test_non_finite_loss_guard_reads_the_logged_total_of_every_microbatch():
-    guard = NonFiniteLossGuard()
-    guard.batch_end(_state({"loss/train/total": 2.5}, 2.5, batch=0), logger=None)
-    # An earlier microbatch went NaN, the last one is finite: the logged total is NaN.
+def test_non_finite_loss_guard_checks_each_logged_training_loss():
+    guard, state = NonFiniteLossGuard(), SimpleNamespace(timestamp=_timestamp(0))
+    guard.init(state, logger=None)
+    guard.log_metrics({"loss/train/total": 2.5, "metrics/val/Loss": math.nan}, step=0)  # not a training loss
+    state.timestamp = _timestamp(1)
     with pytest.raises(RuntimeError, match=r"non-finite training loss nan at batch 1 \(token 1000\)"):
-        guard.batch_end(_state({"loss/train/total": math.nan}, 2.5, batch=1), logger=None)
+        guard.log_metrics({"loss/train/total": math.nan}, step=1)
 
 
-def test_non_finite_loss_guard_reads_the_device_loss_when_composer_kept_the_old_total():
-    guard = NonFiniteLossGuard()
-    total = {"loss/train/total": 2.5}
-    guard.batch_end(_state(total, 2.5, batch=0), logger=None)
-    # Same dict object: Composer did not log this batch (fp16 step skipped by the grad scaler).
-    with pytest.raises(RuntimeError, match=r"non-finite training loss inf at batch 1 \(token 1000\)"):
-        guard.batch_end(_state(total, math.inf, batch=1), logger=None)
+def test_non_finite_loss_guard_names_the_batch_a_late_loss_belongs_to():
+    """sync_free_steps logs batch k's loss while batch k+1 runs: the guard names batch k."""
+    guard, state = NonFiniteLossGuard(), SimpleNamespace(timestamp=_timestamp(4))
+    guard.init(state, logger=None)
+    guard.log_metrics({"time/batch": 4}, step=4)
+    state.timestamp = _timestamp(5)
+    guard.log_metrics({"time/batch": 5}, step=5)
+    with pytest.raises(RuntimeError, match=r"non-finite training loss inf at batch 4 \(token 4000\)"):
+        guard.log_metrics({"loss/train/total": torch.tensor([math.inf])}, step=4)

@@ -139,16 +139,46 @@ def test_metrics_file_values(tmp_path):
 
     ts = SimpleNamespace(batch=Time(7, TimeUnit.BATCH), token=Time(7168, TimeUnit.TOKEN),
                          sample=Time(14, TimeUnit.SAMPLE))
+    state = SimpleNamespace(timestamp=ts)
     logger = MetricsFileLogger(tmp_path)
-    logger.init(SimpleNamespace(timestamp=ts), None)  # type: ignore[arg-type]
-    logger.log_metrics({"loss/train/total": torch.tensor(2.5), "lr": 1e-3, "bad": math.nan})
-    logger.log_metrics({"metrics/eval/LanguageCrossEntropy": 3.0}, step=9)
+    logger.init(state, None)  # type: ignore[arg-type]
+    logger.log_metrics({"time/batch": 7})
+    logger.log_metrics({"loss/train/total": torch.tensor(2.5), "lr": 1e-3, "bad": math.nan}, step=7)
+    state.timestamp = SimpleNamespace(batch=Time(8, TimeUnit.BATCH), token=Time(8192, TimeUnit.TOKEN),
+                                      sample=Time(16, TimeUnit.SAMPLE))
+    logger.log_metrics({"time/batch": 8})
+    # A sync_free_steps run logs batch 7's loss while batch 8 runs: batch 7's position, not 8's.
+    logger.log_metrics({"loss/train/total": 2.25}, step=7)
+    logger.log_metrics({"metrics/eval/LanguageCrossEntropy": 3.0}, step=9)  # a batch it never saw
     logger.close(None, None)  # type: ignore[arg-type]
     assert _read(tmp_path / "metrics.jsonl") == [
-        {"batch": 7, "tokens": 7168, "samples": 14, "loss/train/total": 2.5, "lr": 1e-3,
-         "bad": None},
-        {"batch": 9, "tokens": 7168, "samples": 14, "metrics/eval/LanguageCrossEntropy": 3.0},
+        {"batch": 7, "tokens": 7168, "samples": 14, "time/batch": 7},
+        {"batch": 7, "tokens": 7168, "samples": 14, "loss/train/total": 2.5, "lr": 1e-3, "bad": None},
+        {"batch": 8, "tokens": 8192, "samples": 16, "time/batch": 8},
+        {"batch": 7, "tokens": 7168, "samples": 14, "loss/train/total": 2.25},
+        {"batch": 9, "metrics/eval/LanguageCrossEntropy": 3.0},
     ]
+
+
+def test_wandb_gets_each_step_once_in_step_order(monkeypatch):
+    """W&B drops a step lower than one it has seen; a sync_free_steps run logs batch k's loss while
+    batch k+1 runs. Held back until a step two later arrives (or close), each step goes out once."""
+    import wandb
+
+    sent = []
+    monkeypatch.setattr(wandb, "log", lambda metrics, step=None: sent.append((step, dict(metrics))))
+    logger = WandBCompatLogger(mode="disabled")
+    logger.log_metrics({"time/batch": 0}, step=0)
+    logger.log_metrics({"time/batch": 1}, step=1)
+    logger.log_metrics({"loss": 2.5}, step=0)  # batch 0's loss, landed during batch 1
+    assert sent == []
+    logger.log_metrics({"time/batch": 2}, step=2)
+    assert sent == [(0, {"time/batch": 0, "loss": 2.5})]
+    logger.log_metrics({"loss": 2.4}, step=1)
+    logger.log_metrics({"metrics/val": 3.0}, step=2)
+    logger.close(None, None)  # type: ignore[arg-type]
+    assert sent == [(0, {"time/batch": 0, "loss": 2.5}), (1, {"time/batch": 1, "loss": 2.4}),
+                    (2, {"time/batch": 2, "metrics/val": 3.0})]
 
 
 # plotting.py reads what MetricsFileLogger writes, so its test lives with the logger's.

@@ -76,3 +76,40 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, demo_data, sync_fre
     assert trained == 7 and "non-finite weights after batch 7;" in result.output, (trained, result.tail())
     assert os.readlink(ckpt / "latest-rank0.pt") == "ep0-ba4-rank0.pt"
     assert not (ckpt / "ep0-ba8-rank0.pt").exists(), "a checkpoint with NaN weights was written"
+
+
+# The loss Composer logs for microbatch calls FAULT_CALL (1-based) is NaN while its gradients stay
+# finite (a NaN constant added outside the graph): a batch whose weights pass the weight check.
+NAN_LOGGED_LOSS = '''
+import os, torch
+
+def patch(module):
+    original = module.MLMComposerModel.loss
+    calls = [0]
+    def loss(self, outputs, batch):
+        calls[0] += 1
+        value = original(self, outputs, batch)
+        if calls[0] == int(os.environ["FAULT_CALL"]):
+            value = value + torch.tensor(float("nan"))
+        return value
+    module.MLMComposerModel.loss = loss
+'''
+
+
+@SYNC_FREE
+def test_a_batch_with_a_nan_loss_is_never_checkpointed(tmp_path, demo_data, sync_free):
+    """Even when its weights are finite: with sync_free_steps the batch's loss is only read one
+    batch later, unless a checkpoint of that batch is due (then it is landed first)."""
+    ckpt = tmp_path / "ckpt"
+    env = fault_hook_env(tmp_path / "hook", "modernbert_train.train.composer_model", NAN_LOGGED_LOSS)
+    # The reliability runs' batches are one microbatch each up to 3072 tokens (batch-size warmup,
+    # conftest.FAST): call 6 is batch 5.
+    result = run_train(demo_data, tmp_path, "max_duration=10ba", f"checkpoint.save_folder={ckpt}",
+                       "checkpoint.save_interval=1ba", f"sync_free_steps={sync_free}",
+                       env={**env, "FAULT_CALL": "6"})
+    assert result.returncode != 0, result.tail()
+    assert re.search(r"non-finite training loss nan at batch 5 \(token \d+\)", result.output), result.tail()
+    assert "non-finite weights" not in result.output, result.tail()
+    assert os.readlink(ckpt / "latest-rank0.pt") == "ep0-ba5-rank0.pt"
+    assert not (ckpt / "ep0-ba6-rank0.pt").exists(), "the batch with the NaN loss was checkpointed"
+    assert _finite(ckpt / "ep0-ba5-rank0.pt")

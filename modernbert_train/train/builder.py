@@ -20,8 +20,9 @@ from modernbert_train.data.tokenizer import TextTokenizer
 from modernbert_train.model.attention import fastest_available
 from modernbert_train.model.config import ModernBertConfig
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
-from modernbert_train.train.callbacks import (DataResumption, DataTrace, NonFiniteLossGuard, NonFiniteWeightsGuard,
-                                              PackingEfficiency, RunInfo, StalledDataGuard)
+from modernbert_train.train.callbacks import (DataResumption, DataTrace, NonFiniteLossGuard,
+                                              NonFiniteWeightsGuard, PackingEfficiency, RunInfo,
+                                              StalledDataGuard)
 from modernbert_train.train.checkpointing import RemoteRetention, checkpoint_saver, preflight_save_folder
 from modernbert_train.train.compile import compile_model
 from modernbert_train.train.composer_model import MLMComposerModel
@@ -209,7 +210,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
                                metric_names=list(composer_model.get_metrics(is_train=False)),
                                subset_num_batches=cfg.eval.subset_batches or -1)
     return HostAheadTrainer(
-        lag_loss_read=sync_free,
+        sync_free_steps=sync_free,
         model=composer_model,
         train_dataloader=train_spec,
         eval_dataloader=evaluators,

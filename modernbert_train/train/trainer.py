@@ -6,7 +6,6 @@ work until the host has done its bookkeeping and launched the next step's kernel
 from __future__ import annotations
 
 import datetime
-import logging
 from typing import Any, Optional
 
 import torch
@@ -17,8 +16,6 @@ from composer.loggers import Logger
 from composer.utils import dist, map_collection
 
 from modernbert_train.train.callbacks import checkpoint_due
-
-log = logging.getLogger(__name__)
 
 
 def stays_on_host(tensor: torch.Tensor) -> bool:
@@ -47,8 +44,12 @@ class HostBookkeepingGPU(DeviceGPU):
         return super().tensor_to_device(tensor)
 
     def batch_to_device(self, batch: Any) -> Any:
-        # Token ids are integers, and they belong on the GPU.
-        return map_collection(batch, lambda x: self.to_gpu(x) if isinstance(x, torch.Tensor) else x)
+        """Every tensor of the batch (token ids are integers, and they belong on the GPU)."""
+        if isinstance(batch, torch.Tensor):
+            return self.to_gpu(batch)
+        if isinstance(batch, (dict, list, tuple)):
+            return map_collection(batch, self.batch_to_device)
+        return batch
 
     def optimizer_to_device(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         for state in optimizer.state.values():
@@ -89,7 +90,7 @@ class HostAheadTrainer(Trainer):
     idles while the host launches the optimizer's kernels (StableAdamW: two per parameter tensor).
     StableAdamW never re-evaluates the loss, so nothing needs the closure.
 
-    With `lag_loss_read` (the recipe's `sync_free_steps`, one process): nothing in or between steps
+    With `sync_free_steps` (the run config's, one process): nothing in or between steps
     waits for the GPU, so the host queues step k+1 while the GPU still runs step k.
     - Each batch's loss totals are copied to the host without blocking and read once the next
       batch's kernels are queued; they are logged under their own batch (`Logger.log_metrics(...,
@@ -99,14 +100,14 @@ class HostAheadTrainer(Trainer):
     What is trained is unchanged: same batches, same steps, same weights.
     """
 
-    def __init__(self, *args: Any, lag_loss_read: bool = False, **kwargs: Any):
-        if lag_loss_read and dist.get_world_size() > 1:
-            raise ValueError("lag_loss_read is for one process: with several ranks the losses and counts "
+    def __init__(self, *args: Any, sync_free_steps: bool = False, **kwargs: Any):
+        if sync_free_steps and dist.get_world_size() > 1:
+            raise ValueError("sync_free_steps is for one process: with several ranks the losses and counts "
                              "are reduced through NCCL, which waits for the GPU anyway")
         super().__init__(*args, **kwargs)
-        self._lag_loss_read = lag_loss_read
+        self._sync_free_steps = sync_free_steps
         self._in_flight: Optional[LossInFlight] = None
-        if lag_loss_read:
+        if sync_free_steps:
             self.state.callbacks.insert(0, LandLossBeforeCheckpoint(self))
 
     def _use_closures(self) -> bool:
@@ -114,13 +115,13 @@ class HostAheadTrainer(Trainer):
 
     def _accumulate_time_across_ranks(self, num_samples: int | float, num_tokens: int,
                                       batch_time: datetime.timedelta) -> tuple[Any, int, datetime.timedelta]:
-        if self._lag_loss_read and dist.get_world_size() == 1:
+        if self._sync_free_steps and dist.get_world_size() == 1:
             return num_samples, num_tokens, batch_time
         return super()._accumulate_time_across_ranks(num_samples, num_tokens, batch_time)
 
     def _train_batch(self, use_grad_scaling: bool) -> Optional[dict[str, torch.Tensor]]:
         losses = super()._train_batch(use_grad_scaling)
-        if not self._lag_loss_read or losses is None:
+        if not self._sync_free_steps or losses is None:
             return losses
         self.land_loss()  # the previous batch's: this batch's kernels are queued behind it
         self._in_flight = LossInFlight(losses, int(self.state.timestamp.batch))
@@ -149,7 +150,7 @@ class HostAheadTrainer(Trainer):
 class LandLossBeforeCheckpoint(Callback):
     """Before a checkpoint is written, the loss of the batch it holds is logged (and checked by
     NonFiniteLossGuard, which then stops the run before a batch with a NaN loss is saved). First
-    in the callback order: before the guard's weight check and Composer's CheckpointSaver."""
+    in the callback order: before NonFiniteWeightsGuard and Composer's CheckpointSaver."""
 
     def __init__(self, trainer: HostAheadTrainer):
         self._trainer = trainer

@@ -153,7 +153,7 @@ class NonFiniteWeightsGuard(Callback):
         bad = torch.zeros((), device=next(state.model.parameters()).device)
         for p in state.model.parameters():
             bad += (~torch.isfinite(p)).sum()
-        if dist.get_world_size() > 1:  # (a sync_free_steps run's gloo group has no GPU reduce to offer)
+        if dist.get_world_size() > 1:  # one rank: the sum is the count itself
             dist.all_reduce(bad)
         if int(bad):
             raise RuntimeError(

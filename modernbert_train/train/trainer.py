@@ -115,7 +115,7 @@ class HostAheadTrainer(Trainer):
 
     def _accumulate_time_across_ranks(self, num_samples: int | float, num_tokens: int,
                                       batch_time: datetime.timedelta) -> tuple[Any, int, datetime.timedelta]:
-        if self._sync_free_steps and dist.get_world_size() == 1:
+        if self._sync_free_steps:  # one rank (checked in __init__): the sums are the inputs
             return num_samples, num_tokens, batch_time
         return super()._accumulate_time_across_ranks(num_samples, num_tokens, batch_time)
 

@@ -150,11 +150,31 @@ def _autotune_timings() -> dict[str, dict[str, float]]:
     return fused_kernels.autotune_timings()
 
 
+def _interpreted(device: torch.device) -> bool:
+    """On the CPU only Triton's interpreter runs the kernels (slow: tiny shapes only)."""
+    return device.type != "cuda" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@contextlib.contextmanager
+def _cpu_tensors_in_the_interpreter(device: torch.device):
+    """The triton variants' CPU tensors go to the interpreter for this run only: the switch is
+    process-wide, and a run left on would send every later CPU model in the process (tests call
+    main in-process) through the interpreter."""
+    if not _interpreted(device):
+        yield
+        return
+    from modernbert_train.model import fused_kernels
+    before, fused_kernels.interpret_cpu_tensors = fused_kernels.interpret_cpu_tensors, True
+    try:
+        yield
+    finally:
+        fused_kernels.interpret_cpu_tensors = before
+
+
 def _triton_ops(device: torch.device) -> dict[str, Callable]:
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return {}  # on CPU only Triton's interpreter runs them (slow: tiny shapes only)
+    if device.type != "cuda" and not _interpreted(device):
+        return {}
     from modernbert_train.model import fused_kernels, window_attention
-    fused_kernels.interpret_cpu_tensors = True
     return {"geglu": fused_kernels.geglu, "rotary_qkv": fused_kernels.rotary_qkv, "windowed": window_attention.windowed,
             "rotary_windowed": window_attention.rotary_windowed}
 
@@ -272,13 +292,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    cases = [c for c in build_cases(args.tokens, args.preset, dtype, device) if c.name in args.ops]
     results = []
-    for case in cases:
-        for variant in args.variants:
-            # the norm sees fp32 activations and runs under autocast, as in the model
-            results.append(run_case(case, variant, dtype, device, args.iters,
-                                    autocast=case.name == "layer_norm" and dtype != torch.float32))
+    with _cpu_tensors_in_the_interpreter(device):
+        cases = [c for c in build_cases(args.tokens, args.preset, dtype, device) if c.name in args.ops]
+        for case in cases:
+            for variant in args.variants:
+                # the norm sees fp32 activations and runs under autocast, as in the model
+                results.append(run_case(case, variant, dtype, device, args.iters,
+                                        autocast=case.name == "layer_norm" and dtype != torch.float32))
     machine = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1"}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch._inductor.config
 
-from modernbert_train.data.chunk_layout import doc_slots, prediction_slots
+from modernbert_train.data.chunk_layout import doc_slots, pad_tail_lengths, prediction_slots
 from modernbert_train.data.masking import IGNORE_INDEX, MaskingConfig, MLMMasker
 from modernbert_train.data import synthetic
 from modernbert_train.data.packing import PackedSequence
@@ -96,8 +96,8 @@ def build_step_batch(cfg: ModernBertConfig, seqs: list[PackedSequence], seq_len:
         ids_padded[row, :n], labels_padded[row, :n], attention_mask[row, :n] = ids, labels, 1
         offset += n
     doc_lens = np.concatenate([s.doc_lens for s in seqs]).astype(np.int64)
-    if offset < chunk_tokens:  # the pad tail is one more document, as the loader makes it
-        doc_lens = np.append(doc_lens, chunk_tokens - offset)
+    # The pad tail: documents of at most seq_len tokens, as the loader makes it.
+    doc_lens = np.append(doc_lens, pad_tail_lengths(chunk_tokens - offset, seq_len))
     starts = np.concatenate([[0], np.cumsum(doc_lens)])
 
     def cu_seqlens(layout: str) -> torch.Tensor:  # unused slots repeat the end: empty documents
@@ -152,9 +152,10 @@ class RunSpec:
     positions: a host sync and a data-dependent shape per step), `-triton` (GeGLU and RoPE as
     torch.compile generates them instead of the Triton kernels of model/fused_kernels.py, config
     fused_kernels), `mem=0.7` (an activation memory budget for the compiler's partitioner: recompute
-    more, save memory), `win` (the local layers' attention as the
-    Triton kernels of model/window_attention.py, config window_attention_kernel), `winrope` (the
-    same kernels rotating q and k themselves, config window_attention_rope), `bf16res` (the
+    more, save memory), `-win` (the local layers' attention through the attention backend with a
+    window instead of the Triton kernels of model/window_attention.py, config
+    window_attention_kernel). Options that turn on what is off by default: `winrope` (the window
+    kernels rotating q and k themselves, config window_attention_rope), `bf16res` (the
     residual stream in bf16 under autocast, config autocast_residual), `cdt` (inductor's
     coordinate-descent tuning of kernel block sizes: a longer compile), `capacity` (worst-case
     `cu_seqlens` length instead of the document count rounded up to 64)."""
@@ -170,7 +171,7 @@ class RunSpec:
     # partitioner picks for speed; lower: recompute more to save activation memory).
     memory_budget: float = 1.0
     coordinate_descent_tuning: bool = False
-    window_attention_kernel: bool = False
+    window_attention_kernel: bool = True
     window_attention_rope: bool = False
     autocast_residual: bool = False
 
@@ -181,7 +182,8 @@ class RunSpec:
         off += [self.doc_slots] if self.doc_slots != "bucket" else []
         off += [f"mem={self.memory_budget:g}"] if self.memory_budget != 1.0 else []
         off += ["cdt"] if self.coordinate_descent_tuning else []
-        off += ["winrope" if self.window_attention_rope else "win"] if self.window_attention_kernel else []
+        off += ["-win"] if not self.window_attention_kernel else []
+        off += ["winrope"] if self.window_attention_rope else []
         off += ["bf16res"] if self.autocast_residual else []
         return ",".join(off) or "-"
 
@@ -194,7 +196,9 @@ class RunSpec:
         options = set(parts[3:])
         budgets = {o for o in options if o.startswith("mem=")}
         options -= budgets
-        unknown = options - {"-fused", "-slots", "-triton", "capacity", "cdt", "win", "winrope", "bf16res"}
+        unknown = options - {"-fused", "-slots", "-triton", "capacity", "cdt", "-win", "winrope", "bf16res"}
+        if {"-win", "winrope"} <= options:
+            unknown.add("-win with winrope (winrope needs the window kernels)")
         budget = 1.0
         if budgets:
             try:
@@ -205,12 +209,12 @@ class RunSpec:
                 unknown.add("mem= (one budget in (0, 1])")
         if unknown or ((options or budgets) and parts[0] == "hf") or (parts[0] == "hf" and parts[2] == "regional"):
             raise ValueError(f"run spec {text!r}: options {sorted(unknown) or sorted(options)} / compile "
-                             "mode not valid here (options -fused -slots -triton capacity cdt win winrope bf16res mem= are for ours; "
+                             "mode not valid here (options -fused -slots -triton capacity cdt -win winrope bf16res mem= are for ours; "
                              "transformers compiles none or full)")
         return RunSpec(parts[0], parts[1], parts[2], fused_loss="-fused" not in options,
                        prediction_slots="-slots" not in options, fused_kernels="-triton" not in options,
                        doc_slots="capacity" if "capacity" in options else "bucket", memory_budget=budget,
-                       coordinate_descent_tuning="cdt" in options, window_attention_kernel=bool({"win", "winrope"} & options),
+                       coordinate_descent_tuning="cdt" in options, window_attention_kernel="-win" not in options,
                        window_attention_rope="winrope" in options, autocast_residual="bf16res" in options)
 
 

@@ -542,15 +542,19 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--composer-closure", action="store_true",
                    help="trainer only: step the optimizer through Composer's closure, which reads the loss back "
                         "before the step (stock Composer; what train/trainer.py turns off)")
-    p.add_argument("--sync-free", choices=["off", "on", "both"], default="off",
+    p.add_argument("--sync-free", choices=["off", "on", "both"], default="on",
                    help="the trainer with sync_free_steps (train/trainer.py: no host wait for the GPU between "
-                        "steps): off, on, or both trainers side by side before the raw loop")
+                        "steps; the run config's default): on, off (stock Composer's bookkeeping), or both "
+                        "trainers side by side before the raw loop")
     p.add_argument("--profile-gap", type=int, default=0, metavar="N",
                    help="after the timed window, cProfile the host between steps for N more batches "
                         "(JSON host_gap_profile; not timed)")
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     p.add_argument("--out-json", type=Path, default=Path("bench_results/trainer.json"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.composer_closure and args.sync_free != "off":
+        p.error("--composer-closure times stock Composer's step, which reads the loss back: add --sync-free off")
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> int:

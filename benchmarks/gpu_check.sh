@@ -5,18 +5,18 @@
 # machine, with carry [".whl"] (made here by ../shared/device/fetch-wheels.sh .whl, plus boto3,
 # botocore, s3transfer, jmespath and zstandard wheels for Python 3.12):
 #   bash benchmarks/gpu_check.sh [STAGE...]     (default: every stage, in the order below)
-# Stages: pytest step1024x96 step1024x32 trainer-win pytest-syncs kernels pytest-compiled saved large tuning
-# step8192x12 trainer trainer-closure.
+# Stages: pytest-syncs pytest step1024x96 step1024x32 trainer kernels pytest-compiled saved large tuning
+# step8192x12 trainer-closure.
 # COMPILED_TESTS=flex (a pytest -k expression) narrows the last stage.
 # To compare against an older version, export its tree (git archive REV modernbert_train benchmarks
 # | tar -x -C .whl/old_src) and run its bench_step.py with PYTHONPATH=/tmp/site:.whl/old_src.
 # Each stage has its own time limit (T_* to override). All stages need ~900 s, more than one lent
 # session's 15 device minutes with the machine's start: run the default order in one call with
-# timeout_s=600 (most important first, in this file's order; pytest + step1024x96 + step1024x32 +
-# trainer-win limits sum to 670 s, their actual times ~530 s (2026-11-27: pytest 37 s, 1024x96 142 s,
-# 1024x32 122 s, trainer ~45 s per trainer run, plus the rows added since); the first GPU test of each Triton kernel autotunes and
-# compiles its configs, and the compiled-model test builds three models, hence 120 s per test), then `pytest-syncs kernels pytest-compiled saved large tuning
-# step8192x12 trainer trainer-closure` if time is left. A step benchmark
+# timeout_s=600 (most important first, in this file's order: `pytest-syncs pytest step1024x96`
+# took 104 + 111 + ~170 s on 2026-11-28's H200; the first GPU test of each Triton kernel autotunes and
+# compiles its configs, and the compiled-model test builds three models, hence 120 s per test), then
+# `step1024x32 trainer` (189 + ~100 s), then `kernels pytest-compiled saved large tuning step8192x12
+# trainer-closure` if time is left. A step benchmark
 # rewrites its JSON after every configuration, so a stage cut short keeps what it measured.
 set -uo pipefail
 OUT=${OUT:-bench_results/gpu}
@@ -39,7 +39,7 @@ export WANDB_MODE=disabled
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-STAGES=" ${*:-pytest step1024x96 step1024x32 trainer-win pytest-syncs kernels pytest-compiled saved large tuning step8192x12 trainer trainer-closure} "
+STAGES=" ${*:-pytest-syncs pytest step1024x96 step1024x32 trainer kernels pytest-compiled saved large tuning step8192x12 trainer-closure} "
 want() { [[ $STAGES == *" $1 "* ]]; }
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -56,44 +56,45 @@ trainer() {  # name, model overrides...: the real Composer trainer on synthetic 
   # microbatch, 2 chunks per step) against the raw loop on the same chunks; then 3 more batches with
   # the host's work between steps profiled (where the GPU idles; JSON host_gap_profile)
   local name=$1; shift
-  stage "$name" ${T_TRAINER:-140} $PY benchmarks/bench_trainer.py --device cuda --max-seq-len 1024 \
+  stage "$name" ${T_TRAINER:-160} $PY benchmarks/bench_trainer.py --device cuda --max-seq-len 1024 \
     --microbatch-seqs 96 --chunks-per-step 2 --warmup-batches 3 --batches 8 --time-limit-s 40 \
     --profile-gap 3 --attention-backend $V --compile full --out-json "$OUT/$name.json" "$@"
 }
 V=torch_varlen
 
-# Numerical parity of the attention and Triton kernels on this GPU first (gpu-marked tests, incl. the
-# compiled model with the window kernel on a trainer-like chunk; a per-test limit so a hung test
-# cannot hide the summary). The host-sync tests (stage pytest-syncs) and the compiled-backend tests of
-# tests/train run later.
-want pytest && stage pytest ${T_PYTEST:-150} $PY -m pytest -v -ra -m gpu --timeout 120 --tb=short \
-  -p no:cacheprovider -k "not never_synchronizes" tests/model
-# ModernBERT's own microbatch (96 x 1024: the memory target) with a kernel profile; win: the local
-# layers' Triton attention (config window_attention_kernel; its first timing had NaN loss, since
-# fixed: benchmarks/README.md). -triton: GeGLU / RoPE as torch.compile generates them
-# (2026-11-27, H200: 408k tok/s / 48.7 GiB with the kernels, 385k / 54.8 GiB without).
-# winrope: the same kernels with RoPE inside (config window_attention_rope: no RoPE passes over
-# q, k, v in memory on local layers). bf16res: the residual stream in bf16 (config
-# autocast_residual; halves every LayerNorm's traffic; its loss curves against the fp32 stream:
-# benchmarks/bench_precision.py), on top of win.
-# ours:$V:full:mem=0.7 trades speed for memory (the compiler's activation memory budget).
-want step1024x96 && step 1024x96 ${T_1024x96:-180} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
-  --baseline none --profile 2 --runs ours:$V:full ours:$V:full:win ours:$V:full:winrope ours:$V:full:win:bf16res
-# Pretraining shape, 32 x 1024: ours (the recipe's full compile) vs transformers eager and compiled,
-# and ours with the window kernel (win), then with everything untried on (winrope:bf16res).
-# Ablations of single optimisations: add e.g. ours:$V:regional:-fused ours:$V:regional:-slots
-# ours:flex:regional ours:$V:none (regional recompiles are cheap).
-want step1024x32 && step 1024x32 ${T_1024x32:-200} --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 \
-  --runs ours:$V:full hf:sdpa:none hf:sdpa:full ours:$V:full:win ours:$V:full:winrope:bf16res
-# The real Composer trainer (stage trainer below) with the window kernel (a NaN loss stops it:
-# train/callbacks.py), stock and with sync_free_steps (train/trainer.py: no host wait for the GPU
-# between steps; syncs/step should read 0) side by side, then the raw loop.
-want trainer-win && trainer trainer-win --sync-free both model.window_attention_kernel=true
 # The whole training step (forward, backward, clipping, StableAdamW) under
-# torch.cuda.set_sync_debug_mode("error"), eager and compiled, with and without the window kernel;
-# and the trainer with sync_free_steps from one batch's end to three batches later.
+# torch.cuda.set_sync_debug_mode("error"), eager and compiled, with and without the window kernel, on
+# loader chunks whose pad tail is longer than max_seq_len (2026-11-28: NaN with torch_varlen before the
+# loader split the pad tail into max_seq_len documents: data/chunk_layout.py); and the trainer with
+# sync_free_steps from one batch's end to three batches later.
 want pytest-syncs && stage pytest-syncs ${T_PYTEST_SYNCS:-150} $PY -m pytest -v -ra -m gpu --timeout 80 \
   --tb=short -p no:cacheprovider tests/model/test_host_syncs.py tests/train/test_trainer.py
+# Numerical parity of the attention and Triton kernels on this GPU (gpu-marked tests, incl. the
+# compiled model with the window kernel on a trainer-like chunk; a per-test limit so a hung test
+# cannot hide the summary). The compiled-backend tests of tests/train run later.
+want pytest && stage pytest ${T_PYTEST:-150} $PY -m pytest -v -ra -m gpu --timeout 120 --tb=short \
+  -p no:cacheprovider -k "not never_synchronizes" tests/model
+# ModernBERT's own microbatch (96 x 1024: the memory target) with a kernel profile. The defaults
+# (the local layers' Triton attention, config window_attention_kernel: 445.8k tok/s against 418.1k
+# without, -win, on 2026-11-28's H200); winrope: the same kernels with RoPE inside (config
+# window_attention_rope: no RoPE passes over q, k, v in memory on local layers; not yet timed here:
+# the stage ran out of time). bf16res (the residual stream in bf16, config autocast_residual) is
+# timed at 32 x 1024 below, alone.
+# ours:$V:full:mem=0.7 trades speed for memory (the compiler's activation memory budget).
+want step1024x96 && step 1024x96 ${T_1024x96:-180} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
+  --baseline none --profile 2 --runs ours:$V:full ours:$V:full:winrope ours:$V:full:-win
+# Pretraining shape, 32 x 1024: ours (the recipe's full compile) vs transformers eager and compiled,
+# then winrope and bf16res one at a time (2026-11-28 timed them together: 2% slower than the
+# default, and a loss 0.64 higher after 10 steps, so one of them hurts). Ablations of single
+# optimisations: add e.g. ours:$V:regional:-fused ours:$V:regional:-slots ours:flex:regional
+# ours:$V:none (regional recompiles are cheap).
+want step1024x32 && step 1024x32 ${T_1024x32:-220} --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 \
+  --runs ours:$V:full hf:sdpa:none hf:sdpa:full ours:$V:full:winrope ours:$V:full:bf16res
+# The real Composer trainer on synthetic shards (the recipe's microbatch, 2 chunks per step; a NaN
+# loss stops it: train/callbacks.py), stock Composer's bookkeeping and sync_free_steps (the default:
+# train/trainer.py, no host wait for the GPU between steps; syncs/step reads 0) side by side, then
+# the raw loop on the same chunks.
+want trainer && trainer trainer --sync-free both
 # GeGLU, RoPE, LayerNorm and a local layer's attention alone at 96 x 1024 tokens: eager,
 # torch.compile, the Triton kernels; time, GB/s (TFLOP/s for attention), error against an fp32
 # reference, and each Triton kernel's autotuning timings (which tile won).
@@ -113,13 +114,10 @@ want large && stage "step large1024x44" ${T_LARGE:-90} $PY benchmarks/bench_step
 want tuning && step 1024x96_cdt ${T_TUNING:-150} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
   --baseline none --runs ours:$V:full:cdt
 want step8192x12 && step 8192x12 ${T_8192x12:-150} --seq-len 8192 --seqs-per-chunk 12 --steps 5 --warmup 3 \
-  --baseline none --runs ours:$V:full ours:$V:full:win ours:$V:full:winrope
-# The real Composer trainer on synthetic shards (the recipe's microbatch, 2 chunks per step),
-# against the raw loop on the same chunks.
-want trainer && trainer trainer
-# The same, stepping through Composer's closure as stock Composer does (train/trainer.py turns it
-# off: it reads the loss back before the optimizer step): what that bought, against stage trainer.
-want trainer-closure && trainer trainer-closure --composer-closure
+  --baseline none --runs ours:$V:full ours:$V:full:-win ours:$V:full:winrope
+# Stock Composer's step through its closure (train/trainer.py turns it off: it reads the loss back
+# before the optimizer step): what that bought, against stage trainer's stock row.
+want trainer-closure && trainer trainer-closure --composer-closure --sync-free off
 # The compiled fast path (every backend, full and per-layer compile) against the eager reference.
 want pytest-compiled && stage pytest-compiled ${T_PYTEST_COMPILED:-90} $PY -m pytest -v -ra -m gpu \
   --timeout 80 --tb=short -p no:cacheprovider -k "${COMPILED_TESTS:-compiled}" tests/train/test_compile.py

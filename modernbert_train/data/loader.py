@@ -21,7 +21,7 @@ from streaming.base.dataset import _ShardState  # private in Streaming 0.13: see
 from streaming.base.world import World
 from torch.utils.data import DataLoader
 
-from modernbert_train.data.chunk_layout import doc_slots, prediction_slots
+from modernbert_train.data.chunk_layout import doc_slots, pad_tail_lengths, prediction_slots
 from modernbert_train.data.masking import IGNORE_INDEX, MaskingConfig, MLMMasker
 from modernbert_train.data.schema import (
     DOC_IDS_COLUMN,
@@ -209,7 +209,8 @@ def collate_chunk(
     any worker, process or resumed run. `cu_seqlens` has `chunk_layout.doc_slots(D) + 1` entries
     (unused slots repeat the end: empty documents); `prediction_slots` bounds the masked tokens.
     Extra field `doc_ids` (int64, one per `cu_seqlens` slot) gives the source document of each slot
-    (pad tail and empty slots: -1).
+    (pad tail and empty slots: -1). The pad tail is split into documents of at most max_seq_len
+    tokens (chunk_layout.pad_tail_lengths), so `max_seqlen` bounds every document.
     """
     if not 1 <= len(samples) <= microbatch_seqs:
         raise ValueError(f"a chunk takes 1..{microbatch_seqs} sequences, got {len(samples)}")
@@ -238,8 +239,8 @@ def collate_chunk(
 
     doc_lens = np.concatenate(doc_lens_parts).astype(np.int64)
     real_docs = doc_lens.size
-    if offset < chunk_tokens:  # the pad tail is its own document so no real token attends to it
-        doc_lens = np.append(doc_lens, chunk_tokens - offset)
+    # The pad tail: documents of their own (no real token attends to padding), max_seq_len at most.
+    doc_lens = np.append(doc_lens, pad_tail_lengths(chunk_tokens - offset, max_seq_len))
     slots = doc_slots(doc_lens.size)
     doc_ids = np.full(slots, -1, dtype=np.int64)
     doc_ids[:real_docs] = np.concatenate(doc_ids_parts)

@@ -109,14 +109,26 @@ def pointwise_ops(config: ModernBertConfig):
     return fused_kernels.rotary_qkv, fused_kernels.geglu
 
 
-def _triton_module(name: str, option: str):
-    """model/<name>.py, whose kernels need triton, for config option `option` (an explicit opt-in:
-    a missing triton is an error that names the fix)."""
-    try:
-        return importlib.import_module(f"modernbert_train.model.{name}")
-    except ImportError as err:
-        raise ImportError(f"model.{option}=true needs triton ({err}); it comes with torch's CUDA wheels, "
-                          f"or set model.{option}=false") from err
+def _window_kernels(config: ModernBertConfig):
+    """model/window_attention.py for the local layers, or None where it cannot run: no triton, or a
+    head dim its tiles do not take (power-of-two >= 16). On by default like fused_kernels, so then
+    a warning names the fix and the attention backend runs; `window_attention_rope` is an explicit
+    opt-in, so then an error."""
+    head_dim = config.head_dim
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        why, error = f"tiles power-of-two head dims >= 16, not {head_dim}", ValueError
+    else:
+        try:
+            return importlib.import_module("modernbert_train.model.window_attention")
+        except ImportError as err:
+            why, error = f"needs triton ({err}; it comes with torch's CUDA wheels)", ImportError
+    if config.window_attention_rope:
+        raise error(f"model.window_attention_rope=true: the window attention kernel {why}; "
+                    "set model.window_attention_rope=false")
+    warnings.warn(f"model.window_attention_kernel: the window attention kernel {why}, so the local layers "
+                  "use the attention backend; set model.window_attention_kernel=false to silence this",
+                  stacklevel=3)
+    return None
 
 
 def attention_op(config: ModernBertConfig, is_global: bool):
@@ -127,8 +139,8 @@ def attention_op(config: ModernBertConfig, is_global: bool):
     too those kernels rotate q and k themselves."""
     backend = get_backend(config.attention_backend)
     rotary = pointwise_ops(config)[0]
-    if not is_global and config.window_attention_kernel:
-        kernels = _triton_module("window_attention", "window_attention_kernel")
+    kernels = _window_kernels(config) if not is_global and config.window_attention_kernel else None
+    if kernels is not None:
         if config.window_attention_rope:
             return functools.partial(kernels.rotary_windowed, rotary, backend)
         backend = kernels.windowed(backend)

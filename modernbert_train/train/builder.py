@@ -201,9 +201,9 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 
     sync_free = cfg.sync_free_steps and dist.get_world_size() == 1
     if cfg.sync_free_steps and not sync_free:
-        log.warning("sync_free_steps applies to one process; with %d processes, Composer's per-step "
-                    "reductions go through the default process group (NCCL on GPUs) and wait for the "
-                    "device as before", dist.get_world_size())
+        log.info("sync_free_steps applies to one process; with %d processes, Composer's per-step "
+                 "reductions go through the default process group (NCCL on GPUs) and wait for the "
+                 "device as before", dist.get_world_size())
 
     evaluators = None
     if eval_spec is not None:

@@ -85,8 +85,11 @@ class MLMComposerModel(ComposerModel):
 
     def flops_per_batch(self, batch: dict) -> float:
         """Training FLOPs of one batch for Composer's MFU: model/flops.py's formula over the batch's
-        documents (the loader's host tensors: no device sync)."""
-        lengths = batch["cu_seqlens"].diff(dim=-1).reshape(-1).numpy(force=True)
+        documents (the loader's host tensors: no device sync). The pad tail's documents start at or
+        after a chunk's `num_tokens`: padding, not counted."""
+        cu = batch["cu_seqlens"]
+        real = cu[..., :-1] < batch["num_tokens"].reshape(*cu.shape[:-1], 1)
+        lengths = cu.diff(dim=-1)[real].numpy(force=True)
         return training_flops(self.model.config, real_tokens=int(batch["num_tokens"].sum()),
                               masked_tokens=int((batch["labels"] != IGNORE_INDEX).sum()),
                               span_lengths=lengths)

@@ -133,8 +133,9 @@ class RunConfig:
     parallelism: str = "ddp"
     # One process: the host never waits for the GPU in or between steps (train/trainer.py): each
     # batch's train loss is read once the next batch is queued and logged under its own batch.
-    # Ignored, with a warning, when several processes train.
-    sync_free_steps: bool = False
+    # The trainer at 99% of the raw step's tokens/s instead of 94% on an H200 (benchmarks/README.md).
+    # Several processes train with stock Composer's per-step bookkeeping (a line in the log says so).
+    sync_free_steps: bool = True
     # Where the run writes its local files (metrics, resolved config, local checkpoint copies).
     run_dir: str = "runs/${run_name}"
     model: ModernBertConfig = field(default_factory=ModernBertConfig)

@@ -13,8 +13,12 @@ pytest.importorskip("triton", reason="the script's third variant is the Triton k
 
 def test_every_op_and_variant_runs_and_matches_the_reference(tmp_path):
     out = tmp_path / "kernels.json"
+    fused_kernels = pytest.importorskip("modernbert_train.model.fused_kernels")
+    assert not fused_kernels.interpret_cpu_tensors
     rc = bench_kernels.main(["--tokens", "40", "--preset", "tiny", "--device", "cpu", "--iters", "1",
                              "--out-json", str(out)])
+    # The interpreter was on for the run only: later CPU models in this process run PyTorch ops.
+    assert not fused_kernels.interpret_cpu_tensors
     results = {(r["op"], r["variant"]): r for r in json.loads(out.read_text())["results"]}
     assert rc == 0, [r["error"] for r in results.values()]
     assert sorted(results) == sorted((op, v) for op in ("geglu", "rotary_qkv", "layer_norm", "local_attention",

@@ -68,20 +68,23 @@ def test_run_specs_parse_options_and_reject_bad_ones():
     compiler_ops = bench_step.RunSpec.parse("ours:sdpa:full:-triton")
     assert (compiler_ops.fused_kernels, compiler_ops.label) == (False, "-triton"), compiler_ops
     assert not bench_step.build_ours(preset("tiny"), compiler_ops).config.fused_kernels
-    kernels = bench_step.RunSpec.parse("ours:sdpa:full:win")
-    assert (kernels.window_attention_kernel, kernels.label) == (True, "win"), kernels
-    assert bench_step.build_ours(preset("tiny"), kernels).config.window_attention_kernel
-    bf16_stream = bench_step.RunSpec.parse("ours:sdpa:full:win:bf16res")
-    assert (bf16_stream.autocast_residual, bf16_stream.label) == (True, "win,bf16res"), bf16_stream
+    default = bench_step.RunSpec.parse("ours:sdpa:full")
+    assert (default.window_attention_kernel, default.label) == (True, "-"), default
+    assert bench_step.build_ours(preset("tiny"), default).config.window_attention_kernel
+    backend = bench_step.RunSpec.parse("ours:sdpa:full:-win")
+    assert (backend.window_attention_kernel, backend.label) == (False, "-win"), backend
+    assert not bench_step.build_ours(preset("tiny"), backend).config.window_attention_kernel
+    bf16_stream = bench_step.RunSpec.parse("ours:sdpa:full:bf16res")
+    assert (bf16_stream.autocast_residual, bf16_stream.label) == (True, "bf16res"), bf16_stream
     assert bench_step.build_ours(preset("tiny"), bf16_stream).config.autocast_residual
-    assert not bench_step.build_ours(preset("tiny"), kernels).config.autocast_residual
+    assert not bench_step.build_ours(preset("tiny"), default).config.autocast_residual
     rope = bench_step.RunSpec.parse("ours:sdpa:full:winrope")
     assert (rope.window_attention_kernel, rope.window_attention_rope, rope.label) == (True, True, "winrope"), rope
     built = bench_step.build_ours(preset("tiny"), rope).config
     assert built.window_attention_kernel and built.window_attention_rope, built
-    assert not bench_step.build_ours(preset("tiny"), kernels).config.window_attention_rope
+    assert not bench_step.build_ours(preset("tiny"), default).config.window_attention_rope
     for bad in ["ours:torch_varlen:full:mem=1.5", "hf:sdpa:full:triton", "ours:torch_varlen:full:mem=x", "ours:torch_varlen:full:fast",
-                "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "hf:sdpa:full:-triton", "ours:sdpa:full:triton", "ours:sdpa:full:ce", "hf:sdpa:full:win", "hf:sdpa:full:winrope", "hf:sdpa:full:bf16res", "ours:torch_varlen:jit"]:
+                "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "hf:sdpa:full:-triton", "ours:sdpa:full:triton", "ours:sdpa:full:ce", "hf:sdpa:full:-win", "ours:sdpa:full:win", "ours:sdpa:full:-win:winrope", "hf:sdpa:full:winrope", "hf:sdpa:full:bf16res", "ours:torch_varlen:jit"]:
         with pytest.raises(ValueError, match="run spec"):
             bench_step.RunSpec.parse(bad)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import bench_trainer
 
 
@@ -44,7 +46,7 @@ def test_main_times_both_trainers_and_the_raw_loop_on_the_same_tokens(tmp_path):
 def test_composer_closure_ablation_and_gap_profile_reach_the_trainer(tmp_path):
     out = tmp_path / "trainer.json"
     rc = bench_trainer.main(["--device", "cpu", "--warmup-batches", "1", "--batches", "1", "--composer-closure",
-                             "--profile-gap", "2", "--data-dir", str(tmp_path / "data"), "--out-json", str(out),
+                             "--sync-free", "off", "--profile-gap", "2", "--data-dir", str(tmp_path / "data"), "--out-json", str(out),
                              "logging.progress_bar=false"])
     payload = json.loads(out.read_text())
     results = {r["loop"]: r for r in payload["results"]}
@@ -57,6 +59,15 @@ def test_composer_closure_ablation_and_gap_profile_reach_the_trainer(tmp_path):
     fetch = [r for r in gap["top_cumulative"] if r["function"].startswith("modernbert_train/data/loader.py:")]
     assert fetch and all(r["calls_per_gap"] >= 1 for r in fetch), gap["top_cumulative"]
     assert all(r["cum_ms_per_gap"] <= max(gap["gap_ms"]) + 1e-6 for r in gap["top_cumulative"]), gap
+
+
+def test_composer_closure_times_the_stock_trainer_only(capsys):
+    """Composer's closure reads the loss back inside the step: with sync_free_steps (the default)
+    that would time neither trainer, so the flag asks for --sync-free off."""
+    with pytest.raises(SystemExit):
+        bench_trainer.parse_args(["--composer-closure"])
+    assert "add --sync-free off" in capsys.readouterr().err
+    assert bench_trainer.parse_args(["--composer-closure", "--sync-free", "off"]).composer_closure
 
 
 def test_host_sync_counter_counts_each_wait_by_line_and_passes_other_warnings_on(monkeypatch):

@@ -119,8 +119,9 @@ def assert_chunk_matches(chunk: dict, samples: list[dict[str, np.ndarray]], *, m
     ids = np.concatenate([s["input_ids"] for s in picked]).astype(np.int64)
     lens = np.concatenate([s["doc_lens"] for s in picked])
     n = ids.size
-    slots = doc_slots(lens.size + (n < T))  # the documents and the pad tail, rounded up to 64
-    assert slots % 64 == 0 and slots >= lens.size + (n < T), slots
+    tail_docs = -(-(T - n) // max_seq_len)  # the pad tail, in documents of max_seq_len at most
+    slots = doc_slots(lens.size + tail_docs)  # rounded up to 64
+    assert slots % 64 == 0 and slots >= lens.size + tail_docs, slots
     assert chunk["input_ids"].shape == (T,) and chunk["input_ids"].dtype == torch.int64
     assert chunk["cu_seqlens"].shape == (slots + 1,) and chunk["cu_seqlens"].dtype == torch.int32
     assert chunk["doc_ids"].shape == (slots,) and chunk["max_seqlen"] == max_seq_len
@@ -135,12 +136,15 @@ def assert_chunk_matches(chunk: dict, samples: list[dict[str, np.ndarray]], *, m
     assert not np.isin(ids[selected[:n]], SPECIAL_IDS).any()
     assert selected.sum() <= chunk["prediction_slots"] <= T, (selected.sum(), chunk["prediction_slots"])
     assert (chunk["input_ids"].numpy()[~selected] == original[~selected]).all()
-    # cu_seqlens: the documents, then the pad tail as one document, then repeats of T.
+    # cu_seqlens: the documents, then the pad tail in max_seq_len pieces, then repeats of T. No
+    # document is longer than max_seqlen: varlen kernels compute only that many rows of each.
     cu = chunk["cu_seqlens"].numpy().astype(np.int64)
-    expected = np.concatenate([[0], np.cumsum(lens)] + ([[T]] if n < T else []))
+    tail = [min(T, n + max_seq_len * (i + 1)) for i in range(tail_docs)]
+    expected = np.concatenate([[0], np.cumsum(lens), tail]).astype(np.int64)
     assert (cu[:expected.size] == expected).all(), (cu[:expected.size], expected)
     assert (cu[expected.size:] == T).all() and cu[-1] == T
-    # Positions restart at 0 in every document, including the pad tail.
+    assert np.diff(cu).max() <= chunk["max_seqlen"], np.diff(cu).max()
+    # Positions restart at 0 in every document, including the pad tail's (so they stay in RoPE's tables).
     pos = chunk["position_ids"].numpy()
     for start, stop in zip(expected[:-1], expected[1:]):
         assert (pos[start:stop] == np.arange(stop - start)).all(), (start, stop, pos[start:stop])
@@ -154,8 +158,8 @@ def assert_chunk_matches(chunk: dict, samples: list[dict[str, np.ndarray]], *, m
 
 @pytest.mark.parametrize(
     "num_seqs, full",
-    [(MICROBATCH_SEQS, False), (MICROBATCH_SEQS, True), (MICROBATCH_SEQS - 1, False)],
-    ids=["padded-tail", "exactly-full", "short-chunk"],
+    [(MICROBATCH_SEQS, False), (MICROBATCH_SEQS, True), (MICROBATCH_SEQS - 1, False), (1, True)],
+    ids=["padded-tail", "exactly-full", "short-chunk", "one-sequence"],
 )
 def test_collate_invariants(num_seqs, full):
     samples = make_packed_samples(8, max_seq_len=MAX_SEQ_LEN, seed=3, full=full)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from modernbert_train.model.attention import get_backend
 from modernbert_train.model.config import preset
 from modernbert_train.model.modernbert import (ModernBertForMaskedLM, RotaryEmbedding, geglu_activation,
                                                pointwise_ops, rotary_qkv)
@@ -189,14 +190,19 @@ def test_fused_kernels_are_the_default_and_cpu_tensors_skip_the_interpreter_unle
     assert not fused_kernels.use_triton(torch.zeros(2))
 
 
-def test_the_opt_in_window_kernel_without_triton_fails_naming_the_fix(monkeypatch):
+def test_without_triton_the_window_kernel_warns_and_the_opt_in_rope_fails_naming_the_fix(monkeypatch):
     for module in ("fused_kernels", "window_attention"):
         monkeypatch.delitem(sys.modules, f"modernbert_train.model.{module}", raising=False)
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
     cfg = preset("tiny")
     cfg.fused_kernels = False  # (its warning is the next test's subject)
-    cfg.window_attention_kernel = True
-    with pytest.raises(ImportError, match="model.window_attention_kernel=true needs triton.*model.window_attention_kernel=false"):
+    assert cfg.window_attention_kernel  # the default
+    with pytest.warns(UserWarning, match="window attention kernel needs triton.*model.window_attention_kernel=false"):
+        model = ModernBertForMaskedLM(cfg)
+    assert model.model.layers[1].attn.attend.args[1] is get_backend(cfg.attention_backend)
+    cfg.window_attention_rope = True
+    with pytest.raises(ImportError, match="model.window_attention_rope=true: the window attention kernel needs "
+                                          "triton.*model.window_attention_rope=false"):
         ModernBertForMaskedLM(cfg)
 
 

@@ -6,13 +6,15 @@ with every kernel on are in test_fused_kernels.py.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
-from modernbert_train.data.chunk_layout import doc_slots
+from modernbert_train.data.chunk_layout import doc_slots, pad_tail_lengths
 from modernbert_train.data.synthetic import document_lengths
-from modernbert_train.model.attention import fastest_available, sdpa_attention
+from modernbert_train.model.attention import fastest_available, get_backend, sdpa_attention
 from modernbert_train.model.config import preset
 from modernbert_train.model.modernbert import (ModernBertForMaskedLM, RotaryEmbedding, positions_from_cu_seqlens,
                                                 rotary_qkv)
@@ -150,7 +152,7 @@ def test_rope_inside_the_kernels_gives_the_models_loss_and_gradients():
 
 def test_rope_inside_the_kernels_needs_the_window_kernel():
     cfg = preset("tiny")
-    cfg.window_attention_rope = True
+    cfg.window_attention_kernel, cfg.window_attention_rope = False, True
     with pytest.raises(ValueError, match="window_attention_rope=true needs model.window_attention_kernel=true"):
         ModernBertForMaskedLM(cfg)
 
@@ -189,13 +191,24 @@ def test_global_layers_and_cpu_tensors_outside_the_interpreter_use_the_backend(m
     assert calls == [None, 128]
 
 
-def test_head_dims_the_kernel_cannot_tile_are_refused_when_the_model_is_built():
+def test_head_dims_the_kernel_cannot_tile_take_the_backend_with_a_warning():
+    """The window kernel is on by default: a head dim its tiles do not take (12 here) gets the
+    attention backend and a warning naming the fix; with window_attention_rope (an explicit opt-in,
+    which only the kernels do) the model is refused."""
     cfg = preset("tiny")
-    cfg.hidden_size, cfg.num_attention_heads, cfg.window_attention_kernel = 96, 8, True  # head dim 12
-    with pytest.raises(ValueError, match="window_attention_kernel needs a power-of-two head dim >= 16, got 12"):
-        ModernBertForMaskedLM(cfg)
+    cfg.hidden_size, cfg.num_attention_heads = 96, 8  # head dim 12
+    assert cfg.window_attention_kernel
+    with pytest.warns(UserWarning, match="power-of-two head dims >= 16, not 12.*model.window_attention_kernel=false"):
+        model = ModernBertForMaskedLM(cfg)
+    local = model.model.layers[1].attn.attend
+    assert local.args[1] is get_backend(cfg.attention_backend), local  # rotary_attention(rotary, backend)
     cfg.window_attention_kernel = False
-    ModernBertForMaskedLM(cfg)  # the backends take it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ModernBertForMaskedLM(cfg)
+    cfg.window_attention_kernel = cfg.window_attention_rope = True
+    with pytest.raises(ValueError, match="window_attention_rope needs a power-of-two head dim >= 16, got 12"):
+        ModernBertForMaskedLM(cfg)
 
 
 def test_custom_ops_pass_torch_library_opcheck():
@@ -288,7 +301,7 @@ def test_cuda_compiled_model_with_the_window_kernel_matches_the_backend():
     tokens = 8 * 1024
     lengths = document_lengths(np.random.default_rng(0), 200, 1024)
     lengths = lengths[np.cumsum(lengths) <= tokens]
-    lengths = np.append(lengths, tokens - lengths.sum())  # the pad tail is its own document
+    lengths = np.append(lengths, pad_tail_lengths(tokens - int(lengths.sum()), 1024))  # as the loader pads
     cu = np.full(doc_slots(lengths.size) + 1, tokens, dtype=np.int32)
     cu[:lengths.size + 1] = np.concatenate([[0], np.cumsum(lengths)])
     g = torch.Generator().manual_seed(0)

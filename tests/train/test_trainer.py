@@ -38,8 +38,10 @@ def test_optimizer_steps_after_the_backward_passes_without_a_closure(tmp_path):
     """Composer 0.32.1 would call optimizer.step(closure) under fp32 and bf16, the closure reading
     the loss back first (a GPU sync before the step). Built here: two steps of two chunks each;
     every step call gets no closure, and from the first forward pass to the end of the step no value
-    is read back (recorded on the CPU by tests/host_syncs.py)."""
-    cfg = _run_config(tmp_path)
+    is read back (recorded on the CPU by tests/host_syncs.py). Stock bookkeeping: with
+    sync_free_steps the previous batch's loss lands in the step, from pinned host memory (the tests
+    below tell host and device tensors apart)."""
+    cfg = _run_config(tmp_path, "sync_free_steps=false")
     trainer = build_trainer(cfg)
     calls, steps = [], []
     trainer.state.optimizers[0].register_step_pre_hook(lambda opt, args, kwargs: calls.append((args, kwargs)))

@@ -12,11 +12,13 @@
 # | tar -x -C .whl/old_src) and run its bench_step.py with PYTHONPATH=/tmp/site:.whl/old_src.
 # Each stage has its own time limit (T_* to override). All stages need ~900 s, more than one lent
 # session's 15 device minutes with the machine's start: run the default order in one call with
-# timeout_s=600 (most important first, in this file's order: `pytest-syncs pytest step1024x96`
-# took 104 + 111 + ~170 s on 2026-11-28's H200; the first GPU test of each Triton kernel autotunes and
-# compiles its configs, and the compiled-model test builds three models, hence 120 s per test), then
-# `step1024x32 trainer` (189 + ~100 s), then `kernels pytest-compiled saved large tuning step8192x12
-# trainer-closure` if time is left. A step benchmark
+# timeout_s=600 (most important first, in this file's order). Times on 2026-11-28's H200:
+# pytest-syncs 104 s, pytest 111 s (the first GPU test of each Triton kernel autotunes and compiles
+# its configs, and the compiled-model test builds three models, hence 120 s per test), step1024x96
+# ~170 s, step1024x32 189 s, trainer ~100 s. Next session: `pytest-syncs step1024x96 step1024x32`
+# in one call (pytest's kernel parity passed on 2026-11-28 and the kernels have not changed since),
+# then `trainer`, then `kernels pytest-compiled saved large tuning step8192x12 trainer-closure` if
+# time is left. A step benchmark
 # rewrites its JSON after every configuration, so a stage cut short keeps what it measured.
 set -uo pipefail
 OUT=${OUT:-bench_results/gpu}

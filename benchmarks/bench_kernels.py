@@ -5,6 +5,8 @@ error against an fp32 reference. `local_attention`: one local layer's sliding-wi
 packed documents (data/synthetic.py's lognormal lengths, median 250 tokens), the fastest attention backend here
 ("eager") against model/window_attention.py ("triton"), with TFLOP/s of the allowed pairs;
 `rotary_local_attention` the same from the Wqkv output with RoPE (the op first, or inside the kernels).
+`layer_norm`: the model's bias-free norm against fused_kernels.layer_norm, a candidate the model does
+not use until this shows it beats what torch.compile generates.
 Usage: python benchmarks/bench_kernels.py --tokens 98304
 """
 from __future__ import annotations
@@ -85,8 +87,10 @@ def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch
                lambda dt: (qkv.to(device, dt), cos.to(device), sin.to(device)),
                6 * tokens * hidden * size + 4 * tokens * head_dim * 4,
                6 * tokens * hidden * size + 4 * tokens * head_dim * 4),
-        # The norm as the model runs it (fp32 residual in, fp32 out under autocast), no kernel of ours.
-        OpCase("layer_norm", norm, None, lambda dt: (residual.to(device),),
+        # The norm as the model runs it (fp32 residual in, fp32 out under autocast), against
+        # model/fused_kernels.py's layer_norm (a candidate the model does not use yet).
+        OpCase("layer_norm", norm, kernels.get("layer_norm") and _weighted(kernels["layer_norm"], norm),
+               lambda dt: (residual.to(device),),
                tokens * hidden * (4 + 4), tokens * hidden * (4 + 4 + 4)),
         OpCase("local_attention", attention, window_kernel,
                lambda dt: (q.to(device, dt), k.to(device, dt).requires_grad_(), v.to(device, dt).requires_grad_()),
@@ -171,12 +175,16 @@ def _cpu_tensors_in_the_interpreter(device: torch.device):
         fused_kernels.interpret_cpu_tensors = before
 
 
+def _weighted(layer_norm: Callable, norm: torch.nn.LayerNorm) -> Callable:
+    return lambda x: layer_norm(x, norm.weight, norm.eps)[0]
+
+
 def _triton_ops(device: torch.device) -> dict[str, Callable]:
     if device.type != "cuda" and not _interpreted(device):
         return {}
     from modernbert_train.model import fused_kernels, window_attention
     return {"geglu": fused_kernels.geglu, "rotary_qkv": fused_kernels.rotary_qkv, "windowed": window_attention.windowed,
-            "rotary_windowed": window_attention.rotary_windowed}
+            "rotary_windowed": window_attention.rotary_windowed, "layer_norm": fused_kernels.layer_norm}
 
 
 def _outputs(out) -> tuple:

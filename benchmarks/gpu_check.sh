@@ -15,10 +15,10 @@
 # timeout_s=600 (most important first, in this file's order). Times on 2026-11-28's H200:
 # pytest-syncs 104 s, pytest 111 s (the first GPU test of each Triton kernel autotunes and compiles
 # its configs, and the compiled-model test builds three models, hence 120 s per test), step1024x96
-# ~170 s, step1024x32 189 s, trainer ~100 s. Next session: `pytest-syncs step1024x96 step1024x32`
-# in one call (pytest's kernel parity passed on 2026-11-28 and the kernels have not changed since),
-# then `trainer`, then `kernels pytest-compiled saved large tuning step8192x12 trainer-closure` if
-# time is left. A step benchmark
+# ~170 s for 3 runs (~220 s with the 4 now), step1024x32 189 s, trainer ~100 s. Next session:
+# `pytest-syncs step1024x96 step1024x32` in one call (~540 s), then `pytest kernels` (~200 s: the
+# LayerNorm kernel's GPU parity test and its time alone), then `trainer`, then `pytest-compiled saved
+# large tuning step8192x12 trainer-closure` if time is left. A step benchmark
 # rewrites its JSON after every configuration, so a stage cut short keeps what it measured.
 set -uo pipefail
 OUT=${OUT:-bench_results/gpu}
@@ -80,11 +80,12 @@ want pytest && stage pytest ${T_PYTEST:-150} $PY -m pytest -v -ra -m gpu --timeo
 # (the local layers' Triton attention, config window_attention_kernel: 445.8k tok/s against 418.1k
 # without, -win, on 2026-11-28's H200); winrope: the same kernels with RoPE inside (config
 # window_attention_rope: no RoPE passes over q, k, v in memory on local layers; not yet timed here:
-# the stage ran out of time). bf16res (the residual stream in bf16, config autocast_residual) is
-# timed at 32 x 1024 below, alone.
+# the stage ran out of time); lnk: every LayerNorm as model/fused_kernels.py's kernels (config
+# fused_layer_norm; the compiled norm's backward took 24.7 of 232.5 ms per step on 2026-11-27).
+# bf16res (the residual stream in bf16, config autocast_residual) is timed at 32 x 1024 below, alone.
 # ours:$V:full:mem=0.7 trades speed for memory (the compiler's activation memory budget).
-want step1024x96 && step 1024x96 ${T_1024x96:-180} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
-  --baseline none --profile 2 --runs ours:$V:full ours:$V:full:winrope ours:$V:full:-win
+want step1024x96 && step 1024x96 ${T_1024x96:-240} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
+  --baseline none --profile 2 --runs ours:$V:full ours:$V:full:winrope ours:$V:full:lnk ours:$V:full:-win
 # Pretraining shape, 32 x 1024: ours (the recipe's full compile) vs transformers eager and compiled,
 # then winrope and bf16res one at a time (2026-11-28 timed them together: 2% slower than the
 # default, and a loss 0.64 higher after 10 steps, so one of them hurts). Ablations of single

@@ -295,6 +295,17 @@ def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
                   ("backward", window._window_bwd_dq,
                    dict(**attention, do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32", dq_ptr="*bf16", **bounds,
                         **sizes, scale="fp32"), tile, head_dim, tokens * hidden)]
+    # The LayerNorm of config fused_layer_norm on the fp32 residual stream: a block of rows of width
+    # BLOCK_C (hidden rounded up to a power of two, masked); the backward's loop over its rows counts once.
+    norm_block = triton.next_power_of_2(hidden)
+    norm = dict(x_ptr="*fp32", w_ptr="*fp32")
+    cases += [("forward", fused_kernels._layer_norm_fwd, dict(**norm, y_ptr="*fp32", mean_ptr="*fp32",
+                                                             rstd_ptr="*fp32", n_rows="i32", n_cols="i32", eps="fp32"),
+               dict(BLOCK_C=norm_block), hidden / norm_block, tokens * hidden),
+              ("backward", fused_kernels._layer_norm_bwd, dict(dy_ptr="*fp32", **norm, mean_ptr="*fp32",
+                                                              rstd_ptr="*fp32", dx_ptr="*fp32", dw_part_ptr="*fp32",
+                                                              n_rows="i32", n_cols="i32", rows_per_program="i32"),
+               dict(BLOCK_C=norm_block), hidden / norm_block, tokens * hidden)]
     reports = []
     for graph, kernel, signature, fixed, per_block_unit, elements in cases:
         fn = kernel.kernel

@@ -50,6 +50,13 @@ class ModernBertConfig:
     # the gradient of the Wqkv output directly (no rotated copies of q, k, v in memory, forward or
     # backward). Off until a GPU run times it against the kernels after the RoPE op.
     window_attention_rope: bool = False
+    # Every LayerNorm as the Triton kernels of model/fused_kernels.py on CUDA tensors (one pass per
+    # row block forward and backward, the weight gradient from per-program partial sums) instead of
+    # what torch.compile generates (its backward moved ~1.8 TB/s on an H200, 24.7 of 232.5 ms per
+    # 96 x 1024 step). Off until a GPU run times it: as an op it also stops Inductor fusing the
+    # residual add into the norm and the gradient sum into its backward, which may cost what the
+    # kernels save (then the residual add belongs inside the op).
+    fused_layer_norm: bool = False
     # Under autocast, carry the residual stream (the running sum through the layers) in the autocast
     # dtype (bf16 under amp_bf16) instead of fp32: half the memory traffic of every LayerNorm and
     # residual add, and half the bytes they keep for backward. Off: the numerics of ModernBERT's
@@ -102,7 +109,7 @@ class ModernBertConfig:
 # Fields that choose how a step is computed (kernels, loss fusion, attention backend), not what the
 # weights mean: left out of an exported transformers config (model/hf_interop.py).
 EXECUTION_OPTIONS = frozenset({"sparse_prediction", "fused_head_loss", "fused_kernels", "window_attention_kernel",
-                               "window_attention_rope", "autocast_residual", "attention_backend"})
+                               "window_attention_rope", "fused_layer_norm", "autocast_residual", "attention_backend"})
 
 _PRESETS = {
     "base": ModernBertConfig(preset="base"),

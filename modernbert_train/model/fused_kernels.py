@@ -12,6 +12,9 @@ Math in fp32, one rounding to the input dtype.
 - geglu: h (T, 2I) -> GELU(h[:, :I]) * h[:, I:] (T, I); backward writes dh in one pass.
 - rotary_qkv: the Wqkv output (T, 3, N, Dh) -> q, k rotated and v, each (T, N, Dh) contiguous;
   backward writes d(qkv) from dq, dk, dv in one pass (no separate concat).
+- layer_norm (bias-free), and LayerNorm, the nn.LayerNorm that calls it (config fused_layer_norm,
+  off until a GPU run times it against the norm torch.compile generates: benchmarks/bench_kernels.py
+  alone, benchmarks/bench_step.py option `lnk` in the whole step).
 """
 from __future__ import annotations
 
@@ -281,3 +284,147 @@ def _rotary_grad(ctx, dq, dk, dv):
 
 
 rotary_qkv.register_autograd(_rotary_grad, setup_context=_rotary_setup)
+
+
+# --- LayerNorm without bias (config fused_layer_norm, off until timed on a GPU) ----------------------
+#
+# Inductor's LayerNorm backward moves ~1.8 TB/s on an H200 (bench_kernels, 96 x 1024 x 768 fp32):
+# the weight gradient is a second reduction over every token, re-reading x and dy. Here one pass
+# per block of rows writes dx and keeps the block's share of dw in registers; a (programs, H)
+# buffer of partial sums is reduced after. Statistics in fp32; mean and 1 / std saved for backward.
+
+@autotune([triton.Config(dict(BLOCK_R=r), num_warps=w) for r, w in ((4, 4), (8, 8), (2, 4), (16, 8))],
+          key=["n_cols"])
+@triton.jit
+def _layer_norm_fwd(x_ptr, w_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, n_cols, eps,
+                    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols[None, :] < n_cols)
+    offs = rows[:, None] * n_cols + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / n_cols
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, (centred * rstd[:, None] * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=row_ok)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@autotune([triton.Config(dict(BLOCK_R=r), num_warps=w) for r, w in ((4, 4), (8, 8), (2, 4), (16, 8))],
+          key=["n_cols"])
+@triton.jit
+def _layer_norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, n_rows, n_cols,
+                    rows_per_program, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Program p takes rows [p * rows_per_program, (p + 1) * rows_per_program) in blocks of BLOCK_R
+    and writes its partial dw to row p of dw_part (programs, n_cols), fp32."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    first = pid.to(tl.int64) * rows_per_program
+    for start in range(0, rows_per_program, BLOCK_R):
+        rows = first + start + tl.arange(0, BLOCK_R)
+        row_ok = (rows < n_rows) & (start + tl.arange(0, BLOCK_R) < rows_per_program)
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows[:, None] * n_cols + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = dy * w[None, :]
+        c1 = tl.sum(xhat * wdy, axis=1) / n_cols
+        c2 = tl.sum(wdy, axis=1) / n_cols
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * xhat, axis=0)
+    tl.store(dw_part_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=col_ok)
+
+
+def _layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """y (x's dtype), mean and 1 / std (fp32, per row): what the kernel computes, in PyTorch."""
+    xf = x.float()
+    mean = xf.mean(dim=-1)
+    rstd = torch.rsqrt(xf.var(dim=-1, unbiased=False) + eps)
+    y = (xf - mean[:, None]) * rstd[:, None] * weight.float()
+    return y.to(x.dtype), mean, rstd
+
+
+@torch.library.custom_op("modernbert::layer_norm", mutates_args=())
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (T, H), weight (H,) -> y = (x - mean) / std * weight in x's dtype, mean and 1 / std (T,) fp32."""
+    if not use_triton(x):
+        return _layer_norm_reference(x, weight, eps)
+    x, weight = x.contiguous(), weight.contiguous()
+    n_rows, n_cols = x.shape
+    y = torch.empty_like(x)
+    mean, rstd = (x.new_empty(n_rows, dtype=torch.float32) for _ in range(2))
+    _layer_norm_fwd[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]),)](
+        x, weight, y, mean, rstd, n_rows, n_cols, eps, BLOCK_C=triton.next_power_of_2(n_cols))
+    return y, mean, rstd
+
+
+@layer_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+# Programs of the backward pass: enough to fill a GPU several times over; each keeps one partial dw.
+_LAYER_NORM_BWD_PROGRAMS = 1024
+
+
+@torch.library.custom_op("modernbert::layer_norm_backward", mutates_args=())
+def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                        rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx (x's dtype) and dw (weight's dtype) from dy."""
+    if not use_triton(x):  # (autograd is off inside an op: the derivative written out)
+        xhat = (x.float() - mean[:, None]) * rstd[:, None]
+        wdy = dy.float() * weight.float()
+        dx = (wdy - xhat * (xhat * wdy).mean(-1, keepdim=True) - wdy.mean(-1, keepdim=True)) * rstd[:, None]
+        return dx.to(x.dtype), (dy.float() * xhat).sum(0).to(weight.dtype)
+    dy, x, weight = dy.contiguous(), x.contiguous(), weight.contiguous()
+    n_rows, n_cols = x.shape
+    programs = max(1, min(_LAYER_NORM_BWD_PROGRAMS, n_rows))
+    rows_per_program = triton.cdiv(n_rows, programs)
+    programs = triton.cdiv(n_rows, rows_per_program)
+    dx = torch.empty_like(x)
+    dw_part = x.new_empty(programs, n_cols, dtype=torch.float32)
+    _layer_norm_bwd[lambda meta: (programs,)](dy, x, weight, mean, rstd, dx, dw_part, n_rows, n_cols,
+                                              rows_per_program, BLOCK_C=triton.next_power_of_2(n_cols))
+    return dx, dw_part.sum(0).to(weight.dtype)
+
+
+@layer_norm_backward.register_fake
+def _(dy, x, weight, mean, rstd):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _layer_norm_grad(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw = layer_norm_backward(dy, x, weight, mean, rstd)
+    return dx, dw, None
+
+
+layer_norm.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """nn.LayerNorm (the same parameters and state dict) whose tensors Triton runs go through
+    layer_norm above; under autocast in fp32, as autocast runs a norm. Others: nn.LayerNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not use_triton(x) or self.bias is not None:
+            return super().forward(x)
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.float()
+        return layer_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps)[0].view(x.shape)

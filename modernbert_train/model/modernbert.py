@@ -175,7 +175,16 @@ def residual_cast(config: ModernBertConfig):
 # --- blocks ----------------------------------------------------------------------------------------
 
 def layer_norm(config: ModernBertConfig) -> nn.LayerNorm:
-    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
+    """Bias-free; with `fused_layer_norm` model/fused_kernels.py's subclass (same parameters, the
+    Triton kernels on CUDA tensors; an explicit opt-in, so a missing triton is an error)."""
+    if not config.fused_layer_norm:
+        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
+    try:
+        fused_kernels = importlib.import_module("modernbert_train.model.fused_kernels")
+    except ImportError as err:
+        raise ImportError(f"model.fused_layer_norm=true needs triton ({err}; it comes with torch's CUDA wheels); "
+                          "set model.fused_layer_norm=false") from err
+    return fused_kernels.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
 
 
 class Embeddings(nn.Module):

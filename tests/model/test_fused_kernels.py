@@ -97,6 +97,36 @@ def test_rotary_qkv_backward_with_an_unused_output():
     assert torch.equal(qkv.grad[:, 2], torch.zeros_like(qkv.grad[:, 2]))
 
 
+def _torch_layer_norm(x, weight, eps=1e-5):
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, eps=eps)
+
+
+@pytest.mark.parametrize("programs", [1024, 4], ids=["a-program-per-row", "ragged-rows-per-program"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_layer_norm_matches_torch_forward_and_backward(dtype, programs, monkeypatch):
+    """37 rows of 96 (neither a multiple of the kernel's row blocks nor a power of two); the weight
+    gradient from per-program partial sums, with one row per program and with 10 (the last
+    program 7) in blocks of the kernel's rows."""
+    monkeypatch.setattr(fused_kernels, "_LAYER_NORM_BWD_PROGRAMS", programs)
+    gen = torch.Generator().manual_seed(5)
+    x = (3 * torch.randn(37, 96, generator=gen) + 1).to(DEVICE, dtype).requires_grad_()
+    weight = (torch.rand(96, generator=gen) + 0.5).to(DEVICE).requires_grad_()
+    dy = torch.randn(37, 96, generator=gen).to(DEVICE, dtype)
+    assert fused_kernels.use_triton(x), "the test must exercise the kernel, not the CPU fallback"
+    y, mean, rstd = fused_kernels.layer_norm(x, weight, 1e-5)
+    dx, dw = torch.autograd.grad(y, (x, weight), dy)
+    ref_x, ref_w = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    want = _torch_layer_norm(ref_x, ref_w)
+    want_dx, want_dw = torch.autograd.grad(want, (ref_x, ref_w), dy.double())
+    assert y.dtype == dx.dtype == dtype and dw.dtype == torch.float32 and y.shape == (37, 96)
+    torch.testing.assert_close(y.double(), want, **TOLERANCE[dtype])
+    torch.testing.assert_close(dx.double(), want_dx, **TOLERANCE[dtype])
+    torch.testing.assert_close(dw.double(), want_dw, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mean.double(), ref_x.detach().mean(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), ref_x.detach().var(-1, unbiased=False).add(1e-5).rsqrt(),
+                               rtol=1e-4, atol=1e-6)
+
+
 def test_cpu_path_without_the_interpreter_matches_the_kernels(monkeypatch):
     """CPU tensors outside the interpreter (e.g. a model trained with fused_kernels evaluated on a
     CPU) take the PyTorch path, forward and backward: the same numbers as the kernels."""
@@ -126,21 +156,25 @@ def test_custom_ops_pass_torch_library_opcheck():
     torch.library.opcheck(fused_kernels.geglu, (h,))
     torch.library.opcheck(fused_kernels.rotary_qkv, (qkv, cos, sin))
     torch.library.opcheck(fused_kernels.geglu_backward, (h.detach(), torch.randn(10, 6, device=DEVICE)))
+    x, weight = torch.randn(10, 24, device=DEVICE, requires_grad=True), torch.rand(24, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(fused_kernels.layer_norm, (x, weight, 1e-5))
 
 
 def test_ops_compile_into_one_graph_with_their_gradients():
     """fullgraph=True: the custom ops (and their backward) cause no graph break under torch.compile."""
     qkv, cos, sin = _rotary_inputs(tokens=24, heads=2, head_dim=8, dtype=torch.float32)
     h = torch.randn(24, 12, device=DEVICE, requires_grad=True)
+    weight = torch.rand(12, device=DEVICE, requires_grad=True)
 
-    def step(qkv, h):
+    def step(qkv, h, weight):
         q, k, v = fused_kernels.rotary_qkv(qkv, cos, sin)
-        return (q * k).sum() + v.sum() + fused_kernels.geglu(h).square().sum()
+        normed = fused_kernels.layer_norm(h, weight, 1e-5)[0]
+        return (q * k).sum() + v.sum() + fused_kernels.geglu(h).square().sum() + normed.square().sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
-    got = torch.autograd.grad(compiled(qkv, h), (qkv, h))
-    want = torch.autograd.grad(step(qkv, h), (qkv, h))
+    got = torch.autograd.grad(compiled(qkv, h, weight), (qkv, h, weight))
+    want = torch.autograd.grad(step(qkv, h, weight), (qkv, h, weight))
     torch._dynamo.reset()
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
@@ -149,16 +183,20 @@ def test_ops_compile_into_one_graph_with_their_gradients():
 def _tiny_model(fused: bool) -> ModernBertForMaskedLM:
     cfg = preset("tiny")
     cfg.num_hidden_layers, cfg.attention_backend, cfg.local_attention = 3, "sdpa", 32
-    cfg.fused_kernels = cfg.window_attention_kernel = fused
+    cfg.fused_kernels = cfg.window_attention_kernel = cfg.fused_layer_norm = fused
     torch.manual_seed(0)
-    return ModernBertForMaskedLM(cfg).to(DEVICE).train()
+    model = ModernBertForMaskedLM(cfg)
+    with torch.no_grad():  # norm weights other than their initial ones, so the weight matters
+        for norm in (m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)):
+            norm.weight.uniform_(0.5, 1.5)
+    return model.to(DEVICE).train()
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_model_with_fused_kernels_matches_pytorch_path(compiled):
     """Whole tiny model, fp32, every Triton kernel (GeGLU, RoPE, the local layers' window
-    attention: model/window_attention.py) against the PyTorch path and the sdpa backend: the same
-    loss and gradients, eager and Inductor-compiled."""
+    attention: model/window_attention.py, every LayerNorm) against the PyTorch path and the sdpa
+    backend: the same loss and gradients, eager and Inductor-compiled."""
     ids = torch.randint(4, 4096, (160,), generator=torch.Generator().manual_seed(0))
     labels = torch.where(torch.arange(160) % 3 == 0, ids, torch.full_like(ids, -100))
     batch = dict(input_ids=ids.to(DEVICE), labels=labels.to(DEVICE), max_seqlen=90,
@@ -168,6 +206,8 @@ def test_model_with_fused_kernels_matches_pytorch_path(compiled):
         torch._dynamo.reset()
         model = _tiny_model(fused)
         assert (model.model.layers[0].mlp.act is fused_kernels.geglu) == fused
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+        assert len(norms) == 8 and all(isinstance(m, fused_kernels.LayerNorm) == fused for m in norms)
         local_backend, global_backend = (model.model.layers[i].attn.attend.args[1] for i in (1, 0))
         assert (local_backend is not global_backend) == fused  # the window kernel's wrapper on local layers
         forward = torch.compile(model) if compiled else model
@@ -204,6 +244,9 @@ def test_without_triton_the_window_kernel_warns_and_the_opt_in_rope_fails_naming
     with pytest.raises(ImportError, match="model.window_attention_rope=true: the window attention kernel needs "
                                           "triton.*model.window_attention_rope=false"):
         ModernBertForMaskedLM(cfg)
+    cfg.window_attention_rope, cfg.fused_layer_norm = False, True  # another opt-in
+    with pytest.raises(ImportError, match="model.fused_layer_norm=true needs triton.*model.fused_layer_norm=false"):
+        ModernBertForMaskedLM(cfg)
 
 
 def test_without_triton_a_warning_names_the_fix_and_the_pytorch_ops_run(monkeypatch):
@@ -230,15 +273,19 @@ def test_kernels_compile_for_hopper_with_128_bit_memory_access(tmp_path):
                                             "ours: _rotary_qkv backward",
                                             "ours: _window_fwd", "ours: _window_bwd_dkdv", "ours: _window_bwd_dq",
                                             "ours: _window_fwd rope", "ours: _window_bwd_dkdv rope",
-                                            "ours: _window_bwd_dq rope"], kernels
+                                            "ours: _window_bwd_dq rope", "ours: _layer_norm_fwd",
+                                            "ours: _layer_norm_bwd"], kernels
     assert [len(k["variants"]) for k in kernels] == [len(fused_kernels._GEGLU_CONFIGS)] * 2 + [
-        len(fused_kernels._rotary_qkv.configs)] * 2 + [len(window_attention._CONFIGS)] * 6
+        len(fused_kernels._rotary_qkv.configs)] * 2 + [len(window_attention._CONFIGS)] * 6 + [
+        len(fused_kernels._layer_norm_fwd.configs), len(fused_kernels._layer_norm_bwd.configs)]
     assert all(k["error"] is None for k in kernels), kernels
+    for variant in (v for kernel in kernels[10:] for v in kernel["variants"]):  # the norm: rows of fp32
+        assert "ld.global.v4.b32" in variant["loads"] and "st.global.v4.b32" in variant["stores"], variant
     for kernel in kernels[:4]:
         for variant in kernel["variants"]:
             assert (variant["loads"], variant["stores"]) == (["ld.global.v4.b32"], ["st.global.v4.b32"]), (
                 kernel["name"], variant)
-    for variant in (v for kernel in kernels[4:] for v in kernel["variants"]):  # window_attention.py: bf16 tiles
+    for variant in (v for kernel in kernels[4:10] for v in kernel["variants"]):  # window_attention.py: bf16 tiles
         # on tensor cores: Hopper's wgmma from 64-row tiles up, mma.sync for 32-row ones
         hopper = variant["constants"]["TILE"] >= 64
         assert any(op.startswith("wgmma.mma_async" if hopper else "mma.sync") and ".bf16.bf16" in op
@@ -247,10 +294,10 @@ def test_kernels_compile_for_hopper_with_128_bit_memory_access(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", ["geglu", "rotary_qkv"])
+@pytest.mark.parametrize("op", ["geglu", "rotary_qkv", "layer_norm"])
 def test_cuda_kernels_at_base_width_under_bf16(op):
-    """ModernBERT-base widths (2 x 1152 GeGLU, 12 heads x 64), 3000 tokens, bf16 as
-    under autocast."""
+    """ModernBERT-base widths (2 x 1152 GeGLU, 12 heads x 64, hidden 768), 3000 tokens, bf16 as
+    under autocast (the norm: the fp32 residual stream, as autocast runs it)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     gen = torch.Generator().manual_seed(3)
@@ -258,6 +305,11 @@ def test_cuda_kernels_at_base_width_under_bf16(op):
         inputs = ((3 * torch.randn(3000, 2304, generator=gen)).cuda().bfloat16().requires_grad_(),)
         grads = [torch.randn(3000, 1152, generator=gen).cuda().bfloat16()]
         fused, reference = fused_kernels.geglu, geglu_activation
+    elif op == "layer_norm":
+        inputs = ((3 * torch.randn(3000, 768, generator=gen) + 1).cuda().requires_grad_(),
+                  (torch.rand(768, generator=gen) + 0.5).cuda())
+        grads = [torch.randn(3000, 768, generator=gen).cuda()]
+        fused, reference = (lambda x, w: fused_kernels.layer_norm(x, w, 1e-5)[0]), _torch_layer_norm
     else:
         qkv = torch.randn(3000, 3, 12, 64, generator=gen).cuda().bfloat16().requires_grad_()
         cos, sin = (t.cuda() for t in RotaryEmbedding(64, 160_000.0, 1024)(torch.randint(0, 1024, (3000,))))

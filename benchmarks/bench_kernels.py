@@ -5,8 +5,8 @@ error against an fp32 reference. `local_attention`: one local layer's sliding-wi
 packed documents (data/synthetic.py's lognormal lengths, median 250 tokens), the fastest attention backend here
 ("eager") against model/window_attention.py ("triton"), with TFLOP/s of the allowed pairs;
 `rotary_local_attention` the same from the Wqkv output with RoPE (the op first, or inside the kernels).
-`layer_norm`: the model's bias-free norm against fused_kernels.layer_norm, a candidate the model does
-not use until this shows it beats what torch.compile generates.
+`layer_norm`: the model's bias-free norm against fused_kernels.layer_norm (config fused_layer_norm,
+off until this and bench_step's `lnk` show it beats what torch.compile generates).
 Usage: python benchmarks/bench_kernels.py --tokens 98304
 """
 from __future__ import annotations
@@ -88,7 +88,7 @@ def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch
                6 * tokens * hidden * size + 4 * tokens * head_dim * 4,
                6 * tokens * hidden * size + 4 * tokens * head_dim * 4),
         # The norm as the model runs it (fp32 residual in, fp32 out under autocast), against
-        # model/fused_kernels.py's layer_norm (a candidate the model does not use yet).
+        # model/fused_kernels.py's layer_norm (config fused_layer_norm, off by default).
         OpCase("layer_norm", norm, kernels.get("layer_norm") and _weighted(kernels["layer_norm"], norm),
                lambda dt: (residual.to(device),),
                tokens * hidden * (4 + 4), tokens * hidden * (4 + 4 + 4)),

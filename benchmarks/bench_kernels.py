@@ -5,14 +5,17 @@ error against an fp32 reference. `local_attention`: one local layer's sliding-wi
 packed documents (data/synthetic.py's lognormal lengths, median 250 tokens), the fastest attention backend here
 ("eager") against model/window_attention.py ("triton"), with TFLOP/s of the allowed pairs;
 `rotary_local_attention` the same from the Wqkv output with RoPE (the op first, or inside the kernels).
-`layer_norm`: the model's bias-free norm against fused_kernels.layer_norm (config fused_layer_norm,
-off until this and bench_step's `lnk` show it beats what torch.compile generates).
+`layer_norm`: the model's bias-free norm against fused_kernels.layer_norm; `add_layer_norm` the
+residual add + norm of the layers (modernbert.AddNorm, its output rounded for the matmul after it)
+against fused_kernels.AddNorm (config fused_layer_norm, off until these and bench_step's `lnk` show
+it beats what torch.compile generates).
 Usage: python benchmarks/bench_kernels.py --tokens 98304
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -28,7 +31,7 @@ from modernbert_train.data import synthetic
 from modernbert_train.model.attention import fastest_available, get_backend
 from modernbert_train.model.config import preset
 from modernbert_train.model.flops import window_pairs
-from modernbert_train.model.modernbert import RotaryEmbedding, geglu_activation, rotary_qkv
+from modernbert_train.model.modernbert import AddNorm, RotaryEmbedding, geglu_activation, rotary_qkv
 
 VARIANTS = ("eager", "compiled", "triton")
 
@@ -76,6 +79,9 @@ def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch
     cos, sin = RotaryEmbedding(head_dim, cfg.global_rope_theta, 1024)(positions)
     residual = torch.randn(tokens, hidden, generator=gen)
     norm = torch.nn.LayerNorm(hidden, eps=cfg.norm_eps, bias=False).to(device)
+    delta = torch.randn(tokens, hidden, generator=gen)
+    add_norm = AddNorm(hidden, eps=cfg.norm_eps, bias=False).to(device)
+    add_norm_exact = copy.deepcopy(add_norm).to(torch.float64 if device.type == "cpu" else torch.float32)
     kernels = _triton_ops(device)
     attention, window_kernel, exact, flops, rope = _local_attention(tokens, cfg, 0, device, kernels.get("windowed"),
                                                                     kernels.get("rotary_windowed"))
@@ -92,6 +98,13 @@ def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch
         OpCase("layer_norm", norm, kernels.get("layer_norm") and _weighted(kernels["layer_norm"], norm),
                lambda dt: (residual.to(device),),
                tokens * hidden * (4 + 4), tokens * hidden * (4 + 4 + 4)),
+        # The layers' residual add + norm: the fp32 stream and a branch output in the activation dtype
+        # in; the new stream and the norm, rounded to that dtype as the matmul after it takes it, out.
+        OpCase("add_layer_norm", _for_matmul(add_norm),
+               kernels.get("add_norm") and _for_matmul(_fused_copy(kernels["add_norm"], add_norm)),
+               lambda dt: (residual.to(device), delta.to(device, dt).requires_grad_()),
+               tokens * hidden * (4 + size + 4 + size), tokens * hidden * (4 + size + 4 + 4 + size),
+               exact=add_norm_exact),
         OpCase("local_attention", attention, window_kernel,
                lambda dt: (q.to(device, dt), k.to(device, dt).requires_grad_(), v.to(device, dt).requires_grad_()),
                4 * tokens * hidden * size, 8 * tokens * hidden * size, flops, exact),
@@ -179,12 +192,27 @@ def _weighted(layer_norm: Callable, norm: torch.nn.LayerNorm) -> Callable:
     return lambda x: layer_norm(x, norm.weight, norm.eps)[0]
 
 
+def _for_matmul(add_norm: Callable) -> Callable:
+    """(x, delta) -> (x + delta, the norm in delta's dtype, as the matmul after it takes it)."""
+    def run(x, delta):
+        s, y = add_norm(x, delta)
+        return s, y.to(delta.dtype)
+    return run
+
+
+def _fused_copy(fused_class, add_norm: torch.nn.Module) -> torch.nn.Module:
+    fused = fused_class(add_norm.normalized_shape, eps=add_norm.eps, bias=False, output_feeds_matmul=True)
+    fused.load_state_dict(add_norm.state_dict())
+    return fused.to(add_norm.weight.device)
+
+
 def _triton_ops(device: torch.device) -> dict[str, Callable]:
     if device.type != "cuda" and not _interpreted(device):
         return {}
     from modernbert_train.model import fused_kernels, window_attention
     return {"geglu": fused_kernels.geglu, "rotary_qkv": fused_kernels.rotary_qkv, "windowed": window_attention.windowed,
-            "rotary_windowed": window_attention.rotary_windowed, "layer_norm": fused_kernels.layer_norm}
+            "rotary_windowed": window_attention.rotary_windowed, "layer_norm": fused_kernels.layer_norm,
+            "add_norm": fused_kernels.AddNorm}
 
 
 def _outputs(out) -> tuple:
@@ -294,7 +322,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="activation dtype (default bf16 on cuda, as under autocast; fp32 on cpu)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--ops", nargs="+",
-                   default=["geglu", "rotary_qkv", "layer_norm", "local_attention", "rotary_local_attention"])
+                   default=["geglu", "rotary_qkv", "layer_norm", "add_layer_norm", "local_attention",
+                            "rotary_local_attention"])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--out-json", type=Path, default=Path("bench_results/kernels.json"))
     args = p.parse_args(argv)
@@ -305,9 +334,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         cases = [c for c in build_cases(args.tokens, args.preset, dtype, device) if c.name in args.ops]
         for case in cases:
             for variant in args.variants:
-                # the norm sees fp32 activations and runs under autocast, as in the model
+                # the norms see fp32 activations and run under autocast, as in the model
                 results.append(run_case(case, variant, dtype, device, args.iters,
-                                        autocast=case.name == "layer_norm" and dtype != torch.float32))
+                                        autocast=case.name.endswith("layer_norm") and dtype != torch.float32))
     machine = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1"}

@@ -156,7 +156,7 @@ class RunSpec:
     window instead of the Triton kernels of model/window_attention.py, config
     window_attention_kernel). Options that turn on what is off by default: `winrope` (the window
     kernels rotating q and k themselves, config window_attention_rope), `lnk` (every LayerNorm as
-    the Triton kernels of model/fused_kernels.py, config fused_layer_norm), `bf16res` (the
+    the Triton kernels of model/fused_kernels.py, the residual add inside, config fused_layer_norm), `bf16res` (the
     residual stream in bf16 under autocast, config autocast_residual), `cdt` (inductor's
     coordinate-descent tuning of kernel block sizes: a longer compile), `capacity` (worst-case
     `cu_seqlens` length instead of the document count rounded up to 64)."""

@@ -17,8 +17,8 @@
 # its configs, and the compiled-model test builds three models, hence 120 s per test), step1024x96
 # ~170 s for 3 runs (~220 s with the 4 now), step1024x32 189 s, trainer ~100 s. Next session:
 # `pytest-syncs step1024x96 step1024x32` in one call (~540 s), then `pytest kernels` (~200 s: the
-# LayerNorm kernel's GPU parity test and its time alone), then `trainer`, then `pytest-compiled saved
-# large tuning step8192x12 trainer-closure` if time is left. A step benchmark
+# LayerNorm kernels' GPU parity tests, alone and with the residual add, and their times alone), then
+# `trainer`, then `pytest-compiled saved large tuning step8192x12 trainer-closure` if time is left. A step benchmark
 # rewrites its JSON after every configuration, so a stage cut short keeps what it measured.
 set -uo pipefail
 OUT=${OUT:-bench_results/gpu}
@@ -80,8 +80,9 @@ want pytest && stage pytest ${T_PYTEST:-150} $PY -m pytest -v -ra -m gpu --timeo
 # (the local layers' Triton attention, config window_attention_kernel: 445.8k tok/s against 418.1k
 # without, -win, on 2026-11-28's H200); winrope: the same kernels with RoPE inside (config
 # window_attention_rope: no RoPE passes over q, k, v in memory on local layers; not yet timed here:
-# the stage ran out of time); lnk: every LayerNorm as model/fused_kernels.py's kernels (config
-# fused_layer_norm; the compiled norm's backward took 24.7 of 232.5 ms per step on 2026-11-27).
+# the stage ran out of time); lnk: every LayerNorm as model/fused_kernels.py's kernels, the residual
+# add inside (config fused_layer_norm; the compiled norm's backward took 24.7 of 232.5 ms per step
+# on 2026-11-27).
 # bf16res (the residual stream in bf16, config autocast_residual) is timed at 32 x 1024 below, alone.
 # ours:$V:full:mem=0.7 trades speed for memory (the compiler's activation memory budget).
 want step1024x96 && step 1024x96 ${T_1024x96:-240} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \

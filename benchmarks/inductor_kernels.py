@@ -94,8 +94,8 @@ def _trace(step, inputs: list, params: dict) -> list[tuple[str, torch.fx.GraphMo
 
 
 def trace_layer(tokens: int, fused_kernels: bool, preset_name: str) -> list[tuple[str, torch.fx.GraphModule, list]]:
-    """One local encoder layer (attention norm, Wqkv, RoPE, attention, Wo, residual, MLP norm,
-    GeGLU), bf16 autocast."""
+    """One local encoder layer (residual add + attention norm, Wqkv, RoPE, attention, Wo, residual
+    add + MLP norm, GeGLU), bf16 autocast."""
     cfg = replace(preset(preset_name), fused_kernels=fused_kernels)
     layer = EncoderLayer(cfg, layer_idx=1)
     rotary = layer.attn.attend.args[0]  # the RoPE op of attention_op's rotary_attention
@@ -103,11 +103,14 @@ def trace_layer(tokens: int, fused_kernels: bool, preset_name: str) -> list[tupl
     cos, sin = RotaryEmbedding(cfg.head_dim, cfg.local_rope_theta, 1024)(torch.arange(tokens) % 1024)
     params = dict(layer.named_parameters())
 
-    def step(x, cos, sin, *weights):
+    def step(x, delta, cos, sin, *weights):  # the stream (fp32) and the last layer's MLP output (bf16)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return torch.func.functional_call(layer, dict(zip(params, weights)), (x, (cos, sin), None, 0, {}))
+            x, delta = torch.func.functional_call(layer, dict(zip(params, weights)),
+                                                  (x, delta, (cos, sin), None, 0, {}))
+            return x.sum() + delta.sum()
 
     return _trace(step, [lambda: torch.empty(tokens, cfg.hidden_size, requires_grad=True),
+                         lambda: torch.empty(tokens, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True),
                          lambda: torch.empty_like(cos), lambda: torch.empty_like(sin)], params)
 
 
@@ -295,24 +298,30 @@ def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
                   ("backward", window._window_bwd_dq,
                    dict(**attention, do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32", dq_ptr="*bf16", **bounds,
                         **sizes, scale="fp32"), tile, head_dim, tokens * hidden)]
-    # The LayerNorm of config fused_layer_norm on the fp32 residual stream: a block of rows of width
-    # BLOCK_C (hidden rounded up to a power of two, masked); the backward's loop over its rows counts once.
+    # The LayerNorms of config fused_layer_norm on the fp32 residual stream: a block of rows of width
+    # BLOCK_C (hidden rounded up to a power of two, masked); the backward's loop over its rows counts
+    # once. Alone (the embeddings', the head's) and with the residual add (ADD: a bf16 branch output
+    # added, the norm written in bf16 for the matmul after it; backward: the stream's fp32 gradient
+    # added, written again in bf16 for the branch).
     norm_block = triton.next_power_of_2(hidden)
-    norm = dict(x_ptr="*fp32", w_ptr="*fp32")
-    cases += [("forward", fused_kernels._layer_norm_fwd, dict(**norm, y_ptr="*fp32", mean_ptr="*fp32",
-                                                             rstd_ptr="*fp32", n_rows="i32", n_cols="i32", eps="fp32"),
-               dict(BLOCK_C=norm_block), hidden / norm_block, tokens * hidden),
-              ("backward", fused_kernels._layer_norm_bwd, dict(dy_ptr="*fp32", **norm, mean_ptr="*fp32",
-                                                              rstd_ptr="*fp32", dx_ptr="*fp32", dw_part_ptr="*fp32",
-                                                              n_rows="i32", n_cols="i32", rows_per_program="i32"),
-               dict(BLOCK_C=norm_block), hidden / norm_block, tokens * hidden)]
+    sizes = dict(n_rows="i32", n_cols="i32")
+    for add in (False, True):
+        low = "*bf16" if add else "*fp32"
+        cases += [("forward", fused_kernels._layer_norm_fwd,
+                   dict(x_ptr="*fp32", delta_ptr=low, s_ptr="*fp32", w_ptr="*fp32", y_ptr=low, mean_ptr="*fp32",
+                        rstd_ptr="*fp32", **sizes, eps="fp32"),
+                   dict(ADD=add, BLOCK_C=norm_block), hidden / norm_block, tokens * hidden),
+                  ("backward", fused_kernels._layer_norm_bwd,
+                   dict(dy_ptr=low, ds_ptr="*fp32", x_ptr="*fp32", w_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32",
+                        dx_ptr="*fp32", ddelta_ptr=low, dw_part_ptr="*fp32", **sizes, rows_per_program="i32"),
+                   dict(ADD=add, BLOCK_C=norm_block), hidden / norm_block, tokens * hidden)]
     reports = []
     for graph, kernel, signature, fixed, per_block_unit, elements in cases:
         fn = kernel.kernel
         attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items()
                  if ty.startswith("*") or name in ("n_rows", "n_cols", "stride")}
         report = KernelReport(graph, f"ours: {fn.__name__}" + (" backward" if fixed.get("BACKWARD") else "")
-                              + (" rope" if fixed.get("ROPE") else ""),
+                              + (" rope" if fixed.get("ROPE") else "") + (" add" if fixed.get("ADD") else ""),
                               elements, len(kernel.configs), [], [], float("nan"), float("nan"))
         for config in kernel.configs:
             constants = {**fixed, **config.kwargs}

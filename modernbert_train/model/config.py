@@ -53,9 +53,9 @@ class ModernBertConfig:
     # Every LayerNorm as the Triton kernels of model/fused_kernels.py on CUDA tensors (one pass per
     # row block forward and backward, the weight gradient from per-program partial sums) instead of
     # what torch.compile generates (its backward moved ~1.8 TB/s on an H200, 24.7 of 232.5 ms per
-    # 96 x 1024 step). Off until a GPU run times it: as an op it also stops Inductor fusing the
-    # residual add into the norm and the gradient sum into its backward, which may cost what the
-    # kernels save (then the residual add belongs inside the op).
+    # 96 x 1024 step). The residual add before each norm runs in the same kernel (AddNorm), and so
+    # does the residual gradient's sum in its backward, as Inductor would fuse them; a norm that
+    # feeds a matmul is written in the autocast dtype. Off until a GPU run times it.
     fused_layer_norm: bool = False
     # Under autocast, carry the residual stream (the running sum through the layers) in the autocast
     # dtype (bf16 under amp_bf16) instead of fp32: half the memory traffic of every LayerNorm and
@@ -92,6 +92,8 @@ class ModernBertConfig:
         if self.vocab_size % 64:
             problems.append(f"model.vocab_size={self.vocab_size} is not a multiple of 64 "
                             "(pad it up: the tokenizer's size rounded to 64)")
+        if self.num_hidden_layers < 1:
+            problems.append(f"model.num_hidden_layers={self.num_hidden_layers} must be >= 1")
         if self.global_attn_every_n_layers < 1:
             problems.append("model.global_attn_every_n_layers must be >= 1")
         if self.window_attention_rope and (self.head_dim < 16 or self.head_dim & (self.head_dim - 1)):

@@ -12,9 +12,10 @@ Math in fp32, one rounding to the input dtype.
 - geglu: h (T, 2I) -> GELU(h[:, :I]) * h[:, I:] (T, I); backward writes dh in one pass.
 - rotary_qkv: the Wqkv output (T, 3, N, Dh) -> q, k rotated and v, each (T, N, Dh) contiguous;
   backward writes d(qkv) from dq, dk, dv in one pass (no separate concat).
-- layer_norm (bias-free), and LayerNorm, the nn.LayerNorm that calls it (config fused_layer_norm,
-  off until a GPU run times it against the norm torch.compile generates: benchmarks/bench_kernels.py
-  alone, benchmarks/bench_step.py option `lnk` in the whole step).
+- layer_norm (bias-free) and add_layer_norm (the residual add before it in the same pass, and the
+  stream's gradient added in its backward); LayerNorm and AddNorm, the model's modules that call
+  them (config fused_layer_norm, off until a GPU run times it against what torch.compile generates:
+  benchmarks/bench_kernels.py alone, benchmarks/bench_step.py option `lnk` in the whole step).
 """
 from __future__ import annotations
 
@@ -286,24 +287,32 @@ def _rotary_grad(ctx, dq, dk, dv):
 rotary_qkv.register_autograd(_rotary_grad, setup_context=_rotary_setup)
 
 
-# --- LayerNorm without bias (config fused_layer_norm, off until timed on a GPU) ----------------------
+# --- LayerNorm without bias, alone or after the residual add (config fused_layer_norm) --------------
 #
 # Inductor's LayerNorm backward moves ~1.8 TB/s on an H200 (bench_kernels, 96 x 1024 x 768 fp32):
 # the weight gradient is a second reduction over every token, re-reading x and dy. Here one pass
 # per block of rows writes dx and keeps the block's share of dw in registers; a (programs, H)
 # buffer of partial sums is reduced after. Statistics in fp32; mean and 1 / std saved for backward.
+# ADD: the residual add before the norm in the same pass (s = x + delta stored, then normed), and in
+# backward the stream's gradient ds added to the norm's, written for x and, in its dtype, for delta.
 
-@autotune([triton.Config(dict(BLOCK_R=r), num_warps=w) for r, w in ((4, 4), (8, 8), (2, 4), (16, 8))],
-          key=["n_cols"])
+_NORM_CONFIGS = [triton.Config(dict(BLOCK_R=r), num_warps=w) for r, w in ((4, 4), (8, 8), (2, 4), (16, 8))]
+
+
+@autotune(_NORM_CONFIGS, key=["n_cols", "ADD"])
 @triton.jit
-def _layer_norm_fwd(x_ptr, w_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, n_cols, eps,
-                    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+def _layer_norm_fwd(x_ptr, delta_ptr, s_ptr, w_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, n_cols, eps,
+                    ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     row_ok = rows < n_rows
     mask = row_ok[:, None] & (cols[None, :] < n_cols)
     offs = rows[:, None] * n_cols + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ADD:  # the norm sees the sum as stored (rounded to s's dtype)
+        s = (x + tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + offs, s, mask=mask)
+        x = s.to(tl.float32)
     mean = tl.sum(x, axis=1) / n_cols
     centred = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / n_cols + eps)
@@ -313,13 +322,13 @@ def _layer_norm_fwd(x_ptr, w_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, n_cols, eps
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
 
-@autotune([triton.Config(dict(BLOCK_R=r), num_warps=w) for r, w in ((4, 4), (8, 8), (2, 4), (16, 8))],
-          key=["n_cols"])
+@autotune(_NORM_CONFIGS, key=["n_cols", "ADD"])
 @triton.jit
-def _layer_norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, n_rows, n_cols,
-                    rows_per_program, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+def _layer_norm_bwd(dy_ptr, ds_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, ddelta_ptr, dw_part_ptr, n_rows,
+                    n_cols, rows_per_program, ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     """Program p takes rows [p * rows_per_program, (p + 1) * rows_per_program) in blocks of BLOCK_R
-    and writes its partial dw to row p of dw_part (programs, n_cols), fp32."""
+    and writes its partial dw to row p of dw_part (programs, n_cols), fp32. x: the normed input
+    (with ADD, the stored sum s)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < n_cols
@@ -340,62 +349,87 @@ def _layer_norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_pt
         c1 = tl.sum(xhat * wdy, axis=1) / n_cols
         c2 = tl.sum(wdy, axis=1) / n_cols
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if ADD:
+            dx += tl.load(ds_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ddelta_ptr + offs, dx.to(ddelta_ptr.dtype.element_ty), mask=mask)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * xhat, axis=0)
     tl.store(dw_part_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=col_ok)
 
 
-def _layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float):
-    """y (x's dtype), mean and 1 / std (fp32, per row): what the kernel computes, in PyTorch."""
-    xf = x.float()
-    mean = xf.mean(dim=-1)
-    rstd = torch.rsqrt(xf.var(dim=-1, unbiased=False) + eps)
-    y = (xf - mean[:, None]) * rstd[:, None] * weight.float()
-    return y.to(x.dtype), mean, rstd
+def _rows_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("modernbert::layer_norm", mutates_args=())
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (T, H), weight (H,) -> y = (x - mean) / std * weight in x's dtype, mean and 1 / std (T,) fp32."""
+def _norm_forward(x: torch.Tensor, delta, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
+    """(s or None, y, mean, rstd): the kernel on CUDA tensors, else the same in PyTorch."""
+    s = None if delta is None else torch.empty(x.shape, dtype=torch.promote_types(x.dtype, delta.dtype),
+                                               device=x.device)
     if not use_triton(x):
-        return _layer_norm_reference(x, weight, eps)
+        if s is not None:
+            x = s.copy_(x + delta)
+        xf = x.float()
+        mean = xf.mean(dim=-1)
+        rstd = torch.rsqrt(xf.var(dim=-1, unbiased=False) + eps)
+        return s, ((xf - mean[:, None]) * rstd[:, None] * weight.float()).to(out_dtype), mean, rstd
     x, weight = x.contiguous(), weight.contiguous()
+    delta = x if delta is None else delta.contiguous()  # (not read without ADD)
     n_rows, n_cols = x.shape
-    y = torch.empty_like(x)
-    mean, rstd = (x.new_empty(n_rows, dtype=torch.float32) for _ in range(2))
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    mean, rstd = _rows_stats(x)
     _layer_norm_fwd[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]),)](
-        x, weight, y, mean, rstd, n_rows, n_cols, eps, BLOCK_C=triton.next_power_of_2(n_cols))
-    return y, mean, rstd
-
-
-@layer_norm.register_fake
-def _(x, weight, eps):
-    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.float32)
+        x, delta, x if s is None else s, weight, y, mean, rstd, n_rows, n_cols, eps, ADD=s is not None,
+        BLOCK_C=triton.next_power_of_2(n_cols))
+    return s, y, mean, rstd
 
 
 # Programs of the backward pass: enough to fill a GPU several times over; each keeps one partial dw.
 _LAYER_NORM_BWD_PROGRAMS = 1024
 
 
-@torch.library.custom_op("modernbert::layer_norm_backward", mutates_args=())
-def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                        rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """dx (x's dtype) and dw (weight's dtype) from dy."""
+def _norm_backward(dy: torch.Tensor, ds, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                   rstd: torch.Tensor, delta_dtype: torch.dtype):
+    """(dx in x's dtype, ddelta in delta_dtype or None without ds, dw in weight's dtype)."""
     if not use_triton(x):  # (autograd is off inside an op: the derivative written out)
         xhat = (x.float() - mean[:, None]) * rstd[:, None]
         wdy = dy.float() * weight.float()
         dx = (wdy - xhat * (xhat * wdy).mean(-1, keepdim=True) - wdy.mean(-1, keepdim=True)) * rstd[:, None]
-        return dx.to(x.dtype), (dy.float() * xhat).sum(0).to(weight.dtype)
+        dx = dx if ds is None else dx + ds.float()
+        return (dx.to(x.dtype), None if ds is None else dx.to(delta_dtype),
+                (dy.float() * xhat).sum(0).to(weight.dtype))
     dy, x, weight = dy.contiguous(), x.contiguous(), weight.contiguous()
+    ds = dy if ds is None else ds.contiguous()  # (not read without ADD)
+    add = ds is not dy
     n_rows, n_cols = x.shape
     programs = max(1, min(_LAYER_NORM_BWD_PROGRAMS, n_rows))
     rows_per_program = triton.cdiv(n_rows, programs)
     programs = triton.cdiv(n_rows, rows_per_program)
     dx = torch.empty_like(x)
+    ddelta = torch.empty_like(x, dtype=delta_dtype) if add else None
     dw_part = x.new_empty(programs, n_cols, dtype=torch.float32)
-    _layer_norm_bwd[lambda meta: (programs,)](dy, x, weight, mean, rstd, dx, dw_part, n_rows, n_cols,
-                                              rows_per_program, BLOCK_C=triton.next_power_of_2(n_cols))
-    return dx, dw_part.sum(0).to(weight.dtype)
+    _layer_norm_bwd[lambda meta: (programs,)](dy, ds, x, weight, mean, rstd, dx, dx if ddelta is None else ddelta,
+                                              dw_part, n_rows, n_cols, rows_per_program, ADD=add,
+                                              BLOCK_C=triton.next_power_of_2(n_cols))
+    return dx, ddelta, dw_part.sum(0).to(weight.dtype)
+
+
+@torch.library.custom_op("modernbert::layer_norm", mutates_args=())
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (T, H), weight (H,) -> y = (x - mean) / std * weight in x's dtype, mean and 1 / std (T,) fp32."""
+    return _norm_forward(x, None, weight, eps, x.dtype)[1:]
+
+
+@layer_norm.register_fake
+def _(x, weight, eps):
+    return (torch.empty_like(x), *_rows_stats(x))
+
+
+@torch.library.custom_op("modernbert::layer_norm_backward", mutates_args=())
+def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                        rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx (x's dtype) and dw (weight's dtype) from dy."""
+    dx, _, dw = _norm_backward(dy, None, x, weight, mean, rstd, x.dtype)
+    return dx, dw
 
 
 @layer_norm_backward.register_fake
@@ -418,6 +452,52 @@ def _layer_norm_grad(ctx, dy, _dmean, _drstd):
 layer_norm.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
 
 
+@torch.library.custom_op("modernbert::add_layer_norm", mutates_args=())
+def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, delta (T, H) -> s = x + delta (their promoted dtype), y = the norm of s in out_dtype, and
+    s's mean and 1 / std (T,) fp32."""
+    return _norm_forward(x, delta, weight, eps, out_dtype)
+
+
+@add_layer_norm.register_fake
+def _(x, delta, weight, eps, out_dtype):
+    return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, delta.dtype)),
+            x.new_empty(x.shape, dtype=out_dtype), *_rows_stats(x))
+
+
+@torch.library.custom_op("modernbert::add_layer_norm_backward", mutates_args=())
+def add_layer_norm_backward(dy: torch.Tensor, ds: torch.Tensor, s: torch.Tensor, weight: torch.Tensor,
+                            mean: torch.Tensor, rstd: torch.Tensor, delta_dtype: torch.dtype
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From dy (of y) and ds (of s, from the rest of the stream): the gradient of x (s's dtype),
+    the same in delta_dtype for delta, and dw."""
+    return _norm_backward(dy, ds, s, weight, mean, rstd, delta_dtype)
+
+
+@add_layer_norm_backward.register_fake
+def _(dy, ds, s, weight, mean, rstd, delta_dtype):
+    return torch.empty_like(s), torch.empty_like(s, dtype=delta_dtype), torch.empty_like(weight)
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    x, delta, weight, _, _ = inputs
+    s, _, mean, rstd = output
+    ctx.save_for_backward(s, weight, mean, rstd)
+    ctx.dtypes = x.dtype, delta.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _add_layer_norm_grad(ctx, ds, dy, _dmean, _drstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    x_dtype, delta_dtype = ctx.dtypes
+    dx, ddelta, dw = add_layer_norm_backward(dy, ds, s, weight, mean, rstd, delta_dtype)
+    return dx.to(x_dtype), ddelta, dw, None, None
+
+
+add_layer_norm.register_autograd(_add_layer_norm_grad, setup_context=_add_layer_norm_setup)
+
+
 class LayerNorm(torch.nn.LayerNorm):
     """nn.LayerNorm (the same parameters and state dict) whose tensors Triton runs go through
     layer_norm above; under autocast in fp32, as autocast runs a norm. Others: nn.LayerNorm."""
@@ -428,3 +508,22 @@ class LayerNorm(torch.nn.LayerNorm):
         if torch.is_autocast_enabled(x.device.type):
             x = x.float()
         return layer_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps)[0].view(x.shape)
+
+
+class AddNorm(modernbert.AddNorm):
+    """modernbert.AddNorm (the same parameters and state dict) through add_layer_norm on tensors
+    Triton runs; under autocast the norm in fp32, written in fp32 or, with `output_feeds_matmul`,
+    in the autocast dtype. Others: modernbert.AddNorm."""
+
+    def __init__(self, *args, output_feeds_matmul: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.output_feeds_matmul = output_feeds_matmul
+
+    def forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not use_triton(x) or self.bias is not None:
+            return super().forward(x, delta)
+        width, out_dtype = x.shape[-1], torch.promote_types(x.dtype, delta.dtype)
+        if torch.is_autocast_enabled(x.device.type):  # a matmul after it rounds to the autocast dtype
+            out_dtype = torch.get_autocast_dtype(x.device.type) if self.output_feeds_matmul else torch.float32
+        s, y, _, _ = add_layer_norm(x.reshape(-1, width), delta.reshape(-1, width), self.weight, self.eps, out_dtype)
+        return s.view(x.shape), y.view(x.shape)

@@ -3,7 +3,8 @@
 What is notable, top to bottom:
 - Token embeddings -> LayerNorm (no bias) -> dropout; no position embeddings (RoPE instead).
 - Pre-norm encoder layers; layer 0's attention norm is the identity (the embedding norm already
-  normalised its input).
+  normalised its input). Each residual add happens inside the norm after it (AddNorm: the stream
+  passes between layers as x + delta), so a fused kernel reads and writes the stream once for both.
 - Attention: fused Wqkv, RoPE, Wo; no biases. Layers 0, n, 2n, ... are global, the others see a
   sliding window (|i - j| <= local_attention // 2). Global and local layers use their own RoPE
   theta. The kernel is chosen by name (model/attention.py; optionally model/window_attention.py
@@ -174,17 +175,44 @@ def residual_cast(config: ModernBertConfig):
 
 # --- blocks ----------------------------------------------------------------------------------------
 
-def layer_norm(config: ModernBertConfig) -> nn.LayerNorm:
-    """Bias-free; with `fused_layer_norm` model/fused_kernels.py's subclass (same parameters, the
-    Triton kernels on CUDA tensors; an explicit opt-in, so a missing triton is an error)."""
+class AddNorm(nn.LayerNorm):
+    """The residual add and the pre-norm after it: (x, delta) -> (x + delta, norm(x + delta)).
+    Bias-free. One module so that fused_kernels.AddNorm (config fused_layer_norm) can do both in
+    one pass over the stream."""
+
+    def forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + delta
+        return x, super().forward(x)
+
+
+def _fused_norms(config: ModernBertConfig):
+    """model/fused_kernels.py when `fused_layer_norm` asks for it (an explicit opt-in, so a missing
+    triton is an error), else None."""
     if not config.fused_layer_norm:
-        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
+        return None
     try:
-        fused_kernels = importlib.import_module("modernbert_train.model.fused_kernels")
+        return importlib.import_module("modernbert_train.model.fused_kernels")
     except ImportError as err:
         raise ImportError(f"model.fused_layer_norm=true needs triton ({err}; it comes with torch's CUDA wheels); "
                           "set model.fused_layer_norm=false") from err
-    return fused_kernels.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
+
+
+def layer_norm(config: ModernBertConfig) -> nn.LayerNorm:
+    """A norm with no residual add before it (embeddings, MLM head): bias-free; with
+    `fused_layer_norm` fused_kernels.LayerNorm (same parameters, Triton kernels on CUDA tensors)."""
+    fused = _fused_norms(config)
+    module = fused.LayerNorm if fused else nn.LayerNorm
+    return module(config.hidden_size, eps=config.norm_eps, bias=False)
+
+
+def add_norm(config: ModernBertConfig, output_feeds_matmul: bool) -> AddNorm:
+    """A residual add + norm; with `fused_layer_norm` fused_kernels.AddNorm, which under autocast
+    writes the norm in the autocast dtype where `output_feeds_matmul` (the matmul would round it
+    to that dtype anyway)."""
+    fused = _fused_norms(config)
+    if fused is None:
+        return AddNorm(config.hidden_size, eps=config.norm_eps, bias=False)
+    return fused.AddNorm(config.hidden_size, eps=config.norm_eps, bias=False, output_feeds_matmul=output_feeds_matmul)
 
 
 class Embeddings(nn.Module):
@@ -231,16 +259,20 @@ class GeGLU(nn.Module):
 
 
 class EncoderLayer(nn.Module):
+    """Pre-norm. The stream arrives as (x, delta), delta the previous layer's MLP output (None for
+    layer 0), which attn_norm adds; the layer returns its own MLP output unadded in the same way."""
+
     def __init__(self, config: ModernBertConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = nn.Identity() if layer_idx == 0 else layer_norm(config)
+        self.attn_norm = nn.Identity() if layer_idx == 0 else add_norm(config, output_feeds_matmul=True)
         self.attn = Attention(config, layer_idx)
-        self.mlp_norm = layer_norm(config)
+        self.mlp_norm = add_norm(config, output_feeds_matmul=True)
         self.mlp = GeGLU(config)
 
-    def forward(self, x, rope, cu_seqlens, max_seqlen, cache):
-        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, cache)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, delta, rope, cu_seqlens, max_seqlen, cache):
+        x, h = (x, self.attn_norm(x)) if delta is None else self.attn_norm(x, delta)
+        x, h = self.mlp_norm(x, self.attn(h, rope, cu_seqlens, max_seqlen, cache))
+        return x, self.mlp(h)
 
 
 class ModernBertModel(nn.Module):
@@ -252,7 +284,7 @@ class ModernBertModel(nn.Module):
         self.config = config
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(EncoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.final_norm = layer_norm(config)
+        self.final_norm = add_norm(config, output_feeds_matmul=False)  # the model's output
         self.global_rope = RotaryEmbedding(config.head_dim, config.global_rope_theta,
                                            config.max_position_embeddings)
         self.local_rope = RotaryEmbedding(config.head_dim, config.local_rope_theta,
@@ -270,11 +302,11 @@ class ModernBertModel(nn.Module):
         cache = prepare_attention(self.config.attention_backend, cu_seqlens, total,
                                   {layer.attn.window for layer in self.layers},
                                   bounds=self.config.window_attention_kernel)
-        x = self.residual_cast(self.embeddings(input_ids))  # (T, H)
+        x, delta = self.residual_cast(self.embeddings(input_ids)), None  # the stream: x + delta, (T, H)
         for layer in self.layers:
             rope = global_rope if layer.attn.is_global else local_rope
-            x = layer(x, rope, cu_seqlens, max_seqlen, cache)
-        return self.final_norm(x)
+            x, delta = layer(x, delta, rope, cu_seqlens, max_seqlen, cache)
+        return self.final_norm(x, delta)[1]
 
 
 class MLMHead(nn.Module):

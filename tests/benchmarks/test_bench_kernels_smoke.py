@@ -21,8 +21,8 @@ def test_every_op_and_variant_runs_and_matches_the_reference(tmp_path):
     assert not fused_kernels.interpret_cpu_tensors
     results = {(r["op"], r["variant"]): r for r in json.loads(out.read_text())["results"]}
     assert rc == 0, [r["error"] for r in results.values()]
-    assert sorted(results) == sorted((op, v) for op in ("geglu", "rotary_qkv", "layer_norm", "local_attention",
-                                                                 "rotary_local_attention")
+    assert sorted(results) == sorted((op, v) for op in ("geglu", "rotary_qkv", "layer_norm", "add_layer_norm",
+                                                        "local_attention", "rotary_local_attention")
                                      for v in ("eager", "compiled", "triton")), sorted(results)
     for key, r in results.items():
         assert r["error"] is None and r["fwd_ms"] > 0 and r["fwd_gb_s"] > 0, r

@@ -17,7 +17,7 @@ import torch
 
 from modernbert_train.model.attention import get_backend
 from modernbert_train.model.config import preset
-from modernbert_train.model.modernbert import (ModernBertForMaskedLM, RotaryEmbedding, geglu_activation,
+from modernbert_train.model.modernbert import (AddNorm, ModernBertForMaskedLM, RotaryEmbedding, geglu_activation,
                                                pointwise_ops, rotary_qkv)
 
 pytest.importorskip("triton", reason="the fused kernels are written in Triton")
@@ -101,6 +101,14 @@ def _torch_layer_norm(x, weight, eps=1e-5):
     return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, eps=eps)
 
 
+def _assert_weight_grad_and_stats(dw, mean, rstd, want_dw, normed):
+    """dw against its fp64 reference; the saved mean and 1 / std against those of `normed` (fp64)."""
+    torch.testing.assert_close(dw.double(), want_dw, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mean.double(), normed.detach().mean(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), normed.detach().var(-1, unbiased=False).add(1e-5).rsqrt(),
+                               rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("programs", [1024, 4], ids=["a-program-per-row", "ragged-rows-per-program"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_layer_norm_matches_torch_forward_and_backward(dtype, programs, monkeypatch):
@@ -121,10 +129,63 @@ def test_layer_norm_matches_torch_forward_and_backward(dtype, programs, monkeypa
     assert y.dtype == dx.dtype == dtype and dw.dtype == torch.float32 and y.shape == (37, 96)
     torch.testing.assert_close(y.double(), want, **TOLERANCE[dtype])
     torch.testing.assert_close(dx.double(), want_dx, **TOLERANCE[dtype])
-    torch.testing.assert_close(dw.double(), want_dw, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(mean.double(), ref_x.detach().mean(-1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(rstd.double(), ref_x.detach().var(-1, unbiased=False).add(1e-5).rsqrt(),
-                               rtol=1e-4, atol=1e-6)
+    _assert_weight_grad_and_stats(dw, mean, rstd, want_dw, ref_x)
+
+
+@pytest.mark.parametrize("programs", [1024, 4], ids=["a-program-per-row", "ragged-rows-per-program"])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16, torch.bfloat16),
+                                    (torch.float32, torch.float32, torch.float32),
+                                    (torch.bfloat16, torch.bfloat16, torch.float32)],
+                         ids=["fp32-stream+bf16-branch->bf16", "fp32", "bf16-stream->fp32"])
+def test_add_layer_norm_matches_torch_forward_and_backward(dtypes, programs, monkeypatch):
+    """s = x + delta and y = norm(s) in one pass; backward: x's gradient is ds plus the norm's, the
+    same rounded to delta's dtype for delta. 37 rows of 96, as above. The first case is the model's
+    under autocast: an fp32 stream, a bf16 branch output, the norm written in bf16 for a matmul."""
+    x_dtype, delta_dtype, out_dtype = dtypes
+    monkeypatch.setattr(fused_kernels, "_LAYER_NORM_BWD_PROGRAMS", programs)
+    gen = torch.Generator().manual_seed(6)
+    x = (3 * torch.randn(37, 96, generator=gen) + 1).to(DEVICE, x_dtype).requires_grad_()
+    delta = torch.randn(37, 96, generator=gen).to(DEVICE, delta_dtype).requires_grad_()
+    weight = (torch.rand(96, generator=gen) + 0.5).to(DEVICE).requires_grad_()
+    ds = torch.randn(37, 96, generator=gen).to(DEVICE, x_dtype)
+    dy = torch.randn(37, 96, generator=gen).to(DEVICE, out_dtype)
+    assert fused_kernels.use_triton(x), "the test must exercise the kernel, not the CPU fallback"
+    s, y, mean, rstd = fused_kernels.add_layer_norm(x, delta, weight, 1e-5, out_dtype)
+    dx, ddelta, dw = torch.autograd.grad((s, y), (x, delta, weight), (ds, dy))
+    assert (s.dtype, y.dtype, dx.dtype, ddelta.dtype, dw.dtype) == (x_dtype, out_dtype, x_dtype, delta_dtype,
+                                                                    torch.float32)
+    torch.testing.assert_close(s.double(), x.detach().double() + delta.detach().double(), **TOLERANCE[x_dtype])
+    # the norm of the sum as stored
+    ref_s, ref_w = s.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    want_y = _torch_layer_norm(ref_s, ref_w)
+    want_ds, want_dw = torch.autograd.grad(want_y, (ref_s, ref_w), dy.double())
+    want_dx = want_ds + ds.double()
+    torch.testing.assert_close(y.double(), want_y, **TOLERANCE[out_dtype])
+    torch.testing.assert_close(dx.double(), want_dx, **TOLERANCE[x_dtype])
+    torch.testing.assert_close(ddelta.double(), want_dx, **TOLERANCE[delta_dtype])
+    _assert_weight_grad_and_stats(dw, mean, rstd, want_dw, ref_s)
+
+
+@pytest.mark.parametrize("feeds_matmul", [True, False], ids=["feeds-a-matmul", "the-model-output"])
+def test_add_norm_under_autocast_is_the_pytorch_modules_output_rounded_once(feeds_matmul):
+    """fused_kernels.AddNorm against modernbert.AddNorm under bf16 autocast: the same stream (fp32)
+    and norm; written in bf16 where only a matmul reads it (which would round it there), else in
+    fp32, as autocast returns a norm."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 19, 64, generator=gen).to(DEVICE)
+    delta = torch.randn(2, 19, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    plain = AddNorm(64, bias=False).to(DEVICE)
+    with torch.no_grad():
+        plain.weight.copy_(torch.rand(64, generator=gen) + 0.5)
+    fused = fused_kernels.AddNorm(64, bias=False, output_feeds_matmul=feeds_matmul).to(DEVICE)
+    fused.load_state_dict(plain.state_dict())
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        want_s, want_y = plain(x, delta)
+        s, y = fused(x, delta)
+    assert (s.dtype, want_s.dtype, want_y.dtype) == (torch.float32,) * 3 and s.shape == y.shape == x.shape
+    assert y.dtype == (torch.bfloat16 if feeds_matmul else torch.float32), y.dtype
+    torch.testing.assert_close(s, want_s, rtol=0, atol=0)
+    torch.testing.assert_close(y.float(), want_y.to(y.dtype).float(), **TOLERANCE[y.dtype])
 
 
 def test_cpu_path_without_the_interpreter_matches_the_kernels(monkeypatch):
@@ -158,6 +219,8 @@ def test_custom_ops_pass_torch_library_opcheck():
     torch.library.opcheck(fused_kernels.geglu_backward, (h.detach(), torch.randn(10, 6, device=DEVICE)))
     x, weight = torch.randn(10, 24, device=DEVICE, requires_grad=True), torch.rand(24, device=DEVICE, requires_grad=True)
     torch.library.opcheck(fused_kernels.layer_norm, (x, weight, 1e-5))
+    delta = torch.randn(10, 24, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(fused_kernels.add_layer_norm, (x, delta, weight, 1e-5, torch.bfloat16))
 
 
 def test_ops_compile_into_one_graph_with_their_gradients():
@@ -206,8 +269,9 @@ def test_model_with_fused_kernels_matches_pytorch_path(compiled):
         torch._dynamo.reset()
         model = _tiny_model(fused)
         assert (model.model.layers[0].mlp.act is fused_kernels.geglu) == fused
-        norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
-        assert len(norms) == 8 and all(isinstance(m, fused_kernels.LayerNorm) == fused for m in norms)
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]  # 2 + 2 x 3 layers - 1 + 1
+        assert len(norms) == 8 and all(isinstance(m, (fused_kernels.LayerNorm, fused_kernels.AddNorm)) == fused
+                                       for m in norms), norms
         local_backend, global_backend = (model.model.layers[i].attn.attend.args[1] for i in (1, 0))
         assert (local_backend is not global_backend) == fused  # the window kernel's wrapper on local layers
         forward = torch.compile(model) if compiled else model
@@ -274,12 +338,13 @@ def test_kernels_compile_for_hopper_with_128_bit_memory_access(tmp_path):
                                             "ours: _window_fwd", "ours: _window_bwd_dkdv", "ours: _window_bwd_dq",
                                             "ours: _window_fwd rope", "ours: _window_bwd_dkdv rope",
                                             "ours: _window_bwd_dq rope", "ours: _layer_norm_fwd",
-                                            "ours: _layer_norm_bwd"], kernels
+                                            "ours: _layer_norm_bwd", "ours: _layer_norm_fwd add",
+                                            "ours: _layer_norm_bwd add"], kernels
     assert [len(k["variants"]) for k in kernels] == [len(fused_kernels._GEGLU_CONFIGS)] * 2 + [
         len(fused_kernels._rotary_qkv.configs)] * 2 + [len(window_attention._CONFIGS)] * 6 + [
-        len(fused_kernels._layer_norm_fwd.configs), len(fused_kernels._layer_norm_bwd.configs)]
+        len(fused_kernels._NORM_CONFIGS)] * 4
     assert all(k["error"] is None for k in kernels), kernels
-    for variant in (v for kernel in kernels[10:] for v in kernel["variants"]):  # the norm: rows of fp32
+    for variant in (v for kernel in kernels[10:] for v in kernel["variants"]):  # the norms: rows of fp32 / bf16
         assert "ld.global.v4.b32" in variant["loads"] and "st.global.v4.b32" in variant["stores"], variant
     for kernel in kernels[:4]:
         for variant in kernel["variants"]:
@@ -294,10 +359,11 @@ def test_kernels_compile_for_hopper_with_128_bit_memory_access(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", ["geglu", "rotary_qkv", "layer_norm"])
+@pytest.mark.parametrize("op", ["geglu", "rotary_qkv", "layer_norm", "add_layer_norm"])
 def test_cuda_kernels_at_base_width_under_bf16(op):
     """ModernBERT-base widths (2 x 1152 GeGLU, 12 heads x 64, hidden 768), 3000 tokens, bf16 as
-    under autocast (the norm: the fp32 residual stream, as autocast runs it)."""
+    under autocast (the norms: the fp32 residual stream, as autocast runs them; the add: a bf16
+    branch output in, the norm written in bf16 for a matmul)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     gen = torch.Generator().manual_seed(3)
@@ -310,6 +376,12 @@ def test_cuda_kernels_at_base_width_under_bf16(op):
                   (torch.rand(768, generator=gen) + 0.5).cuda())
         grads = [torch.randn(3000, 768, generator=gen).cuda()]
         fused, reference = (lambda x, w: fused_kernels.layer_norm(x, w, 1e-5)[0]), _torch_layer_norm
+    elif op == "add_layer_norm":
+        inputs = ((3 * torch.randn(3000, 768, generator=gen) + 1).cuda().requires_grad_(),
+                  torch.randn(3000, 768, generator=gen).cuda().bfloat16(), (torch.rand(768, generator=gen) + 0.5).cuda())
+        grads = [torch.randn(3000, 768, generator=gen).cuda(), torch.randn(3000, 768, generator=gen).cuda().bfloat16()]
+        fused = lambda x, d, w: fused_kernels.add_layer_norm(x, d, w, 1e-5, torch.bfloat16)[:2]  # noqa: E731
+        reference = lambda x, d, w: (x + d, _torch_layer_norm(x + d, w))  # noqa: E731
     else:
         qkv = torch.randn(3000, 3, 12, 64, generator=gen).cuda().bfloat16().requires_grad_()
         cos, sin = (t.cuda() for t in RotaryEmbedding(64, 160_000.0, 1024)(torch.randint(0, 1024, (3000,))))

@@ -193,6 +193,8 @@ def test_bad_configs_fail_at_construction():
         ModernBertForMaskedLM(tiny(local_attention=127))
     with pytest.raises(ValueError, match="vocab_size=4000 is not a multiple of 64"):
         ModernBertForMaskedLM(tiny(vocab_size=4000))
+    with pytest.raises(ValueError, match="num_hidden_layers=0 must be >= 1"):
+        ModernBertForMaskedLM(tiny(num_hidden_layers=0))
     with pytest.raises(ValueError, match="unknown model preset"):
         preset("huge")
 

@@ -397,9 +397,9 @@ def _norm_backward(dy: torch.Tensor, ds, x: torch.Tensor, weight: torch.Tensor, 
         dx = dx if ds is None else dx + ds.float()
         return (dx.to(x.dtype), None if ds is None else dx.to(delta_dtype),
                 (dy.float() * xhat).sum(0).to(weight.dtype))
+    add = ds is not None
     dy, x, weight = dy.contiguous(), x.contiguous(), weight.contiguous()
-    ds = dy if ds is None else ds.contiguous()  # (not read without ADD)
-    add = ds is not dy
+    ds = ds.contiguous() if add else dy  # (not read without ADD)
     n_rows, n_cols = x.shape
     programs = max(1, min(_LAYER_NORM_BWD_PROGRAMS, n_rows))
     rows_per_program = triton.cdiv(n_rows, programs)

@@ -166,6 +166,20 @@ def test_add_layer_norm_matches_torch_forward_and_backward(dtypes, programs, mon
     _assert_weight_grad_and_stats(dw, mean, rstd, want_dw, ref_s)
 
 
+def test_add_layer_norm_backward_when_one_tensor_is_both_gradients():
+    """All fp32, the same tensor handed in as the gradient of s and of y: still the sum of both."""
+    gen = torch.Generator().manual_seed(8)
+    x, delta = (torch.randn(9, 32, generator=gen).to(DEVICE).requires_grad_() for _ in range(2))
+    weight, grad = torch.ones(32, device=DEVICE), torch.randn(9, 32, generator=gen).to(DEVICE)
+    s, y, _, _ = fused_kernels.add_layer_norm(x, delta, weight, 1e-5, torch.float32)
+    dx, ddelta = torch.autograd.grad((s, y), (x, delta), (grad, grad))
+    ref_s = (x + delta).detach().double().requires_grad_()
+    (want,) = torch.autograd.grad((ref_s, _torch_layer_norm(ref_s, weight.double())), ref_s,
+                                  (grad.double(), grad.double()))
+    torch.testing.assert_close(dx.double(), want, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(ddelta.double(), want, **TOLERANCE[torch.float32])
+
+
 @pytest.mark.parametrize("feeds_matmul", [True, False], ids=["feeds-a-matmul", "the-model-output"])
 def test_add_norm_under_autocast_is_the_pytorch_modules_output_rounded_once(feeds_matmul):
     """fused_kernels.AddNorm against modernbert.AddNorm under bf16 autocast: the same stream (fp32)

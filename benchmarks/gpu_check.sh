@@ -16,7 +16,7 @@
 # pytest-syncs 104 s, pytest 111 s (the first GPU test of each Triton kernel autotunes and compiles
 # its configs, and the compiled-model test builds three models, hence 120 s per test), step1024x96
 # ~170 s for 3 runs (~220 s with the 4 now), step1024x32 189 s, trainer ~100 s. Next session:
-# `pytest-syncs step1024x96 step1024x32` in one call (~540 s), then `pytest kernels` (~200 s: the
+# `pytest-syncs step1024x96 step1024x32` in one call (~540 s), then `pytest kernels` (~210 s: the
 # LayerNorm kernels' GPU parity tests, alone and with the residual add, and their times alone), then
 # `trainer`, then `pytest-compiled saved large tuning step8192x12 trainer-closure` if time is left. A step benchmark
 # rewrites its JSON after every configuration, so a stage cut short keeps what it measured.
@@ -102,7 +102,7 @@ want trainer && trainer trainer --sync-free both
 # GeGLU, RoPE, LayerNorm and a local layer's attention alone at 96 x 1024 tokens: eager,
 # torch.compile, the Triton kernels; time, GB/s (TFLOP/s for attention), error against an fp32
 # reference, and each Triton kernel's autotuning timings (which tile won).
-want kernels && stage kernels ${T_KERNELS:-90} $PY benchmarks/bench_kernels.py --tokens 98304 \
+want kernels && stage kernels ${T_KERNELS:-120} $PY benchmarks/bench_kernels.py --tokens 98304 \
   --out-json "$OUT/kernels.json"
 # What the compiled 96 x 1024 step keeps for backward, by shape and dtype (no timing): where the
 # activation memory goes with the varlen kernel (does v keep the whole Wqkv output alive?).
@@ -117,8 +117,8 @@ want large && stage "step large1024x44" ${T_LARGE:-90} $PY benchmarks/bench_step
 # their memory-traffic bound at 96 x 1024; benchmarks/README.md), against step1024x96's full run.
 want tuning && step 1024x96_cdt ${T_TUNING:-150} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
   --baseline none --runs ours:$V:full:cdt
-want step8192x12 && step 8192x12 ${T_8192x12:-150} --seq-len 8192 --seqs-per-chunk 12 --steps 5 --warmup 3 \
-  --baseline none --runs ours:$V:full ours:$V:full:-win ours:$V:full:winrope
+want step8192x12 && step 8192x12 ${T_8192x12:-180} --seq-len 8192 --seqs-per-chunk 12 --steps 5 --warmup 3 \
+  --baseline none --runs ours:$V:full ours:$V:full:-win ours:$V:full:winrope ours:$V:full:lnk
 # Stock Composer's step through its closure (train/trainer.py turns it off: it reads the loss back
 # before the optimizer step): what that bought, against stage trainer's stock row.
 want trainer-closure && trainer trainer-closure --composer-closure --sync-free off

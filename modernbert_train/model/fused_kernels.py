@@ -363,15 +363,14 @@ def _rows_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _norm_forward(x: torch.Tensor, delta, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
     """(s or None, y, mean, rstd): the kernel on CUDA tensors, else the same in PyTorch."""
-    s = None if delta is None else torch.empty(x.shape, dtype=torch.promote_types(x.dtype, delta.dtype),
-                                               device=x.device)
     if not use_triton(x):
-        if s is not None:
-            x = s.copy_(x + delta)
-        xf = x.float()
+        s = None if delta is None else x + delta
+        xf = (x if s is None else s).float()
         mean = xf.mean(dim=-1)
         rstd = torch.rsqrt(xf.var(dim=-1, unbiased=False) + eps)
         return s, ((xf - mean[:, None]) * rstd[:, None] * weight.float()).to(out_dtype), mean, rstd
+    s = None if delta is None else torch.empty(x.shape, dtype=torch.promote_types(x.dtype, delta.dtype),
+                                               device=x.device)
     x, weight = x.contiguous(), weight.contiguous()
     delta = x if delta is None else delta.contiguous()  # (not read without ADD)
     n_rows, n_cols = x.shape
@@ -481,18 +480,17 @@ def _(dy, ds, s, weight, mean, rstd, delta_dtype):
 
 
 def _add_layer_norm_setup(ctx, inputs, output):
-    x, delta, weight, _, _ = inputs
+    _, delta, weight, _, _ = inputs
     s, _, mean, rstd = output
     ctx.save_for_backward(s, weight, mean, rstd)
-    ctx.dtypes = x.dtype, delta.dtype
+    ctx.delta_dtype = delta.dtype  # x's gradient comes in s's dtype (autograd casts it if x's differs)
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _add_layer_norm_grad(ctx, ds, dy, _dmean, _drstd):
     s, weight, mean, rstd = ctx.saved_tensors
-    x_dtype, delta_dtype = ctx.dtypes
-    dx, ddelta, dw = add_layer_norm_backward(dy, ds, s, weight, mean, rstd, delta_dtype)
-    return dx.to(x_dtype), ddelta, dw, None, None
+    dx, ddelta, dw = add_layer_norm_backward(dy, ds, s, weight, mean, rstd, ctx.delta_dtype)
+    return dx, ddelta, dw, None, None
 
 
 add_layer_norm.register_autograd(_add_layer_norm_grad, setup_context=_add_layer_norm_setup)

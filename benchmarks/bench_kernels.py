@@ -5,6 +5,8 @@ error against an fp32 reference. `local_attention`: one local layer's sliding-wi
 packed documents (data/synthetic.py's lognormal lengths, median 250 tokens), the fastest attention backend here
 ("eager") against model/window_attention.py ("triton"), with TFLOP/s of the allowed pairs;
 `rotary_local_attention` the same from the Wqkv output with RoPE (the op first, or inside the kernels).
+`global_attention`: one global layer on the same documents (no window), the backend against the same
+kernels with no window (config global_attention_kernel).
 `layer_norm`: the model's bias-free norm against fused_kernels.layer_norm; `add_layer_norm` the
 residual add + norm of the layers (modernbert.AddNorm, its output rounded for the matmul after it)
 against fused_kernels.AddNorm (config fused_layer_norm, off until these and bench_step's `lnk` show
@@ -85,6 +87,7 @@ def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch
     kernels = _triton_ops(device)
     attention, window_kernel, exact, flops, rope = _local_attention(tokens, cfg, 0, device, kernels.get("windowed"),
                                                                     kernels.get("rotary_windowed"))
+    whole = _local_attention(tokens, cfg, 0, device, kernels.get("windowed"), window=None)
     q, k, v = (torch.randn(tokens, heads, head_dim, generator=gen) for _ in range(3))
     return [
         OpCase("geglu", geglu_activation, kernels.get("geglu"), lambda dt: (h.to(device, dt),),
@@ -115,23 +118,31 @@ def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch
                lambda dt: (qkv.to(device, dt), cos.to(device), sin.to(device)),
                4 * tokens * hidden * size + 2 * tokens * head_dim * 4,
                8 * tokens * hidden * size + 2 * tokens * head_dim * 4, flops, rope[2]),
+        # A global layer's attention: the backend against the same kernels with no window (config
+        # global_attention_kernel).
+        OpCase("global_attention", whole[0], whole[1],
+               lambda dt: (q.to(device, dt), k.to(device, dt).requires_grad_(), v.to(device, dt).requires_grad_()),
+               4 * tokens * hidden * size, 8 * tokens * hidden * size, whole[3], whole[2]),
     ]
 
 
 def _local_attention(tokens: int, cfg, seed: int, device: torch.device, windowed: Optional[Callable],
-                     rotary_windowed: Optional[Callable] = None):
-    """Packed documents over `tokens`; attention(q, k, v) of a local layer through the fastest
-    backend here and through model/window_attention.py (None without it); an exact per-document
-    reference; the forward FLOPs of the allowed pairs; and the same three from the Wqkv output
-    with RoPE: (the RoPE op, then the backend), (the kernels with RoPE inside), (RoPE, exact)."""
+                     rotary_windowed: Optional[Callable] = None, window: Optional[int] = -1):
+    """Packed documents over `tokens`; attention(q, k, v) of a local layer (window -1: the config's;
+    None: a global layer) through the fastest backend here and through model/window_attention.py
+    (None without it; with no window, its whole-document mode); an exact per-document reference;
+    the forward FLOPs of the allowed pairs; and the same three from the Wqkv output with RoPE:
+    (the RoPE op, then the backend), (the kernels with RoPE inside), (RoPE, exact)."""
     # Enough lengths to cover `tokens` (each is >= MIN_DOC_TOKENS), the last document cut to fit.
     drawn = synthetic.document_lengths(np.random.default_rng(seed), tokens // synthetic.MIN_DOC_TOKENS + 1, 1024)
     ends = np.minimum(np.cumsum(drawn), tokens)
     ends = ends[: np.searchsorted(ends, tokens) + 1]
     lengths = np.diff(ends, prepend=0)
     cu = torch.from_numpy(np.concatenate([[0], ends])).to(torch.int32)
-    half, window = cfg.local_attention // 2, cfg.local_attention
+    window = cfg.local_attention if window == -1 else window
+    half = int(lengths.max()) if window is None else window // 2
     pairs = int(window_pairs(lengths, half).sum())
+    whole_document = dict(whole_document=True) if window is None else {}
     backend = get_backend(fastest_available(device.type) if device.type == "cuda" else "sdpa")
     cu_dev, max_len = cu.to(device), int(lengths.max())
 
@@ -155,7 +166,7 @@ def _local_attention(tokens: int, cfg, seed: int, device: torch.device, windowed
         return lambda qkv, cos, sin: attend(*rotary_qkv(qkv, cos, sin))
 
     rope = (rope_then(call(backend)), rope_call(rotary_windowed) if rotary_windowed else None, rope_then(exact))
-    return (call(backend), call(windowed(backend)) if windowed else None, exact,
+    return (call(backend), call(windowed(backend, **whole_document)) if windowed else None, exact,
             4 * cfg.head_dim * cfg.num_attention_heads * pairs, rope)
 
 
@@ -323,7 +334,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--ops", nargs="+",
                    default=["geglu", "rotary_qkv", "layer_norm", "add_layer_norm", "local_attention",
-                            "rotary_local_attention"])
+                            "rotary_local_attention", "global_attention"])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--out-json", type=Path, default=Path("bench_results/kernels.json"))
     args = p.parse_args(argv)

@@ -155,7 +155,8 @@ class RunSpec:
     more, save memory), `-win` (the local layers' attention through the attention backend with a
     window instead of the Triton kernels of model/window_attention.py, config
     window_attention_kernel). Options that turn on what is off by default: `winrope` (the window
-    kernels rotating q and k themselves, config window_attention_rope), `lnk` (every LayerNorm as
+    kernels rotating q and k themselves, config window_attention_rope), `gwin` (the global layers'
+    attention through the same kernels with no window, config global_attention_kernel), `lnk` (every LayerNorm as
     the Triton kernels of model/fused_kernels.py, the residual add inside, config fused_layer_norm), `bf16res` (the
     residual stream in bf16 under autocast, config autocast_residual), `cdt` (inductor's
     coordinate-descent tuning of kernel block sizes: a longer compile), `capacity` (worst-case
@@ -174,6 +175,7 @@ class RunSpec:
     coordinate_descent_tuning: bool = False
     window_attention_kernel: bool = True
     window_attention_rope: bool = False
+    global_attention_kernel: bool = False
     fused_layer_norm: bool = False
     autocast_residual: bool = False
 
@@ -186,6 +188,7 @@ class RunSpec:
         off += ["cdt"] if self.coordinate_descent_tuning else []
         off += ["-win"] if not self.window_attention_kernel else []
         off += ["winrope"] if self.window_attention_rope else []
+        off += ["gwin"] if self.global_attention_kernel else []
         off += ["lnk"] if self.fused_layer_norm else []
         off += ["bf16res"] if self.autocast_residual else []
         return ",".join(off) or "-"
@@ -199,7 +202,8 @@ class RunSpec:
         options = set(parts[3:])
         budgets = {o for o in options if o.startswith("mem=")}
         options -= budgets
-        unknown = options - {"-fused", "-slots", "-triton", "capacity", "cdt", "-win", "winrope", "lnk", "bf16res"}
+        unknown = options - {"-fused", "-slots", "-triton", "capacity", "cdt", "-win", "winrope", "gwin", "lnk",
+                             "bf16res"}
         if {"-win", "winrope"} <= options:
             unknown.add("-win with winrope (winrope needs the window kernels)")
         budget = 1.0
@@ -212,13 +216,15 @@ class RunSpec:
                 unknown.add("mem= (one budget in (0, 1])")
         if unknown or ((options or budgets) and parts[0] == "hf") or (parts[0] == "hf" and parts[2] == "regional"):
             raise ValueError(f"run spec {text!r}: options {sorted(unknown) or sorted(options)} / compile "
-                             "mode not valid here (options -fused -slots -triton capacity cdt -win winrope lnk bf16res mem= are for ours; "
+                             "mode not valid here (options -fused -slots -triton capacity cdt -win winrope gwin lnk bf16res "
+                             "mem= are for ours; "
                              "transformers compiles none or full)")
         return RunSpec(parts[0], parts[1], parts[2], fused_loss="-fused" not in options,
                        prediction_slots="-slots" not in options, fused_kernels="-triton" not in options,
                        doc_slots="capacity" if "capacity" in options else "bucket", memory_budget=budget,
                        coordinate_descent_tuning="cdt" in options, window_attention_kernel="-win" not in options,
-                       window_attention_rope="winrope" in options, fused_layer_norm="lnk" in options,
+                       window_attention_rope="winrope" in options, global_attention_kernel="gwin" in options,
+                       fused_layer_norm="lnk" in options,
                        autocast_residual="bf16res" in options)
 
 
@@ -254,6 +260,7 @@ def build_ours(cfg: ModernBertConfig, spec: RunSpec) -> torch.nn.Module:
     return ModernBertForMaskedLM(replace(cfg, attention_backend=spec.attention, fused_head_loss=spec.fused_loss,
                                          fused_kernels=spec.fused_kernels, window_attention_kernel=spec.window_attention_kernel,
                                          window_attention_rope=spec.window_attention_rope,
+                                         global_attention_kernel=spec.global_attention_kernel,
                                          fused_layer_norm=spec.fused_layer_norm,
                                          autocast_residual=spec.autocast_residual))
 

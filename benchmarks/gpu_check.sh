@@ -16,8 +16,9 @@
 # pytest-syncs 104 s, pytest 111 s (the first GPU test of each Triton kernel autotunes and compiles
 # its configs, and the compiled-model test builds three models, hence 120 s per test), step1024x96
 # ~170 s for 3 runs (~220 s with the 4 now), step1024x32 189 s, trainer ~100 s. Next session:
-# `pytest-syncs step1024x96 step1024x32` in one call (~540 s), then `pytest kernels` (~210 s: the
-# LayerNorm kernels' GPU parity tests, alone and with the residual add, and their times alone), then
+# `pytest-syncs step1024x96 step1024x32` in one call (~540 s), then `pytest kernels` (~240 s: the
+# LayerNorm kernels' GPU parity tests, alone and with the residual add, and the global layers
+# through the window kernels; their times alone), then
 # `trainer`, then `pytest-compiled saved large tuning step8192x12 trainer-closure` if time is left. A step benchmark
 # rewrites its JSON after every configuration, so a stage cut short keeps what it measured.
 set -uo pipefail
@@ -74,7 +75,7 @@ want pytest-syncs && stage pytest-syncs ${T_PYTEST_SYNCS:-150} $PY -m pytest -v 
 # Numerical parity of the attention and Triton kernels on this GPU (gpu-marked tests, incl. the
 # compiled model with the window kernel on a trainer-like chunk; a per-test limit so a hung test
 # cannot hide the summary). The compiled-backend tests of tests/train run later.
-want pytest && stage pytest ${T_PYTEST:-150} $PY -m pytest -v -ra -m gpu --timeout 120 --tb=short \
+want pytest && stage pytest ${T_PYTEST:-180} $PY -m pytest -v -ra -m gpu --timeout 120 --tb=short \
   -p no:cacheprovider -k "not never_synchronizes" tests/model
 # ModernBERT's own microbatch (96 x 1024: the memory target) with a kernel profile. The defaults
 # (the local layers' Triton attention, config window_attention_kernel: 445.8k tok/s against 418.1k
@@ -82,11 +83,13 @@ want pytest && stage pytest ${T_PYTEST:-150} $PY -m pytest -v -ra -m gpu --timeo
 # window_attention_rope: no RoPE passes over q, k, v in memory on local layers; not yet timed here:
 # the stage ran out of time); lnk: every LayerNorm as model/fused_kernels.py's kernels, the residual
 # add inside (config fused_layer_norm; the compiled norm's backward took 24.7 of 232.5 ms per step
-# on 2026-11-27).
+# on 2026-11-27); gwin: the global layers through the window kernels too, no window (config
+# global_attention_kernel; torch_varlen's FlashAttention-2 took ~3.8 ms per global layer on
+# 2026-11-27). (-win, the backend on the local layers, was timed on 2026-11-28: 418.1k.)
 # bf16res (the residual stream in bf16, config autocast_residual) is timed at 32 x 1024 below, alone.
 # ours:$V:full:mem=0.7 trades speed for memory (the compiler's activation memory budget).
 want step1024x96 && step 1024x96 ${T_1024x96:-240} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
-  --baseline none --profile 2 --runs ours:$V:full ours:$V:full:winrope ours:$V:full:lnk ours:$V:full:-win
+  --baseline none --profile 2 --runs ours:$V:full ours:$V:full:winrope ours:$V:full:lnk ours:$V:full:gwin
 # Pretraining shape, 32 x 1024: ours (the recipe's full compile) vs transformers eager and compiled,
 # then winrope and bf16res one at a time (2026-11-28 timed them together: 2% slower than the
 # default, and a loss 0.64 higher after 10 steps, so one of them hurts). Ablations of single
@@ -99,10 +102,10 @@ want step1024x32 && step 1024x32 ${T_1024x32:-220} --seq-len 1024 --seqs-per-chu
 # train/trainer.py, no host wait for the GPU between steps; syncs/step reads 0) side by side, then
 # the raw loop on the same chunks.
 want trainer && trainer trainer --sync-free both
-# GeGLU, RoPE, LayerNorm and a local layer's attention alone at 96 x 1024 tokens: eager,
+# GeGLU, RoPE, LayerNorm and a local and a global layer's attention alone at 96 x 1024 tokens: eager,
 # torch.compile, the Triton kernels; time, GB/s (TFLOP/s for attention), error against an fp32
 # reference, and each Triton kernel's autotuning timings (which tile won).
-want kernels && stage kernels ${T_KERNELS:-120} $PY benchmarks/bench_kernels.py --tokens 98304 \
+want kernels && stage kernels ${T_KERNELS:-150} $PY benchmarks/bench_kernels.py --tokens 98304 \
   --out-json "$OUT/kernels.json"
 # What the compiled 96 x 1024 step keeps for backward, by shape and dtype (no timing): where the
 # activation memory goes with the varlen kernel (does v keep the whole Wqkv output alive?).
@@ -117,8 +120,9 @@ want large && stage "step large1024x44" ${T_LARGE:-90} $PY benchmarks/bench_step
 # their memory-traffic bound at 96 x 1024; benchmarks/README.md), against step1024x96's full run.
 want tuning && step 1024x96_cdt ${T_TUNING:-150} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
   --baseline none --runs ours:$V:full:cdt
-want step8192x12 && step 8192x12 ${T_8192x12:-180} --seq-len 8192 --seqs-per-chunk 12 --steps 5 --warmup 3 \
-  --baseline none --runs ours:$V:full ours:$V:full:-win ours:$V:full:winrope ours:$V:full:lnk
+# At 8192 the global layers' attention is a larger share of the step (documents up to 8192 tokens): gwin.
+want step8192x12 && step 8192x12 ${T_8192x12:-240} --seq-len 8192 --seqs-per-chunk 12 --steps 5 --warmup 3 \
+  --baseline none --runs ours:$V:full ours:$V:full:-win ours:$V:full:winrope ours:$V:full:lnk ours:$V:full:gwin
 # Stock Composer's step through its closure (train/trainer.py turns it off: it reads the loss back
 # before the optimizer step): what that bought, against stage trainer's stock row.
 want trainer-closure && trainer trainer-closure --composer-closure --sync-free off

@@ -283,13 +283,15 @@ def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
                       3 * head_dim, 3 * tokens * hidden))
     # model/window_attention.py (config window_attention_kernel), one local layer: elements = the
     # output's T x hidden; the loops over key / query tiles count once (3 iterations at run time).
-    # ROPE: q and k rotated as they are loaded (config window_attention_rope).
+    # ROPE: q and k rotated as they are loaded (config window_attention_rope); "global": no window,
+    # the global layers of config global_attention_kernel (the loops then run over whole documents).
     from modernbert_train.model import window_attention as window
     attention = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16")
     bounds = dict(start_ptr="*i32", end_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32")
     sizes = dict(n_tokens="i32", n_heads="i32", stride="i32", qk_scale="fp32")
-    for rope in (False, True):
-        tile = dict(HALF=cfg.local_attention // 2, HEAD_DIM=head_dim, ROPE=rope)
+    for rope, half in ((False, cfg.local_attention // 2), (True, cfg.local_attention // 2),
+                       (False, window.WHOLE_DOCUMENT)):
+        tile = dict(HALF=half, HEAD_DIM=head_dim, ROPE=rope)
         cases += [("forward", window._window_fwd, dict(**attention, out_ptr="*bf16", lse_ptr="*fp32", **bounds,
                                                        **sizes), tile, head_dim, tokens * hidden),
                   ("backward", window._window_bwd_dkdv,
@@ -321,7 +323,8 @@ def our_kernels(tokens: int, preset_name: str) -> list[KernelReport]:
         attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items()
                  if ty.startswith("*") or name in ("n_rows", "n_cols", "stride")}
         report = KernelReport(graph, f"ours: {fn.__name__}" + (" backward" if fixed.get("BACKWARD") else "")
-                              + (" rope" if fixed.get("ROPE") else "") + (" add" if fixed.get("ADD") else ""),
+                              + (" rope" if fixed.get("ROPE") else "") + (" add" if fixed.get("ADD") else "")
+                              + (" global" if fixed.get("HALF") == window.WHOLE_DOCUMENT else ""),
                               elements, len(kernel.configs), [], [], float("nan"), float("nan"))
         for config in kernel.configs:
             constants = {**fixed, **config.kwargs}

@@ -50,6 +50,12 @@ class ModernBertConfig:
     # the gradient of the Wqkv output directly (no rotated copies of q, k, v in memory, forward or
     # backward). Off until a GPU run times it against the kernels after the RoPE op.
     window_attention_rope: bool = False
+    # The global layers' attention through the same kernels with no window (each token sees its
+    # whole document) on CUDA tensors, instead of the attention backend (torch_varlen's
+    # FlashAttention-2: ~3.8 ms per global layer forward + backward at 96 x 1024 on an H200, 8 of
+    # base's 22 layers). With window_attention_rope, RoPE inside them there too. Off until a GPU
+    # run times it.
+    global_attention_kernel: bool = False
     # Every LayerNorm as the Triton kernels of model/fused_kernels.py on CUDA tensors (one pass per
     # row block forward and backward, the weight gradient from per-program partial sums) instead of
     # what torch.compile generates (its backward moved ~1.8 TB/s on an H200, 24.7 of 232.5 ms per
@@ -96,9 +102,10 @@ class ModernBertConfig:
             problems.append(f"model.num_hidden_layers={self.num_hidden_layers} must be >= 1")
         if self.global_attn_every_n_layers < 1:
             problems.append("model.global_attn_every_n_layers must be >= 1")
-        if self.window_attention_rope and (self.head_dim < 16 or self.head_dim & (self.head_dim - 1)):
-            problems.append(f"model.window_attention_rope needs a power-of-two head dim >= 16, got "
-                            f"{self.head_dim} (hidden_size / num_attention_heads)")
+        for option in ("window_attention_rope", "global_attention_kernel"):
+            if getattr(self, option) and (self.head_dim < 16 or self.head_dim & (self.head_dim - 1)):
+                problems.append(f"model.{option} needs a power-of-two head dim >= 16, got "
+                                f"{self.head_dim} (hidden_size / num_attention_heads)")
         if self.window_attention_rope and not self.window_attention_kernel:
             problems.append("model.window_attention_rope=true needs model.window_attention_kernel=true")
         if problems:
@@ -111,7 +118,8 @@ class ModernBertConfig:
 # Fields that choose how a step is computed (kernels, loss fusion, attention backend), not what the
 # weights mean: left out of an exported transformers config (model/hf_interop.py).
 EXECUTION_OPTIONS = frozenset({"sparse_prediction", "fused_head_loss", "fused_kernels", "window_attention_kernel",
-                               "window_attention_rope", "fused_layer_norm", "autocast_residual", "attention_backend"})
+                               "window_attention_rope", "global_attention_kernel", "fused_layer_norm",
+                               "autocast_residual", "attention_backend"})
 
 _PRESETS = {
     "base": ModernBertConfig(preset="base"),

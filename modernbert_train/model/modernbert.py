@@ -110,11 +110,11 @@ def pointwise_ops(config: ModernBertConfig):
     return fused_kernels.rotary_qkv, fused_kernels.geglu
 
 
-def _window_kernels(config: ModernBertConfig):
-    """model/window_attention.py for the local layers, or None where it cannot run: no triton, or a
-    head dim its tiles do not take (power-of-two >= 16). On by default like fused_kernels, so then
-    a warning names the fix and the attention backend runs; `window_attention_rope` is an explicit
-    opt-in, so then an error."""
+def _window_kernels(config: ModernBertConfig, is_global: bool):
+    """model/window_attention.py for a layer, or None where it cannot run: no triton, or a head dim
+    its tiles do not take (power-of-two >= 16). On by default for the local layers like
+    fused_kernels, so then a warning names the fix and the attention backend runs;
+    `window_attention_rope` and `global_attention_kernel` are explicit opt-ins, so then an error."""
     head_dim = config.head_dim
     if head_dim < 16 or head_dim & (head_dim - 1):
         why, error = f"tiles power-of-two head dims >= 16, not {head_dim}", ValueError
@@ -123,9 +123,9 @@ def _window_kernels(config: ModernBertConfig):
             return importlib.import_module("modernbert_train.model.window_attention")
         except ImportError as err:
             why, error = f"needs triton ({err}; it comes with torch's CUDA wheels)", ImportError
-    if config.window_attention_rope:
-        raise error(f"model.window_attention_rope=true: the window attention kernel {why}; "
-                    "set model.window_attention_rope=false")
+    for option in ("global_attention_kernel",) if is_global else ("window_attention_rope",):
+        if getattr(config, option):
+            raise error(f"model.{option}=true: the window attention kernel {why}; set model.{option}=false")
     warnings.warn(f"model.window_attention_kernel: the window attention kernel {why}, so the local layers "
                   "use the attention backend; set model.window_attention_kernel=false to silence this",
                   stacklevel=3)
@@ -137,14 +137,16 @@ def attention_op(config: ModernBertConfig, is_global: bool):
     max_seqlen, window, cache) -> (T, N, Dh). The attention backend by name (model/attention.py)
     after the RoPE op; with `window_attention_kernel` the local layers wrap the backend in
     model/window_attention.py's kernels (used on CUDA tensors), and with `window_attention_rope`
-    too those kernels rotate q and k themselves."""
+    too those kernels rotate q and k themselves; `global_attention_kernel` does the same for the
+    global layers (the kernels with no window)."""
     backend = get_backend(config.attention_backend)
     rotary = pointwise_ops(config)[0]
-    kernels = _window_kernels(config) if not is_global and config.window_attention_kernel else None
+    wanted = config.global_attention_kernel if is_global else config.window_attention_kernel
+    kernels = _window_kernels(config, is_global) if wanted else None
     if kernels is not None:
         if config.window_attention_rope:
-            return functools.partial(kernels.rotary_windowed, rotary, backend)
-        backend = kernels.windowed(backend)
+            return functools.partial(kernels.rotary_windowed, rotary, backend, whole_document=is_global)
+        backend = kernels.windowed(backend, whole_document=is_global)
     return functools.partial(rotary_attention, rotary, backend)
 
 
@@ -301,7 +303,7 @@ class ModernBertModel(nn.Module):
         # Per-forward attention structures (block masks) built once, before any layer.
         cache = prepare_attention(self.config.attention_backend, cu_seqlens, total,
                                   {layer.attn.window for layer in self.layers},
-                                  bounds=self.config.window_attention_kernel)
+                                  bounds=self.config.window_attention_kernel or self.config.global_attention_kernel)
         x, delta = self.residual_cast(self.embeddings(input_ids)), None  # the stream: x + delta, (T, H)
         for layer in self.layers:
             rope = global_rope if layer.attn.is_global else local_rope

@@ -16,6 +16,13 @@ Config `window_attention_rope` (also off until timed): `window_attention_qkv` ta
 and the RoPE tables instead, rotates q and k as the kernels load them, and its backward writes the
 gradient of the Wqkv output: no rotated copies in memory (`rotary_windowed`).
 
+Config `global_attention_kernel` (off until timed): the global layers call the same kernels with
+no window (HALF = WHOLE_DOCUMENT: a varlen attention in which each token sees its own document),
+instead of the backend's FlashAttention-2 (on an H200 at 96 x 1024: ~0.9 ms forward and ~2.9 ms
+backward per global layer, ~200 and ~160 TFLOP/s of allowed pairs; benchmarks/README.md). The
+backward here recomputes the scores in both kernels (dk / dv, then dq: 7 matmuls per tile pair where
+FlashAttention-2 does 5 with atomic dq adds), so whether it wins is for a GPU run to say.
+
 Layout: q, k, v (T, N, Dh) with one token stride (contiguous, or views into the Wqkv output
 (T, 3, N, Dh)), out (T, N, Dh) contiguous; per token the [start, end) of its document; lse (N, T)
 in base-2 units of the scaled scores (what backward needs). Softmax statistics in fp32, matmuls in
@@ -40,14 +47,22 @@ _LOG2E = 1.4426950408889634
 _CONFIGS = [triton.Config(dict(TILE=t), num_warps=w, num_stages=s)
             for t, w, s in ((64, 4, 2), (64, 4, 3), (64, 8, 2), (32, 4, 2), (32, 2, 3), (128, 8, 2))]
 _DELTA_TILE = 64
+# The half-window of config global_attention_kernel's global layers: each token sees its whole
+# document (the spans below stay inside the documents, and 2^24 keeps their int32 arithmetic far
+# from overflow). _WHOLE_DOCUMENT is the same number for the kernels.
+WHOLE_DOCUMENT = 1 << 24
+_WHOLE_DOCUMENT = tl.constexpr(WHOLE_DOCUMENT)
 _KEY = ["n_heads", "HEAD_DIM", "HALF", "ROPE"]
 
 
 @triton.jit
 def _allowed(rows, cols, doc_lo, doc_hi, HALF: tl.constexpr):
-    """(rows, cols) pairs in the same document (doc bounds of each row) and within the window."""
-    return ((cols[None, :] >= doc_lo[:, None]) & (cols[None, :] < doc_hi[:, None])
-            & (cols[None, :] >= rows[:, None] - HALF) & (cols[None, :] <= rows[:, None] + HALF))
+    """(rows, cols) pairs in the same document (doc bounds of each row) and within the window (any
+    pair of the document if HALF is WHOLE_DOCUMENT: no window compares compiled in)."""
+    allowed = (cols[None, :] >= doc_lo[:, None]) & (cols[None, :] < doc_hi[:, None])
+    if HALF < _WHOLE_DOCUMENT:
+        allowed = allowed & (cols[None, :] >= rows[:, None] - HALF) & (cols[None, :] <= rows[:, None] + HALF)
+    return allowed
 
 
 @triton.jit
@@ -360,27 +375,38 @@ def _cached_bounds(cache: dict, cu_seqlens: torch.Tensor, n_tokens: int) -> tupl
     return cache["document_bounds"]
 
 
-def windowed(backend):
+def _half_window(window: int | None, whole_document: bool) -> int | None:
+    """The kernels' HALF for a call with this window, or None where the backend takes the call."""
+    if window is not None:
+        return window // 2
+    return WHOLE_DOCUMENT if whole_document else None
+
+
+def windowed(backend, whole_document: bool = False):
     """An attention backend for the local layers: this kernel for windowed calls on tensors Triton
-    runs (CUDA, or the interpreter in tests); the given backend for everything else."""
+    runs (CUDA, or the interpreter in tests); the given backend for everything else. With
+    `whole_document` (config global_attention_kernel's global layers) the kernel takes the calls
+    without a window too, each token seeing its whole document."""
 
     def attend(q, k, v, *, cu_seqlens, max_seqlen, window, cache, scale=None):
-        if window is None or not fused_kernels.use_triton(q):
+        half = _half_window(window, whole_document)
+        if half is None or not fused_kernels.use_triton(q):
             return backend(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=window, cache=cache,
                            scale=scale)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        out, _ = window_attention(q, k, v, *_cached_bounds(cache, cu_seqlens, q.shape[0]), window // 2, scale)
+        out, _ = window_attention(q, k, v, *_cached_bounds(cache, cu_seqlens, q.shape[0]), half, scale)
         return out
 
     return attend
 
 
-def rotary_windowed(rotary, backend, qkv, rope, *, cu_seqlens, max_seqlen, window, cache):
+def rotary_windowed(rotary, backend, qkv, rope, *, cu_seqlens, max_seqlen, window, cache, whole_document=False):
     """RoPE and attention for the local layers (config window_attention_rope; model/modernbert.py's
-    attention_op): window_attention_qkv on tensors Triton runs, else the RoPE op `rotary` and the
-    given backend."""
-    if window is None or not fused_kernels.use_triton(qkv):
+    attention_op), and for the global layers too with `whole_document` (as `windowed`):
+    window_attention_qkv on tensors Triton runs, else the RoPE op `rotary` and the given backend."""
+    half = _half_window(window, whole_document)
+    if half is None or not fused_kernels.use_triton(qkv):
         return backend(*rotary(qkv, *rope), cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=window, cache=cache)
-    out, _ = window_attention_qkv(qkv, *rope, *_cached_bounds(cache, cu_seqlens, qkv.shape[0]), window // 2,
+    out, _ = window_attention_qkv(qkv, *rope, *_cached_bounds(cache, cu_seqlens, qkv.shape[0]), half,
                                   1.0 / math.sqrt(qkv.shape[-1]))
     return out

@@ -1,5 +1,5 @@
 """benchmarks/bench_kernels.py end to end on CPU at a tiny shape (Triton kernels in the interpreter,
-tests/conftest.py; local_attention: sdpa against the window kernel). A correctness smoke test of the script; it asserts nothing about speed."""
+tests/conftest.py; local_attention / global_attention: sdpa against the window kernels). A correctness smoke test of the script; it asserts nothing about speed."""
 from __future__ import annotations
 
 import json
@@ -22,10 +22,11 @@ def test_every_op_and_variant_runs_and_matches_the_reference(tmp_path):
     results = {(r["op"], r["variant"]): r for r in json.loads(out.read_text())["results"]}
     assert rc == 0, [r["error"] for r in results.values()]
     assert sorted(results) == sorted((op, v) for op in ("geglu", "rotary_qkv", "layer_norm", "add_layer_norm",
-                                                        "local_attention", "rotary_local_attention")
+                                                        "local_attention", "rotary_local_attention",
+                                                        "global_attention")
                                      for v in ("eager", "compiled", "triton")), sorted(results)
     for key, r in results.items():
         assert r["error"] is None and r["fwd_ms"] > 0 and r["fwd_gb_s"] > 0, r
         # fp32 against an fp64 reference
         assert r["max_err_out"] < 1e-5 and r["max_err_grad"] < 1e-5, r
-        assert (r["fwd_tflop_s"] is not None) == key[0].endswith("local_attention"), r
+        assert (r["fwd_tflop_s"] is not None) == key[0].endswith("_attention"), r

@@ -83,12 +83,16 @@ def test_run_specs_parse_options_and_reject_bad_ones():
     built = bench_step.build_ours(preset("tiny"), rope).config
     assert built.window_attention_kernel and built.window_attention_rope, built
     assert not bench_step.build_ours(preset("tiny"), default).config.window_attention_rope
+    whole = bench_step.RunSpec.parse("ours:sdpa:full:gwin")
+    assert (whole.global_attention_kernel, whole.label) == (True, "gwin"), whole
+    assert bench_step.build_ours(preset("tiny"), whole).config.global_attention_kernel
+    assert not bench_step.build_ours(preset("tiny"), default).config.global_attention_kernel
     norm = bench_step.RunSpec.parse("ours:sdpa:full:lnk")
     assert (norm.fused_layer_norm, norm.label) == (True, "lnk"), norm
     assert bench_step.build_ours(preset("tiny"), norm).config.fused_layer_norm
     assert not bench_step.build_ours(preset("tiny"), default).config.fused_layer_norm
     for bad in ["ours:torch_varlen:full:mem=1.5", "hf:sdpa:full:triton", "ours:torch_varlen:full:mem=x", "ours:torch_varlen:full:fast",
-                "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "hf:sdpa:full:-triton", "ours:sdpa:full:triton", "ours:sdpa:full:ce", "hf:sdpa:full:-win", "ours:sdpa:full:win", "ours:sdpa:full:-win:winrope", "hf:sdpa:full:winrope", "hf:sdpa:full:lnk", "hf:sdpa:full:bf16res", "ours:torch_varlen:jit"]:
+                "hf:sdpa:full:cdt", "hf:sdpa:full:mem=0.7", "hf:sdpa:full:-triton", "ours:sdpa:full:triton", "ours:sdpa:full:ce", "hf:sdpa:full:-win", "ours:sdpa:full:win", "ours:sdpa:full:-win:winrope", "hf:sdpa:full:winrope", "hf:sdpa:full:gwin", "hf:sdpa:full:lnk", "hf:sdpa:full:bf16res", "ours:torch_varlen:jit"]:
         with pytest.raises(ValueError, match="run spec"):
             bench_step.RunSpec.parse(bad)
 

@@ -317,7 +317,7 @@ def test_fused_kernels_are_the_default_and_cpu_tensors_skip_the_interpreter_unle
     assert not fused_kernels.use_triton(torch.zeros(2))
 
 
-def test_without_triton_the_window_kernel_warns_and_the_opt_in_rope_fails_naming_the_fix(monkeypatch):
+def test_without_triton_the_window_kernel_warns_and_the_opt_ins_fail_naming_the_fix(monkeypatch):
     for module in ("fused_kernels", "window_attention"):
         monkeypatch.delitem(sys.modules, f"modernbert_train.model.{module}", raising=False)
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
@@ -331,7 +331,11 @@ def test_without_triton_the_window_kernel_warns_and_the_opt_in_rope_fails_naming
     with pytest.raises(ImportError, match="model.window_attention_rope=true: the window attention kernel needs "
                                           "triton.*model.window_attention_rope=false"):
         ModernBertForMaskedLM(cfg)
-    cfg.window_attention_rope, cfg.fused_layer_norm = False, True  # another opt-in
+    cfg.window_attention_rope, cfg.global_attention_kernel = False, True  # another opt-in
+    with pytest.raises(ImportError, match="model.global_attention_kernel=true: the window attention kernel needs "
+                                          "triton.*model.global_attention_kernel=false"):
+        ModernBertForMaskedLM(cfg)
+    cfg.global_attention_kernel, cfg.fused_layer_norm = False, True  # and another
     with pytest.raises(ImportError, match="model.fused_layer_norm=true needs triton.*model.fused_layer_norm=false"):
         ModernBertForMaskedLM(cfg)
 
@@ -360,20 +364,22 @@ def test_kernels_compile_for_hopper_with_128_bit_memory_access(tmp_path):
                                             "ours: _rotary_qkv backward",
                                             "ours: _window_fwd", "ours: _window_bwd_dkdv", "ours: _window_bwd_dq",
                                             "ours: _window_fwd rope", "ours: _window_bwd_dkdv rope",
-                                            "ours: _window_bwd_dq rope", "ours: _layer_norm_fwd",
+                                            "ours: _window_bwd_dq rope", "ours: _window_fwd global",
+                                            "ours: _window_bwd_dkdv global", "ours: _window_bwd_dq global",
+                                            "ours: _layer_norm_fwd",
                                             "ours: _layer_norm_bwd", "ours: _layer_norm_fwd add",
                                             "ours: _layer_norm_bwd add"], kernels
     assert [len(k["variants"]) for k in kernels] == [len(fused_kernels._GEGLU_CONFIGS)] * 2 + [
-        len(fused_kernels._rotary_qkv.configs)] * 2 + [len(window_attention._CONFIGS)] * 6 + [
+        len(fused_kernels._rotary_qkv.configs)] * 2 + [len(window_attention._CONFIGS)] * 9 + [
         len(fused_kernels._NORM_CONFIGS)] * 4
     assert all(k["error"] is None for k in kernels), kernels
-    for variant in (v for kernel in kernels[10:] for v in kernel["variants"]):  # the norms: rows of fp32 / bf16
+    for variant in (v for kernel in kernels[13:] for v in kernel["variants"]):  # the norms: rows of fp32 / bf16
         assert "ld.global.v4.b32" in variant["loads"] and "st.global.v4.b32" in variant["stores"], variant
     for kernel in kernels[:4]:
         for variant in kernel["variants"]:
             assert (variant["loads"], variant["stores"]) == (["ld.global.v4.b32"], ["st.global.v4.b32"]), (
                 kernel["name"], variant)
-    for variant in (v for kernel in kernels[4:10] for v in kernel["variants"]):  # window_attention.py: bf16 tiles
+    for variant in (v for kernel in kernels[4:13] for v in kernel["variants"]):  # window_attention.py: bf16 tiles
         # on tensor cores: Hopper's wgmma from 64-row tiles up, mma.sync for 32-row ones
         hopper = variant["constants"]["TILE"] >= 64
         assert any(op.startswith("wgmma.mma_async" if hopper else "mma.sync") and ".bf16.bf16" in op

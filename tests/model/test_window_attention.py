@@ -31,9 +31,9 @@ def _kernels_take_cpu_tensors_in_the_interpreter(monkeypatch):
     monkeypatch.setattr(fused_kernels, "interpret_cpu_tensors", True)
 
 
-def _attend(q, k, v, cu, window, backend=sdpa_attention):
-    return window_attention.windowed(backend)(q, k, v, cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()),
-                                             window=window, cache={})
+def _attend(q, k, v, cu, window, backend=sdpa_attention, whole_document=False):
+    return window_attention.windowed(backend, whole_document)(q, k, v, cu_seqlens=cu, window=window, cache={},
+                                                              max_seqlen=int((cu[1:] - cu[:-1]).max()))
 
 
 def _only_tile(monkeypatch, tile: int) -> None:
@@ -44,11 +44,12 @@ def _only_tile(monkeypatch, tile: int) -> None:
 
 
 @pytest.mark.parametrize("tile", [64, 32, 128])
-@pytest.mark.parametrize("window", [128, 32])
+@pytest.mark.parametrize("window", [128, 32, None])
 @pytest.mark.parametrize("layout", sorted(DOC_LAYOUTS))
 def test_matches_reference_forward_and_backward_fp32(layout, window, tile, monkeypatch):
     """Documents of 1..300 tokens, tiles that straddle document boundaries, a tail that is not a
-    multiple of the tile, windows wider and narrower than a tile; every tile size autotuning may pick."""
+    multiple of the tile, windows wider and narrower than a tile, and no window (a global layer
+    through the kernels, config global_attention_kernel); every tile size autotuning may pick."""
     if DEVICE == "cpu":
         _only_tile(monkeypatch, tile)
     elif tile != 64:
@@ -57,7 +58,7 @@ def test_matches_reference_forward_and_backward_fp32(layout, window, tile, monke
     q, k, v = (x.float().to(DEVICE).requires_grad_() for x in (q, k, v))
     cu = cu.to(DEVICE)
     qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
-    got = _attend(q, k, v, cu, window)
+    got = _attend(q, k, v, cu, window, whole_document=window is None)
     want = reference_attention(qr, kr, vr, cu, window)
     tol = 2e-5 if DEVICE == "cpu" else 5e-3  # tf32 matmuls on the GPU
     assert (got.double() - want).abs().max().item() < tol
@@ -78,9 +79,11 @@ def _rotary_inputs(lengths, heads=2, head_dim=16, dtype=torch.float32):
 
 
 def _rotary_attend(qkv, cos, sin, cu, window, max_seqlen=None):
+    """window None: a global layer through the kernels (global_attention_kernel)."""
     max_seqlen = int((cu[1:] - cu[:-1]).max()) if max_seqlen is None else max_seqlen
     return window_attention.rotary_windowed(rotary_qkv, sdpa_attention, qkv, (cos, sin), cu_seqlens=cu,
-                                            max_seqlen=max_seqlen, window=window, cache={})
+                                            max_seqlen=max_seqlen, window=window, cache={},
+                                            whole_document=window is None)
 
 
 def _rotary_reference(qkv, cos, sin, cu, window):
@@ -88,11 +91,13 @@ def _rotary_reference(qkv, cos, sin, cu, window):
     return reference_attention(*rotary_qkv(qkv, cos.double(), sin.double()), cu, window)
 
 
-@pytest.mark.parametrize("layout, tile", [(layout, 64) for layout in sorted(DOC_LAYOUTS)]
-                         + [("many_short_and_a_long", 32), ("ragged_block_tail", 128)])
-def test_rope_inside_the_kernels_matches_rope_then_the_reference(layout, tile, monkeypatch):
+@pytest.mark.parametrize("layout, tile, window", [(layout, 64, 128) for layout in sorted(DOC_LAYOUTS)]
+                         + [("many_short_and_a_long", 32, 128), ("ragged_block_tail", 128, 128),
+                            ("one_doc_300", 64, None), ("many_short_and_a_long", 128, None)])
+def test_rope_inside_the_kernels_matches_rope_then_the_reference(layout, tile, window, monkeypatch):
     """window_attention_rope: q and k rotated as the kernels load them, and the gradient of the
-    Wqkv output written by them, against the RoPE op followed by the reference attention."""
+    Wqkv output written by them, against the RoPE op followed by the reference attention; window
+    None: a global layer (global_attention_kernel with window_attention_rope)."""
     if DEVICE == "cpu":
         _only_tile(monkeypatch, tile)
     elif tile != 64:
@@ -100,15 +105,15 @@ def test_rope_inside_the_kernels_matches_rope_then_the_reference(layout, tile, m
     qkv, cos, sin, cu = _rotary_inputs(DOC_LAYOUTS[layout])
     qkv.requires_grad_()
     qkv_ref = qkv.detach().double().requires_grad_()
-    got = _rotary_attend(qkv, cos, sin, cu, 128)
-    want = _rotary_reference(qkv_ref, cos, sin, cu, 128)
+    got = _rotary_attend(qkv, cos, sin, cu, window)
+    want = _rotary_reference(qkv_ref, cos, sin, cu, window)
     tol = 2e-5 if DEVICE == "cpu" else 5e-3  # tf32 matmuls on the GPU
     assert (got.double() - want).abs().max().item() < tol
     grad = torch.randn_like(want)
     (got_grad,), (want_grad,) = torch.autograd.grad(got, qkv, grad.float()), torch.autograd.grad(want, qkv_ref, grad)
     for i, name in enumerate("qkv"):
         err = (got_grad[:, i].double() - want_grad[:, i]).abs().max().item()
-        assert err < 5 * tol, f"d{name} max abs err {err} ({layout}, tile {tile})"
+        assert err < 5 * tol, f"d{name} max abs err {err} ({layout}, tile {tile}, window {window})"
 
 
 def test_rope_inside_the_kernels_leaves_global_layers_and_plain_cpu_tensors_to_rope_and_the_backend(monkeypatch):
@@ -120,34 +125,52 @@ def test_rope_inside_the_kernels_leaves_global_layers_and_plain_cpu_tensors_to_r
 
     qkv, cos, sin, cu = _rotary_inputs([40, 30])
     rope_first = rotary_qkv(qkv, cos, sin)[0]
-    for window, interpret in ((None, True), (128, False)):  # a global layer; CPU tensors, no interpreter
+    # A global layer (global_attention_kernel off); CPU tensors with no interpreter, local and global.
+    for window, interpret, whole in ((None, True, False), (128, False, False), (None, False, True)):
         monkeypatch.setattr(fused_kernels, "interpret_cpu_tensors", interpret)
         out = window_attention.rotary_windowed(rotary_qkv, backend, qkv, (cos, sin), cu_seqlens=cu, max_seqlen=40,
-                                               window=window, cache={})
+                                               window=window, cache={}, whole_document=whole)
         assert torch.equal(out, rope_first), window
-    assert calls == [None, 128]
+    assert calls == [None, 128, None]
 
 
-def test_rope_inside_the_kernels_gives_the_models_loss_and_gradients():
-    """The tiny model (layers 1 and 2 local) with window_attention_rope against the window kernel
-    after the RoPE op, fp32 in the interpreter."""
+@pytest.mark.parametrize("rope, whole", [(True, False), (False, True), (True, True)])
+def test_kernel_options_give_the_models_loss_and_gradients(rope, whole, monkeypatch):
+    """The tiny model (layers 1 and 2 local, 0 and 3 global) with window_attention_rope and / or
+    global_attention_kernel against the window kernel after the RoPE op on the local layers only
+    (the backend on the global ones), fp32 in the interpreter; the kernels' calls are counted, so
+    a model that quietly left a layer to the backend fails."""
+    halves = []
+    for name in ("window_attention", "window_attention_qkv"):
+        op = getattr(window_attention, name)
+
+        def spy(*args, op=op, name=name):
+            halves.append((name, args[-2]))  # (..., half_window, scale)
+            return op(*args)
+
+        monkeypatch.setattr(window_attention, name, spy)
     ids = torch.randint(4, 4096, (200,), generator=torch.Generator().manual_seed(0))
     labels = torch.where(torch.arange(200) % 3 == 0, ids, torch.full_like(ids, -100))
     batch = dict(input_ids=ids.to(DEVICE), labels=labels.to(DEVICE), max_seqlen=120,
                  cu_seqlens=torch.tensor([0, 50, 170, 200], dtype=torch.int32, device=DEVICE))
-    results = {}
-    for rope in (False, True):
+    results = []
+    for options in ((False, False), (rope, whole)):
         cfg = preset("tiny")
-        cfg.window_attention_kernel, cfg.window_attention_rope = True, rope
+        cfg.window_attention_kernel = True
+        cfg.window_attention_rope, cfg.global_attention_kernel = options
         torch.manual_seed(0)
         model = ModernBertForMaskedLM(cfg).to(DEVICE).train()
+        halves.clear()
         loss = model(**batch).loss
         loss.backward()
-        results[rope] = loss.item(), {n: p.grad for n, p in model.named_parameters()}
-    (loss_ref, grads_ref), (loss_rope, grads_rope) = results[False], results[True]
-    assert abs(loss_rope - loss_ref) < 1e-5, (loss_rope, loss_ref)
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+    op = "window_attention_qkv" if rope else "window_attention"
+    assert halves == [(op, window_attention.WHOLE_DOCUMENT if i in (0, 3) else 16) for i in range(4)
+                      if whole or i in (1, 2)], halves  # the last run's forward, layer by layer
+    (loss_ref, grads_ref), (loss_got, grads_got) = results
+    assert abs(loss_got - loss_ref) < 1e-5, (loss_got, loss_ref)
     for name, grad in grads_ref.items():
-        torch.testing.assert_close(grads_rope[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads_got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_rope_inside_the_kernels_needs_the_window_kernel():
@@ -185,10 +208,11 @@ def test_global_layers_and_cpu_tensors_outside_the_interpreter_use_the_backend(m
 
     q, k, v, cu = make_qkv([40, 30])
     q, k, v = (x.float() for x in (q, k, v))
-    assert _attend(q, k, v, cu, None, backend) is q  # a global layer
+    assert _attend(q, k, v, cu, None, backend) is q  # a global layer (global_attention_kernel off)
     monkeypatch.setattr(fused_kernels, "interpret_cpu_tensors", False)
     assert _attend(q, k, v, cu, 128, backend) is q  # CPU tensors, no interpreter
-    assert calls == [None, 128]
+    assert _attend(q, k, v, cu, None, backend, whole_document=True) is q  # the same, a global layer
+    assert calls == [None, 128, None]
 
 
 def test_head_dims_the_kernel_cannot_tile_take_the_backend_with_a_warning():
@@ -206,9 +230,12 @@ def test_head_dims_the_kernel_cannot_tile_take_the_backend_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ModernBertForMaskedLM(cfg)
-    cfg.window_attention_kernel = cfg.window_attention_rope = True
-    with pytest.raises(ValueError, match="window_attention_rope needs a power-of-two head dim >= 16, got 12"):
-        ModernBertForMaskedLM(cfg)
+    for option in ("window_attention_rope", "global_attention_kernel"):  # explicit opt-ins
+        cfg.window_attention_kernel = True
+        setattr(cfg, option, True)
+        with pytest.raises(ValueError, match=f"{option} needs a power-of-two head dim >= 16, got 12"):
+            ModernBertForMaskedLM(cfg)
+        setattr(cfg, option, False)
 
 
 def test_custom_ops_pass_torch_library_opcheck():
@@ -253,9 +280,11 @@ def test_rope_inside_the_kernels_compiles_into_one_graph_with_its_gradient():
 
 
 @pytest.mark.gpu
-def test_cuda_bf16_at_base_width_matches_the_reference():
-    """ModernBERT-base heads (12 x 64), 4000 packed tokens, window 128, bf16 (the autotuner's tile):
-    output and gradients against the fp64 reference on the same inputs."""
+@pytest.mark.parametrize("window", [128, None])
+def test_cuda_bf16_at_base_width_matches_the_reference(window):
+    """ModernBERT-base heads (12 x 64), 4000 packed tokens, window 128 or none (a global layer,
+    global_attention_kernel), bf16 (the autotuner's tile): output and gradients against the fp64
+    reference on the same inputs."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     lengths = [300, 5, 1200, 64, 65, 128, 900, 1, 1337]
@@ -263,8 +292,8 @@ def test_cuda_bf16_at_base_width_matches_the_reference():
     q, k, v = (x.cuda().bfloat16().requires_grad_() for x in (q, k, v))
     cu = cu.cuda()
     qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
-    got = _attend(q, k, v, cu, 128)
-    want = reference_attention(qr, kr, vr, cu, 128)
+    got = _attend(q, k, v, cu, window, whole_document=window is None)
+    want = reference_attention(qr, kr, vr, cu, window)
     assert (got.double() - want).abs().max().item() < 2e-2
     grad = torch.randn_like(want)
     for a, b in zip(torch.autograd.grad(got, (q, k, v), grad.bfloat16()), torch.autograd.grad(want, (qr, kr, vr), grad)):
@@ -293,8 +322,8 @@ def test_cuda_bf16_rope_inside_the_kernels_at_base_width_matches_the_reference()
 def test_cuda_compiled_model_with_the_window_kernel_matches_the_backend():
     """What the trainer runs: the Inductor-compiled model under bf16 autocast on a packed chunk with
     trailing empty document slots, a dynamic slot count and storage offsets, 6 base-width layers
-    (local and global): with the window kernel (after the RoPE op, or with RoPE inside) the loss
-    is finite and matches the fastest backend's, and so do the gradients. (On the 2026-11-27 H200 the eager kernel tests passed while this path gave NaN: the
+    (local and global): with the window kernel (after the RoPE op, or with RoPE inside, or on the
+    global layers too) the loss is finite and matches the fastest backend's, and so do the gradients. (On the 2026-11-27 H200 the eager kernel tests passed while this path gave NaN: the
     compiled document ids were off by one, model/attention.py token_document_ids.)"""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -314,10 +343,11 @@ def test_cuda_compiled_model_with_the_window_kernel_matches_the_backend():
     batch = {key: torch.stack([value, value]).cuda()[1] for key, value in chunk.items()}
     batch["max_seqlen"] = 1024
     results = {}
-    for kernel in (False, True, "rope"):
+    for kernel in (False, True, "rope", "global"):
         cfg = preset("base")
         cfg.num_hidden_layers, cfg.attention_backend = 6, fastest_available("cuda")
         cfg.window_attention_kernel, cfg.window_attention_rope = bool(kernel), kernel == "rope"
+        cfg.global_attention_kernel = kernel == "global"
         torch.manual_seed(0)
         model = ModernBertForMaskedLM(cfg).cuda().train()
         torch._dynamo.reset()
@@ -325,11 +355,12 @@ def test_cuda_compiled_model_with_the_window_kernel_matches_the_backend():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = torch.compile(model)(**batch).loss
         loss.backward()
-        results[kernel] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if "layers.1." in n}
+        results[kernel] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()
+                                        if "layers.0." in n or "layers.1." in n}
     torch._dynamo.reset()
     loss_ref, grads_ref = results[False]
-    for kernel in (True, "rope"):  # the window kernel after the RoPE op, and with RoPE inside
+    for kernel in (True, "rope", "global"):  # the window kernel after the RoPE op, with RoPE inside, global too
         loss_win, grads_win = results[kernel]
         assert np.isfinite(loss_win) and abs(loss_win - loss_ref) < 1e-2 * abs(loss_ref), (kernel, loss_win, loss_ref)
-        for name, grad in grads_ref.items():  # layer 1: local, the kernel's forward and backward
+        for name, grad in grads_ref.items():  # layers 0 (global) and 1 (local): forward and backward
             assert ((grads_win[name] - grad).norm() / grad.norm()).item() < 5e-2, (kernel, name)

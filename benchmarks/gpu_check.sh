@@ -14,7 +14,8 @@
 # session's 15 device minutes with the machine's start: run the default order in one call with
 # timeout_s=600 (most important first, in this file's order). Times on 2026-11-28's H200:
 # pytest-syncs 104 s, pytest 111 s (the first GPU test of each Triton kernel autotunes and compiles
-# its configs, and the compiled-model test builds three models, hence 120 s per test), step1024x96
+# its configs, and the compiled-model test builds three models, hence 120 s per test; since
+# 2026-12-02 it builds four of 3 layers instead of three of 6), step1024x96
 # ~170 s for 3 runs (~220 s with the 4 now), step1024x32 189 s, trainer ~100 s. Next session:
 # `pytest-syncs step1024x96 step1024x32` in one call (~540 s), then `pytest kernels` (~240 s: the
 # LayerNorm kernels' GPU parity tests, alone and with the residual add, and the global layers

@@ -321,7 +321,7 @@ def test_cuda_bf16_rope_inside_the_kernels_at_base_width_matches_the_reference()
 @pytest.mark.gpu
 def test_cuda_compiled_model_with_the_window_kernel_matches_the_backend():
     """What the trainer runs: the Inductor-compiled model under bf16 autocast on a packed chunk with
-    trailing empty document slots, a dynamic slot count and storage offsets, 6 base-width layers
+    trailing empty document slots, a dynamic slot count and storage offsets, 3 base-width layers
     (local and global): with the window kernel (after the RoPE op, or with RoPE inside, or on the
     global layers too) the loss is finite and matches the fastest backend's, and so do the gradients. (On the 2026-11-27 H200 the eager kernel tests passed while this path gave NaN: the
     compiled document ids were off by one, model/attention.py token_document_ids.)"""
@@ -345,7 +345,7 @@ def test_cuda_compiled_model_with_the_window_kernel_matches_the_backend():
     results = {}
     for kernel in (False, True, "rope", "global"):
         cfg = preset("base")
-        cfg.num_hidden_layers, cfg.attention_backend = 6, fastest_available("cuda")
+        cfg.num_hidden_layers, cfg.attention_backend = 3, fastest_available("cuda")  # 3: four compiles in 120 s
         cfg.window_attention_kernel, cfg.window_attention_rope = bool(kernel), kernel == "rope"
         cfg.global_attention_kernel = kernel == "global"
         torch.manual_seed(0)

@@ -323,7 +323,8 @@ def test_cuda_compiled_model_with_the_window_kernel_matches_the_backend():
     """What the trainer runs: the Inductor-compiled model under bf16 autocast on a packed chunk with
     trailing empty document slots, a dynamic slot count and storage offsets, 3 base-width layers
     (local and global): with the window kernel (after the RoPE op, or with RoPE inside, or on the
-    global layers too) the loss is finite and matches the fastest backend's, and so do the gradients. (On the 2026-11-27 H200 the eager kernel tests passed while this path gave NaN: the
+    global layers too) the loss is finite and matches the fastest backend's, and so do the
+    gradients. (On the 2026-11-27 H200 the eager kernel tests passed while this path gave NaN: the
     compiled document ids were off by one, model/attention.py token_document_ids.)"""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")

@@ -143,10 +143,21 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     run_dir = Path(cfg.run_dir)
     if cfg.data.demo_root:
         prepare_demo(cfg)
-    if dist.get_world_size() > 1:
+    world_size = dist.get_world_size()
+    sync_free = cfg.sync_free_steps and (world_size == 1 or cfg.sync_free_multi_rank)
+    if cfg.sync_free_steps and not sync_free:
+        log.info("sync_free_steps applies to one process; with %d processes, Composer's per-step "
+                 "reductions go through the default process group (NCCL on GPUs) and wait for the "
+                 "device as before (sync_free_multi_rank=true: through gloo, host to host)", world_size)
+    if sync_free and world_size > 1:
+        log.info("sync_free_steps on %d processes: Composer's per-step counts are reduced host to host "
+                 "(gloo), the loss on the devices, read one batch later", world_size)
+    trainer_device = HostBookkeepingGPU(multi_rank=world_size > 1) if sync_free and device == "gpu" else device
+    if world_size > 1:
         # Before any StreamingDataset exists: otherwise each one opens and tears down a temporary
-        # process group of its own, and ranks race on the rendezvous store.
-        dist.initialize_dist(get_device(device))
+        # process group of its own, and ranks race on the rendezvous store. The trainer's device
+        # chooses the group's backends.
+        dist.initialize_dist(get_device(trainer_device))
     if dist.get_global_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         # Storage problems (bad credentials, missing bucket, read-only disk) fail before step 1.
@@ -199,12 +210,6 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         parallelism = {"fsdp": {"sharding_strategy": "SHARD_GRAD_OP", "mixed_precision": "DEFAULT",
                                 "use_orig_params": True, "state_dict_type": "full"}}
 
-    sync_free = cfg.sync_free_steps and dist.get_world_size() == 1
-    if cfg.sync_free_steps and not sync_free:
-        log.info("sync_free_steps applies to one process; with %d processes, Composer's per-step "
-                 "reductions go through the default process group (NCCL on GPUs) and wait for the "
-                 "device as before", dist.get_world_size())
-
     evaluators = None
     if eval_spec is not None:
         evaluators = Evaluator(label="val", dataloader=eval_spec,
@@ -220,7 +225,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         optimizers=optimizer,
         schedulers=scheduler,
         step_schedulers_every_batch=True,
-        device=HostBookkeepingGPU() if sync_free and device == "gpu" else device,
+        device=trainer_device,
         precision=precision,
         device_train_microbatch_size=cfg.data.microbatch_seqs,
         algorithms=algorithms,

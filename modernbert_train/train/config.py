@@ -134,8 +134,15 @@ class RunConfig:
     # One process: the host never waits for the GPU in or between steps (train/trainer.py): each
     # batch's train loss is read once the next batch is queued and logged under its own batch.
     # The trainer at 99% of the raw step's tokens/s instead of 94% on an H200 (benchmarks/README.md).
-    # Several processes train with stock Composer's per-step bookkeeping (a line in the log says so).
+    # Several processes train with stock Composer's per-step bookkeeping (a line in the log says so)
+    # unless sync_free_multi_rank is true.
     sync_free_steps: bool = True
+    # sync_free_steps with several processes too: the process group gets gloo for host tensors next
+    # to NCCL for CUDA tensors, Composer's per-step counts are reduced host to host through gloo,
+    # the loss on the GPUs without the host waiting (train/trainer.py). Off by default: gloo's TCP
+    # must reach every node (set GLOO_SOCKET_IFNAME where the default interface does not), and it
+    # has been run on CPU ranks only, never on several GPUs.
+    sync_free_multi_rank: bool = False
     # Where the run writes its local files (metrics, resolved config, local checkpoint copies).
     run_dir: str = "runs/${run_name}"
     model: ModernBertConfig = field(default_factory=ModernBertConfig)

@@ -31,11 +31,18 @@ class HostBookkeepingGPU(DeviceGPU):
     Composer 0.32.1 sends its per-step counts to the device (`tensor_to_device(torch.tensor(n))`),
     reduces them over the ranks and reads them back (`.item()`): each read waits for every kernel
     queued before it. Here those tensors (`stays_on_host`) never leave the host, so the reads are
-    plain memory reads; batches, the model and the optimizer state go to the GPU as before. The
-    process group is gloo, which reduces host tensors; one process only (train/builder.py picks
-    this device for a single-GPU run): with several ranks, the gradients need NCCL."""
+    plain memory reads; batches, the model and the optimizer state go to the GPU as before. One
+    process: the process group is gloo, which reduces host tensors. Several (`multi_rank`): one
+    group with two backends, gloo for host tensors (the bookkeeping; object collectives too) and
+    NCCL for CUDA tensors (gradients, the loss), so the bookkeeping's reductions are host-to-host
+    and never wait for a GPU."""
 
     dist_backend = "gloo"
+
+    def __init__(self, multi_rank: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        if multi_rank:
+            self.dist_backend = "cpu:gloo,cuda:nccl"
 
     def tensor_to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if stays_on_host(tensor) else self.to_gpu(tensor)
@@ -61,10 +68,17 @@ class HostBookkeepingGPU(DeviceGPU):
 
 class LossInFlight:
     """One batch's loss totals on their way to the host: copied without blocking when the batch's
-    kernels are queued, read (`landed`) once a later batch's are."""
+    kernels are queued, read (`landed`) once a later batch's are. With several ranks the totals are
+    summed over the ranks on the device first (NCCL enqueues the reduction: the host goes on) and
+    divided by the world size on landing, as Composer averages them."""
 
     def __init__(self, losses: dict[str, torch.Tensor], batch: int):
         self.batch = batch
+        self._world_size = dist.get_world_size()
+        if self._world_size > 1:
+            losses = {name: loss.detach().clone() for name, loss in losses.items()}
+            for loss in losses.values():
+                dist.all_reduce(loss, reduce_operation="SUM")
         self._host = {}
         for name, loss in losses.items():
             host = torch.empty(loss.shape, dtype=loss.dtype, pin_memory=loss.is_cuda)
@@ -78,7 +92,7 @@ class LossInFlight:
     def landed(self) -> dict[str, float]:
         if self._copied is not None:
             self._copied.synchronize()  # this batch's kernels only: later batches stay queued
-        return {name: host.item() for name, host in self._host.items()}
+        return {name: host.item() / self._world_size for name, host in self._host.items()}
 
 
 class HostAheadTrainer(Trainer):
@@ -90,20 +104,19 @@ class HostAheadTrainer(Trainer):
     idles while the host launches the optimizer's kernels (StableAdamW: two per parameter tensor).
     StableAdamW never re-evaluates the loss, so nothing needs the closure.
 
-    With `sync_free_steps` (the run config's, one process): nothing in or between steps
-    waits for the GPU, so the host queues step k+1 while the GPU still runs step k.
+    With `sync_free_steps` (the run config's; several processes with `sync_free_multi_rank`):
+    nothing in or between steps waits for the GPU, so the host queues step k+1 while the GPU still
+    runs step k.
     - Each batch's loss totals are copied to the host without blocking and read once the next
       batch's kernels are queued; they are logged under their own batch (`Logger.log_metrics(...,
       step=k)`, one batch late in wall time). The last batch's are read when the loop ends.
-    - Composer's per-step counts stay on the host (`HostBookkeepingGPU`), and with one rank the
-      time accumulation skips its device round trip (a one-rank sum is the identity).
+    - Composer's per-step counts stay on the host (`HostBookkeepingGPU`). With one rank the time
+      accumulation skips its device round trip (a one-rank sum is the identity); with several it
+      sums samples and tokens and takes rank 0's batch time through host tensors (gloo).
     What is trained is unchanged: same batches, same steps, same weights.
     """
 
     def __init__(self, *args: Any, sync_free_steps: bool = False, **kwargs: Any):
-        if sync_free_steps and dist.get_world_size() > 1:
-            raise ValueError("sync_free_steps is for one process: with several ranks the losses and counts "
-                             "are reduced through NCCL, which waits for the GPU anyway")
         super().__init__(*args, **kwargs)
         self._sync_free_steps = sync_free_steps
         self._in_flight: Optional[LossInFlight] = None
@@ -115,9 +128,19 @@ class HostAheadTrainer(Trainer):
 
     def _accumulate_time_across_ranks(self, num_samples: int | float, num_tokens: int,
                                       batch_time: datetime.timedelta) -> tuple[Any, int, datetime.timedelta]:
-        if self._sync_free_steps:  # one rank (checked in __init__): the sums are the inputs
+        if not self._sync_free_steps:
+            return super()._accumulate_time_across_ranks(num_samples, num_tokens, batch_time)
+        if dist.get_world_size() == 1:  # the sums are the inputs
             return num_samples, num_tokens, batch_time
-        return super()._accumulate_time_across_ranks(num_samples, num_tokens, batch_time)
+        # Host tensors: gloo reduces them (HostBookkeepingGPU's multi-rank group; DeviceCPU's).
+        counts = torch.tensor([num_samples, num_tokens], dtype=torch.float64)
+        dist.all_reduce(counts, reduce_operation="SUM")
+        if isinstance(num_samples, float) and (counts - counts.round()).abs().max().item() > 1e-4:
+            raise ValueError(f"The sums of samples and tokens across ranks should each be integers, got {counts}")
+        elapsed = torch.tensor([batch_time.total_seconds()], dtype=torch.float64)
+        dist.broadcast(elapsed, src=0)
+        return (round(counts[0].item()), round(counts[1].item()),
+                datetime.timedelta(seconds=elapsed.item()))
 
     def _train_batch(self, use_grad_scaling: bool) -> Optional[dict[str, torch.Tensor]]:
         losses = super()._train_batch(use_grad_scaling)

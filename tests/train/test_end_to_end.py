@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -141,3 +142,34 @@ def test_two_processes_train_save_and_resume(tmp_path):
     # global count after 20 steps is 20 x 2 ranks x 8 (one rank alone would give 160).
     last = [r for r in rows if r.get("batch") == 20 and "samples" in r][-1]
     assert last["samples"] == 20 * 2 * 8, last
+
+
+def test_two_processes_with_sync_free_multi_rank_train_and_log_as_stock(tmp_path):
+    """`composer -n 2` on the CPU (gloo), sync_free_steps with sync_free_multi_rank: the loss of
+    each batch averaged over the ranks and logged under its batch with the global sample and token
+    counts, and the weights, exactly as stock Composer's bookkeeping gives them."""
+    from tests.s3_server import free_port
+
+    runs = {}
+    for mode, flags in (("stock", ["sync_free_steps=false"]), ("sync_free", ["sync_free_multi_rank=true"])):
+        work = tmp_path / mode
+        work.mkdir()
+        if runs:  # the stock run's demo data (tokenizer, shards), built once
+            (work / "demo").symlink_to(tmp_path / "stock" / "demo")
+        launcher = [sys.executable, "-m", "composer.cli.launcher", "-n", "2", "--master_port", str(free_port())]
+        done = run_train(work, "max_duration=6ba", f"checkpoint.save_folder={work}/ckpt", "checkpoint.save_interval=6ba",
+                         "eval.interval=6ba", "data.num_workers=0", "logging.log_interval=1ba", *flags,
+                         launcher=launcher)
+        log = done.stdout + done.stderr
+        assert done.returncode == 0, log[-4000:]
+        rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+        losses = sorted((r["batch"], r["samples"], r["tokens"], r["loss/train/total"])
+                        for r in rows if "loss/train/total" in r)
+        state = torch.load(work / "ckpt" / "ep0-ba6-rank0.pt", map_location="cpu", weights_only=False)
+        runs[mode] = log, losses, state["state"]["model"]
+    (stock_log, stock_losses, stock_weights), (free_log, free_losses, free_weights) = runs["stock"], runs["sync_free"]
+    assert "sync_free_steps on 2 processes" in free_log and "applies to one process" not in free_log, free_log[-3000:]
+    assert [b for b, *_ in stock_losses] == list(range(6)), stock_losses
+    assert free_losses == stock_losses
+    assert stock_weights.keys() == free_weights.keys()
+    assert all(torch.equal(stock_weights[k], free_weights[k]) for k in stock_weights)

@@ -242,6 +242,8 @@ def validate(cfg: RunConfig) -> None:
         problems.append(f"compile_memory_budget={cfg.compile_memory_budget}: use a fraction in (0, 1]")
     if cfg.parallelism not in ("ddp", "fsdp"):
         problems.append(f"parallelism={cfg.parallelism!r}: use 'ddp' or 'fsdp'")
+    if cfg.sync_free_multi_rank and not cfg.sync_free_steps:
+        problems.append("sync_free_multi_rank=true needs sync_free_steps=true (it extends it to several processes)")
     if cfg.scheduler.name not in ("wsd", "constant", "decay"):
         problems.append(f"scheduler.name={cfg.scheduler.name!r}: use wsd, constant or decay")
     if cfg.scheduler.decay_shape not in ("one_minus_sqrt", "linear"):

@@ -105,6 +105,12 @@ def test_bad_optimizer_number_fails_at_startup(overrides, expected):
     assert expected in str(e.value), str(e.value)
 
 
+def test_sync_free_multi_rank_needs_sync_free_steps():
+    with pytest.raises(ConfigError, match="sync_free_multi_rank=true needs sync_free_steps=true"):
+        load_run_config(YAMLS[0].parent / "tiny.yaml", ["sync_free_steps=false", "sync_free_multi_rank=true"])
+    assert load_run_config(YAMLS[0].parent / "tiny.yaml", ["sync_free_multi_rank=true"]).sync_free_multi_rank
+
+
 def test_edge_optimizer_numbers_are_accepted():
     cfg = load_run_config(YAMLS[0].parent / "tiny.yaml", ["optimizer.betas=[0,0.999]", "optimizer.weight_decay=0",
                                                           "optimizer.grad_clip_norm=null"])

@@ -4,6 +4,8 @@ waits for the GPU between steps either (emulated on the CPU), while training the
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 from pathlib import Path
 
 import pytest
@@ -20,13 +22,19 @@ from tests.host_syncs import DeviceResidency, HostSyncDetector
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run_config(tmp_path: Path, *overrides: str) -> RunConfig:
-    """The tiny recipe on synthetic shards, FlexAttention (no host sync in its step), two chunks of
-    8 sequences per step, no eval, no checkpoints."""
-    data = write_dataset(tmp_path / "data", num_sequences=160, max_seq_len=128, vocab_size=4096)
+def _dataset(root: Path) -> tuple[Path, Path]:
+    """Synthetic shards under root: (their root, their tokenizer.json)."""
+    data = write_dataset(root, num_sequences=160, max_seq_len=128, vocab_size=4096)
+    return data.root, data.tokenizer.path
+
+
+def _run_config(tmp_path: Path, *overrides: str, data: tuple[Path, Path] | None = None) -> RunConfig:
+    """The tiny recipe on synthetic shards (`data`, or written under tmp_path), FlexAttention (no
+    host sync in its step), two chunks of 8 sequences per step, no eval, no checkpoints."""
+    root, tokenizer = data or _dataset(tmp_path / "data")
     return load_run_config(REPO / "yamls/tiny.yaml", [
         "device=cpu", "max_duration=2ba", "data.demo_root=null", "data.eval_streams=[]", "data.num_workers=0",
-        f"data.tokenizer='{data.tokenizer.path}'", f"data.train_streams=[{{local: '{data.root}'}}]",
+        f"data.tokenizer='{tokenizer}'", f"data.train_streams=[{{local: '{root}'}}]",
         "data.train_split=train", "model.attention_backend=flex", "batch.global_batch_seqs=16",
         "batch.warmup_start_seqs=null", "batch.warmup_tokens=0", "scheduler.decay_tokens=0",
         "checkpoint.save_folder=null", "checkpoint.autoresume=false", "logging.wandb_mode=disabled",
@@ -91,10 +99,12 @@ class _EmulatedHostBookkeepingGPU(HostBookkeepingGPU):
         return self.residency.mark(tensor.clone())
 
 
-def _syncs_between_batch_ends(tmp_path: Path, sync_free: bool, batches: int) -> list[list[tuple[str, str]]]:
+def _syncs_between_batch_ends(tmp_path: Path, sync_free: bool, batches: int, *overrides: str,
+                              data=None) -> list[list[tuple[str, str]]]:
     """The real trainer for `batches` batches on an emulated GPU; the waits for the GPU recorded
     from each batch's end to the next one's (data fetch, bookkeeping, the whole step, logging)."""
-    cfg = _run_config(tmp_path, f"max_duration={batches}ba", f"sync_free_steps={str(sync_free).lower()}")
+    cfg = _run_config(tmp_path, f"max_duration={batches}ba", f"sync_free_steps={str(sync_free).lower()}", *overrides,
+                      data=data)
     trainer = build_trainer(cfg)
     residency = DeviceResidency()
     device = _EmulatedHostBookkeepingGPU(residency) if sync_free else _EmulatedGPU(residency)
@@ -142,6 +152,55 @@ def test_sync_free_steps_never_wait_for_the_gpu_between_batches(tmp_path):
     assert len(per_batch) == 3
     for syncs in per_batch:
         assert _without_optimi_cpu_reads(syncs) == [], syncs
+
+
+def _rank_syncs(rank: int, port: int, tmp: Path, data: tuple[Path, Path], sync_free: bool, out) -> None:
+    """One of two ranks (gloo on the CPU) of _syncs_between_batch_ends, in a spawned process."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", NODE_RANK="0",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        multi_rank = [f"sync_free_multi_rank={str(sync_free).lower()}"]
+        out.put((rank, _syncs_between_batch_ends(tmp / f"rank{rank}", sync_free, 4, *multi_rank, data=data)))
+    except BaseException as err:  # the parent reports it
+        out.put((rank, f"{type(err).__name__}: {err}"))
+
+
+def _two_rank_syncs(tmp_path: Path, sync_free: bool) -> dict[int, list[list[tuple[str, str]]]]:
+    from tests.s3_server import free_port
+
+    data = _dataset(tmp_path / "data")  # written once, before the ranks read it
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    port = free_port()
+    procs = [context.Process(target=_rank_syncs, args=(rank, port, tmp_path, data, sync_free, out)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(out.get(timeout=300) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    for rank, result in results.items():
+        assert not isinstance(result, str), f"rank {rank}: {result}"
+    return results
+
+
+def test_two_ranks_stock_composer_waits_for_the_gpu_between_batches(tmp_path):
+    """The control for the next test, on two ranks: Composer reads the reduced loss and counts back."""
+    for rank, per_batch in _two_rank_syncs(tmp_path, sync_free=False).items():
+        assert len(per_batch) == 3 and all(_without_optimi_cpu_reads(syncs) for syncs in per_batch), (rank, per_batch)
+
+
+def test_two_ranks_with_sync_free_multi_rank_never_wait_for_the_gpu_between_batches(tmp_path):
+    """sync_free_multi_rank on two ranks (gloo on the CPU, the GPU emulated): between batch ends
+    nothing reads a device value back; the counts are reduced as host tensors, the loss on the
+    device (train/trainer.py)."""
+    for rank, per_batch in _two_rank_syncs(tmp_path, sync_free=True).items():
+        assert len(per_batch) == 3, (rank, per_batch)
+        for syncs in per_batch:
+            assert _without_optimi_cpu_reads(syncs) == [], (rank, syncs)
 
 
 def test_sync_free_steps_train_and_log_the_same(tmp_path):

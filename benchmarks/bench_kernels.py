@@ -85,9 +85,9 @@ def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch
     add_norm = AddNorm(hidden, eps=cfg.norm_eps, bias=False).to(device)
     add_norm_exact = copy.deepcopy(add_norm).to(torch.float64 if device.type == "cpu" else torch.float32)
     kernels = _triton_ops(device)
-    attention, window_kernel, exact, flops, rope = _local_attention(tokens, cfg, 0, device, kernels.get("windowed"),
-                                                                    kernels.get("rotary_windowed"))
-    whole = _local_attention(tokens, cfg, 0, device, kernels.get("windowed"), window=None)
+    attention, window_kernel, exact, flops, rope = _attention(tokens, cfg, cfg.local_attention, device,
+                                                              kernels.get("windowed"), kernels.get("rotary_windowed"))
+    whole = _attention(tokens, cfg, None, device, kernels.get("windowed"))
     q, k, v = (torch.randn(tokens, heads, head_dim, generator=gen) for _ in range(3))
     return [
         OpCase("geglu", geglu_activation, kernels.get("geglu"), lambda dt: (h.to(device, dt),),
@@ -126,9 +126,9 @@ def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch
     ]
 
 
-def _local_attention(tokens: int, cfg, seed: int, device: torch.device, windowed: Optional[Callable],
-                     rotary_windowed: Optional[Callable] = None, window: Optional[int] = -1):
-    """Packed documents over `tokens`; attention(q, k, v) of a local layer (window -1: the config's;
+def _attention(tokens: int, cfg, window: Optional[int], device: torch.device, windowed: Optional[Callable],
+               rotary_windowed: Optional[Callable] = None, seed: int = 0):
+    """Packed documents over `tokens`; attention(q, k, v) of a local layer (`window` tokens wide;
     None: a global layer) through the fastest backend here and through model/window_attention.py
     (None without it; with no window, its whole-document mode); an exact per-document reference;
     the forward FLOPs of the allowed pairs; and the same three from the Wqkv output with RoPE:
@@ -139,7 +139,6 @@ def _local_attention(tokens: int, cfg, seed: int, device: torch.device, windowed
     ends = ends[: np.searchsorted(ends, tokens) + 1]
     lengths = np.diff(ends, prepend=0)
     cu = torch.from_numpy(np.concatenate([[0], ends])).to(torch.int32)
-    window = cfg.local_attention if window == -1 else window
     half = int(lengths.max()) if window is None else window // 2
     pairs = int(window_pairs(lengths, half).sum())
     whole_document = dict(whole_document=True) if window is None else {}

@@ -1,8 +1,9 @@
 # One-line targets; each calls the command the README shows.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+VENV_211 ?= .venv-torch-2.11
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-torch-2.11 bench clean
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV) && $(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' ; $(PY) -c "import modernbert_train, composer, streaming, optimi" && touch $@
@@ -12,6 +13,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -ra
+
+# The model, kernel and trainer tests on torch 2.11 (the GPU machine's stack, all pinned).
+test-torch-2.11: $(VENV_211)/.installed
+	$(VENV_211)/bin/python -m pytest -q -ra tests/model tests/train tests/benchmarks
+$(VENV_211)/.installed: tests/torch-2.11-stack.txt
+	python3 -m venv $(VENV_211) && $(VENV_211)/bin/python -m pip install -q --disable-pip-version-check --no-deps -r tests/torch-2.11-stack.txt -e . 2>&1 | grep -v '^WARNING: Location' ; $(VENV_211)/bin/python -c "import modernbert_train, composer, streaming, optimi, torch; assert torch.__version__.startswith('2.11'), torch.__version__" && touch $@
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow"

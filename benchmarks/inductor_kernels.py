@@ -56,6 +56,9 @@ class KernelReport:
     variants: list[dict] = field(default_factory=list)  # per autotuning config
     launches: int = 1  # per call of its graph (the host code runs some kernels several times)
     signature: dict = field(default_factory=dict)  # argument -> Triton type ('*bf16': a bf16 pointer)
+    # output pointer -> the offsets its tl.store calls write at, as in the source ('x0': one value
+    # per row; 'r0_1 + 4096*x0': a row's reduction axis too)
+    store_offsets: dict = field(default_factory=dict)
 
 
 @torch.library.custom_op("inductor_kernels::attention", mutates_args=())
@@ -199,6 +202,7 @@ def pretend_h100():
     saved = [(obj, attr, obj.__dict__[attr] if attr in obj.__dict__ else getattr(obj, attr)) for obj, attr, _ in patches]
     for obj, attr, value in patches:
         setattr(obj, attr, value)
+    driver_state = dict(vars(driver))  # restored as it was: Triton 3.6's reset_active would build a CUDA driver
     driver.set_active(Driver())
     caches = torch._inductor.config.patch(force_disable_caches=True)  # generate, never reuse
     caches.__enter__()
@@ -206,7 +210,8 @@ def pretend_h100():
         yield captured, wrappers
     finally:
         caches.__exit__(None, None, None)
-        driver.reset_active()
+        vars(driver).clear()
+        vars(driver).update(driver_state)
         for obj, attr, value in reversed(saved):
             setattr(obj, attr, value)
 
@@ -381,6 +386,8 @@ def analyse(graph: str, name: str, source: str, launches: int, workdir: Path) ->
     finally:
         triton_heuristics.cached_autotune = original
     report.signature = dict(meta["signature"])
+    for pointer, offset in re.findall(r"tl\.store\((\w+) \+ \(([^()]*)\)", source):
+        report.store_offsets.setdefault(pointer, []).append(offset)
     attrs = dict(meta["configs"][0]) if meta.get("configs") else {}
     for config in tuned:
         constants = {**meta.get("constants", {}), **config.kwargs}

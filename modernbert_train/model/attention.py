@@ -13,6 +13,7 @@ what it needs itself.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Callable, Optional
 
@@ -228,6 +229,23 @@ def _flex_missing() -> Optional[str]:
     if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
         return f"torch {torch.__version__} has no FlexAttention: install torch>=2.5"
     return None
+
+
+@functools.cache
+def flex_trains_on_cpu() -> bool:
+    """Whether this torch's FlexAttention has a backward pass for CPU tensors. Torch 2.7 runs its
+    eager reference there; since torch 2.10 CPU inputs that require grad are refused
+    (pytorch/pytorch#169646), compiled or not, so on the CPU only `sdpa` trains. Probed once, with
+    a 16-token call, outside any compiled region (the run's assembly and the tests ask)."""
+    if _flex_missing() is not None:
+        return False
+    from torch.nn.attention.flex_attention import flex_attention
+    x = torch.zeros(1, 1, 16, 8, requires_grad=True)
+    try:
+        flex_attention(x, x, x).sum().backward()
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _flash_missing() -> Optional[str]:

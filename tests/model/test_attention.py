@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modernbert_train.model.attention import (dense_allowed_mask, document_bounds, get_backend,
+from modernbert_train.model.attention import (dense_allowed_mask, document_bounds, flex_trains_on_cpu, get_backend,
                                               sdpa_attention, token_document_ids, unavailable_reason)
 from modernbert_train.model.modernbert import positions_from_cu_seqlens
 
@@ -71,13 +71,18 @@ def test_backend_matches_reference_forward_backward(backend, layout, window):
     dtype = torch.float32 if backend == "flex" else torch.bfloat16
     device = "cuda" if backend != "flex" or torch.cuda.is_available() else "cpu"
     tol = 2e-5 if dtype == torch.float32 else 2e-2
+    trains = device == "cuda" or flex_trains_on_cpu()
     q, k, v, cu = make_qkv(DOC_LAYOUTS[layout])
-    q, k, v = (x.to(device, dtype).requires_grad_() for x in (q, k, v))
+    q, k, v = (x.to(device, dtype).requires_grad_(trains) for x in (q, k, v))
     cu = cu.to(device)
     qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
     got = run_backend(backend, q, k, v, cu, window)
     want = reference_attention(qr, kr, vr, cu, window)
-    assert (got.double() - want).abs().max().item() < tol
+    err = (got.double() - want).abs().max().item()
+    assert err < tol, f"{backend} forward max abs err {err} ({layout}, window={window})"
+    if not trains:
+        pytest.skip(f"forward matched; no backward to compare: torch {torch.__version__}'s FlexAttention "
+                    "refuses CPU tensors that require grad (since torch 2.10)")
     grad = torch.randn_like(want)
     got.backward(grad.to(got.dtype))
     want.backward(grad)
@@ -147,6 +152,16 @@ def test_flex_block_mask_has_no_dense_intermediate_and_matches_rule():
         assert not (full & listed).any(), "a block is both full and partial"
         # The block structure is sparse, not everything-partial: most blocks are skipped.
         assert (listed | full).sum() < nb * nb / 2, f"{int((listed | full).sum())} of {nb * nb} blocks visited"
+
+
+def test_flex_trains_on_the_cpu_through_torch_2_9_only():
+    """The probe the trainer's assembly asks before it accepts flex on the CPU: torch 2.7 runs
+    FlexAttention's eager backward there, torch 2.10 and later refuse it (pytorch/pytorch#169646).
+    If a later torch brings a CPU backward back, this fails, and the version bound below moves."""
+    if unavailable_reason("flex"):
+        pytest.skip(f"flex not available here: {unavailable_reason('flex')}")
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    assert flex_trains_on_cpu() == (version < (2, 10)), (torch.__version__, flex_trains_on_cpu())
 
 
 def test_auto_resolves_to_a_backend_that_runs_here():

@@ -120,3 +120,22 @@ def test_edge_optimizer_numbers_are_accepted():
 def test_missing_required_key():
     with pytest.raises(ConfigError, match="required config keys not set: .*max_duration"):
         load_run_config(None, ["run_name=x", "data.tokenizer=t", "data.train_streams=[{local: d}]"])
+
+
+@pytest.mark.parametrize("flex_trains", [False, True], ids=["torch-without-cpu-backward", "torch-with-it"])
+def test_flex_on_the_cpu_is_refused_where_torch_cannot_train_it(monkeypatch, flex_trains):
+    """Torch 2.10+ has no FlexAttention backward on the CPU: a CPU run that asks for flex stops while
+    the model is assembled, naming the setting and the fix, not at the first backward pass."""
+    from types import SimpleNamespace
+
+    from modernbert_train.train import builder
+    cfg = load_run_config(YAMLS[0].parent / "tiny.yaml", ["device=cpu", "model.attention_backend=flex"])
+    tokenizer = SimpleNamespace(padded_vocab_size=cfg.model.vocab_size, tokenizer_vocab_size=cfg.model.vocab_size,
+                                special=SimpleNamespace(pad=0, cls=1, sep=2, mask=3))
+    monkeypatch.setattr(builder, "flex_trains_on_cpu", lambda: flex_trains)
+    if flex_trains:
+        assert builder.model_config_for(cfg, tokenizer).attention_backend == "flex"
+    else:
+        with pytest.raises(ValueError, match="model.attention_backend=flex cannot train on the CPU with torch .*"
+                                             "use attention_backend: sdpa"):
+            builder.model_config_for(cfg, tokenizer)

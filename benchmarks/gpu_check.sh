@@ -84,7 +84,8 @@ want pytest && stage pytest ${T_PYTEST:-180} $PY -m pytest -v -ra -m gpu --timeo
 # window_attention_rope: no RoPE passes over q, k, v in memory on local layers; not yet timed here:
 # the stage ran out of time); lnk: every LayerNorm as model/fused_kernels.py's kernels, the residual
 # add inside (config fused_layer_norm; the compiled norm's backward took 24.7 of 232.5 ms per step
-# on 2026-11-27); gwin: the global layers through the window kernels too, no window (config
+# on 2026-11-27, but torch 2.11's Inductor already folds the weight gradient in: about as many
+# instructions as ours, benchmarks/README.md, so expect little); gwin: the global layers through the window kernels too, no window (config
 # global_attention_kernel; torch_varlen's FlashAttention-2 took ~3.8 ms per global layer on
 # 2026-11-27). (-win, the backend on the local layers, was timed on 2026-11-28: 418.1k.)
 # bf16res (the residual stream in bf16, config autocast_residual) is timed at 32 x 1024 below, alone.

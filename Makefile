@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 VENV_211 ?= .venv-torch-2.11
 
-.PHONY: install demo test test-fast test-torch-2.11 bench clean
+.PHONY: install install-torch-2.11 demo test test-fast test-torch-2.11 bench clean
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV) && $(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' ; $(PY) -c "import modernbert_train, composer, streaming, optimi" && touch $@
@@ -14,7 +14,8 @@ demo: install
 test: install
 	$(PY) -m pytest -q -ra
 
-# The model, kernel and trainer tests on torch 2.11 (the GPU machine's stack, all pinned).
+# The GPU machine's stack (torch 2.11, all pinned), and the model, kernel and trainer tests on it.
+install-torch-2.11: $(VENV_211)/.installed
 test-torch-2.11: $(VENV_211)/.installed
 	$(VENV_211)/bin/python -m pytest -q -ra tests/model tests/train tests/benchmarks
 $(VENV_211)/.installed: tests/torch-2.11-stack.txt

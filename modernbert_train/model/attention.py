@@ -61,7 +61,8 @@ def dense_allowed_mask(cu_seqlens: torch.Tensor, total_tokens: int,
 
 
 def _padded_layout(cu_seqlens: torch.Tensor, total: int, window: Optional[int]):
-    """Gather indices (D, L) of the non-empty documents, their validity and the (D, 1, L, L) mask."""
+    """The non-empty documents as a padded (D, L) batch: gather indices into the packed tokens
+    (D * L,), each token's slot in that batch (T,), and the (D, 1, L, L) mask."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     keep = (lengths > 0).nonzero().squeeze(-1)
     starts, lengths = cu_seqlens[:-1][keep].long(), lengths[keep].long()
@@ -69,11 +70,16 @@ def _padded_layout(cu_seqlens: torch.Tensor, total: int, window: Optional[int]):
     offsets = torch.arange(longest, device=cu_seqlens.device)
     valid = offsets[None, :] < lengths[:, None]  # (D, L)
     index = (starts[:, None] + offsets[None, :]).clamp(max=total - 1)  # (D, L)
+    # Documents lie back to back from token 0, so the valid slots in row-major order are tokens 0..T-1.
+    slots = valid.flatten().nonzero().squeeze(-1)
+    if slots.numel() != total:
+        raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but there are {total} tokens: the documents "
+                         "must cover the packed tokens")
     allowed = valid[:, None, None, :].expand(-1, 1, longest, -1)
     half = _window_half(window)
     if half is not None:
         allowed = allowed & ((offsets[:, None] - offsets[None, :]).abs() <= half)
-    return index, valid, allowed
+    return index.flatten(), slots, allowed
 
 
 def _sdpa_prepare(cache: dict, cu_seqlens: torch.Tensor, total: int, window: Optional[int]) -> None:
@@ -95,12 +101,14 @@ def sdpa_attention(q, k, v, *, cu_seqlens, max_seqlen, window, cache, scale=None
         out = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)),
                                              attn_mask=layout, scale=scale)
         return out.squeeze(0).transpose(0, 1)
-    index, valid, allowed = layout
-    qp, kp, vp = (x[index].transpose(1, 2) for x in (q, k, v))  # (D, L, H, Dh) -> (D, H, L, Dh)
+    index, slots, allowed = layout
+    docs, longest = allowed.shape[0], allowed.shape[-1]
+    # index_select both ways: its backward adds rows into place, where advanced indexing's is an
+    # accumulating index_put (on the CPU ~10% of a tiny-model step).
+    qp, kp, vp = (x.index_select(0, index).view(docs, longest, *x.shape[1:]).transpose(1, 2)
+                  for x in (q, k, v))  # (D, L, H, Dh) -> (D, H, L, Dh)
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=allowed, scale=scale)
-    result = q.new_zeros(q.shape)
-    result[index[valid]] = out.transpose(1, 2)[valid]  # back to (T, H, Dh)
-    return result
+    return out.transpose(1, 2).reshape(docs * longest, *q.shape[1:]).index_select(0, slots)  # (T, H, Dh)
 
 
 # --- flex: FlexAttention with a block mask built at block level -------------------------------------

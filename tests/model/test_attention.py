@@ -47,14 +47,32 @@ def run_backend(name, q, k, v, cu, window):
     return fn(q, k, v, cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()), window=window, cache={})
 
 
+# The loader's chunks end their document list with empty slots (cu_seqlens repeats the total).
+SDPA_LAYOUTS = {**DOC_LAYOUTS, "empty_documents": [100, 0, 150, 0, 0]}
+
+
 @pytest.mark.parametrize("window", [None, 128, 32])
-@pytest.mark.parametrize("layout", sorted(DOC_LAYOUTS))
+@pytest.mark.parametrize("layout", sorted(SDPA_LAYOUTS))
 def test_sdpa_matches_independent_reference(layout, window):
-    q, k, v, cu = make_qkv(DOC_LAYOUTS[layout])
+    q, k, v, cu = make_qkv(SDPA_LAYOUTS[layout])
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
     got = run_backend("sdpa", q, k, v, cu, window)
-    want = reference_attention(q, k, v, cu, window)
+    want = reference_attention(qr, kr, vr, cu, window)
     err = (got - want).abs().max().item()
     assert err < 1e-10, f"sdpa vs reference max abs err {err} ({layout}, window={window})"
+    grad = torch.randn_like(want)
+    got.backward(grad)
+    want.backward(grad)
+    for name, a, b in (("q", q, qr), ("k", k, kr), ("v", v, vr)):
+        err = (a.grad - b.grad).abs().max().item()
+        assert err < 1e-10, f"sdpa d{name} max abs err {err} ({layout}, window={window})"
+
+
+def test_sdpa_refuses_documents_that_do_not_cover_the_tokens():
+    q, k, v, _ = make_qkv([300])
+    with pytest.raises(ValueError, match="cu_seqlens ends at 200 but there are 300 tokens"):
+        run_backend("sdpa", q, k, v, torch.tensor([0, 100, 200], dtype=torch.int32), None)
 
 
 GPU_ONLY = [pytest.param("flash", marks=pytest.mark.gpu), pytest.param("torch_varlen", marks=pytest.mark.gpu)]

@@ -240,20 +240,22 @@ def _flex_missing() -> Optional[str]:
 
 
 @functools.cache
-def flex_trains_on_cpu() -> bool:
-    """Whether this torch's FlexAttention has a backward pass for CPU tensors. Torch 2.7 runs its
-    eager reference there; since torch 2.10 CPU inputs that require grad are refused
-    (pytorch/pytorch#169646), compiled or not, so on the CPU only `sdpa` trains. Probed once, with
-    a 16-token call, outside any compiled region (the run's assembly and the tests ask)."""
-    if _flex_missing() is not None:
-        return False
+def flex_cpu_training_missing() -> Optional[str]:
+    """None if this torch's FlexAttention can train on CPU tensors, else why not and the fix. Torch
+    2.7 runs its eager reference there; since torch 2.10 CPU inputs that require grad are refused
+    (pytorch/pytorch#169646), compiled or not. Probed once, with a 16-token call, outside any
+    compiled region (the run's assembly and the tests ask)."""
+    reason = _flex_missing()
+    if reason is not None:
+        return reason
     from torch.nn.attention.flex_attention import flex_attention
     x = torch.zeros(1, 1, 16, 8, requires_grad=True)
     try:
         flex_attention(x, x, x).sum().backward()
     except NotImplementedError:
-        return False
-    return True
+        return (f"torch {torch.__version__}'s FlexAttention has no CPU backward (none since torch 2.10); "
+                "on the CPU use attention_backend: sdpa (or auto)")
+    return None
 
 
 def _flash_missing() -> Optional[str]:

@@ -17,7 +17,7 @@ from composer.utils import dist, get_device, reproducibility
 from modernbert_train.data.loader import (LoaderConfig, StepBatcher, StreamConfig, build_chunk_dataloader,
                                           num_samples_in_batch, num_tokens_in_batch, split_batch)
 from modernbert_train.data.tokenizer import TextTokenizer
-from modernbert_train.model.attention import fastest_available, flex_trains_on_cpu
+from modernbert_train.model.attention import fastest_available, flex_cpu_training_missing
 from modernbert_train.model.config import ModernBertConfig
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
 from modernbert_train.train.callbacks import (DataResumption, DataTrace, NonFiniteLossGuard,
@@ -49,14 +49,12 @@ def model_config_for(cfg: RunConfig, tokenizer: TextTokenizer) -> ModernBertConf
                          f"{cfg.data.tokenizer} needs ({tokenizer.tokenizer_vocab_size} tokens, padded "
                          f"to {tokenizer.padded_vocab_size})")
     s = tokenizer.special
-    backend = cfg.model.attention_backend
+    backend, device = cfg.model.attention_backend, resolve_device(cfg)
     if backend == "auto":
-        backend = fastest_available("cuda" if resolve_device(cfg) == "gpu" else "cpu")
+        backend = fastest_available("cuda" if device == "gpu" else "cpu")
         log.info("attention_backend auto -> %s", backend)
-    if backend == "flex" and resolve_device(cfg) == "cpu" and not flex_trains_on_cpu():
-        raise ValueError(f"model.attention_backend=flex cannot train on the CPU with torch {torch.__version__}: "
-                         "its FlexAttention has no CPU backward since torch 2.10; on the CPU use "
-                         "attention_backend: sdpa (or auto)")
+    if backend == "flex" and device == "cpu" and flex_cpu_training_missing():
+        raise ValueError(f"model.attention_backend=flex cannot train on the CPU: {flex_cpu_training_missing()}")
     return replace(cfg.model, pad_token_id=s.pad, cls_token_id=s.cls, sep_token_id=s.sep,
                    mask_token_id=s.mask, attention_backend=backend)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from modernbert_train.data.loader import collate_chunk, split_batch, stack_chunks
-from modernbert_train.model.attention import flex_trains_on_cpu, unavailable_reason
+from modernbert_train.model.attention import flex_cpu_training_missing, unavailable_reason
 from modernbert_train.model.config import preset
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
 from modernbert_train.train.compile import compile_model
@@ -92,9 +92,8 @@ def test_training_step_reads_nothing_back_from_the_device(backend, window_kernel
     """Forward (fused sparse head + loss), backward and clipping on two loader chunks, eager:
     FlexAttention (the fast backend that runs on the CPU; torch_varlen and flash need a GPU) and,
     with the window kernel, the local layers' Triton kernels (in Triton's interpreter)."""
-    if not flex_trains_on_cpu():
-        pytest.skip(f"torch {torch.__version__}'s FlexAttention refuses CPU tensors that require grad "
-                    "(since torch 2.10): no fast backend trains on the CPU here")
+    if flex_cpu_training_missing():
+        pytest.skip(flex_cpu_training_missing())
     cfg = preset("tiny")
     cfg.attention_backend = backend
     if window_kernel:

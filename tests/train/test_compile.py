@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modernbert_train.data.loader import collate_chunk
-from modernbert_train.model.attention import flex_trains_on_cpu, unavailable_reason
+from modernbert_train.model.attention import flex_cpu_training_missing, unavailable_reason
 from modernbert_train.model.config import preset
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
 from modernbert_train.train.compile import compile_model, mark_varlen_dims
@@ -97,9 +97,8 @@ def test_chunks_of_any_document_count_share_one_graph_without_breaks(bf16_stream
     model.autocast_residual under bf16 autocast too: the autocast state it reads in forward is
     folded into the graph."""
     from torch._dynamo.testing import CompileCounterWithBackend
-    if not flex_trains_on_cpu():
-        pytest.skip(f"torch {torch.__version__}'s FlexAttention refuses CPU tensors that require grad (since "
-                    "torch 2.10): no backend without host reads trains on the CPU here")
+    if flex_cpu_training_missing():
+        pytest.skip(flex_cpu_training_missing())
     cfg = preset("tiny")
     cfg.attention_backend, cfg.autocast_residual = "flex", bf16_stream
     torch._dynamo.reset()

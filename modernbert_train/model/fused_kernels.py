@@ -6,7 +6,8 @@ and 58 PTX instructions per element, scalar loads; benchmarks/inductor_kernels.p
 Config `fused_kernels` (default on: +5-6% tokens/s and -6 GiB peak at
 96 x 1024 on an H200, benchmarks/README.md). Each op is a torch.library custom op, so torch.compile
 calls it without a graph break. CUDA tensors go to Triton; CPU tensors to the PyTorch definitions
-(model/modernbert.py: rotary_qkv, geglu_activation), or, with TRITON_INTERPRET=1 set before import
+(model/modernbert.py: rotary_qkv, geglu_activation; GeGLU and RoPE outside their ops, whose Python
+dispatch costs more than those CPU ops), or, with TRITON_INTERPRET=1 set before import
 and `interpret_cpu_tensors = True` (the CPU tests set both), to Triton's interpreter.
 Math in fp32, one rounding to the input dtype.
 - geglu: h (T, 2I) -> GELU(h[:, :I]) * h[:, I:] (T, I); backward writes dh in one pass.
@@ -123,11 +124,14 @@ def _geglu_grid(n_rows: int, n_cols: int):
     return lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), triton.cdiv(n_cols, meta["BLOCK_C"]))
 
 
-@torch.library.custom_op("modernbert::geglu", mutates_args=())
 def geglu(h: torch.Tensor) -> torch.Tensor:
-    """h (T, 2I) -> GELU(h[:, :I]) * h[:, I:] (T, I), exact (erf) GELU."""
-    if not use_triton(h):
-        return modernbert.geglu_activation(h)
+    """h (T, 2I) -> GELU(h[:, :I]) * h[:, I:] (T, I), exact (erf) GELU: the kernels' op, or on the CPU
+    the PyTorch definition and its autograd (a custom op's Python dispatch costs ~0.2 ms a call)."""
+    return geglu_op(h) if use_triton(h) else modernbert.geglu_activation(h)
+
+
+@torch.library.custom_op("modernbert::geglu", mutates_args=())
+def geglu_op(h: torch.Tensor) -> torch.Tensor:
     h = h.contiguous()
     n_rows, n_cols = h.shape[0], h.shape[1] // 2
     out = h.new_empty(n_rows, n_cols)
@@ -135,19 +139,13 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@geglu.register_fake
+@geglu_op.register_fake
 def _(h: torch.Tensor) -> torch.Tensor:
     return h.new_empty(h.shape[0], h.shape[1] // 2)
 
 
 @torch.library.custom_op("modernbert::geglu_backward", mutates_args=())
 def geglu_backward(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    if not use_triton(h):  # (autograd is off inside an op: the derivative written out)
-        a, b = h.float().chunk(2, dim=-1)
-        g = grad.float()
-        cdf = 0.5 * (1.0 + torch.erf(a * _SQRT_HALF.value))
-        pdf = torch.exp(-0.5 * a * a) * _INV_SQRT_2PI.value
-        return torch.cat((g * b * (cdf + a * pdf), g * a * cdf), dim=-1).to(h.dtype)
     h, grad = h.contiguous(), grad.contiguous()
     n_rows, n_cols = grad.shape
     dh = torch.empty_like(h)
@@ -168,7 +166,7 @@ def _geglu_grad(ctx, grad):
     return geglu_backward(ctx.saved_tensors[0], grad)
 
 
-geglu.register_autograd(_geglu_grad, setup_context=_geglu_setup)
+geglu_op.register_autograd(_geglu_grad, setup_context=_geglu_setup)
 
 
 # --- RoPE on the Wqkv output -----------------------------------------------------------------------
@@ -224,11 +222,6 @@ def _rotary_qkv(packed_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, n_rows, n_hea
         tl.store(v_ptr + split + HALF, tl.load(packed_ptr + packed + HALF, mask=mask), mask=mask)
 
 
-def _rotary_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    q, k, v = modernbert.rotary_qkv(qkv, cos, sin)
-    return q, k, v.clone(memory_format=torch.contiguous_format)  # an op's output may not alias its input
-
-
 def _launch_rotary(src, cos, sin, q, k, v, backward: bool) -> None:
     n_rows, n_heads, head_dim = q.shape[0] * q.shape[1], q.shape[1], q.shape[2]
     _rotary_qkv[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]),)](
@@ -236,19 +229,23 @@ def _launch_rotary(src, cos, sin, q, k, v, backward: bool) -> None:
         HALF_BLOCK=triton.next_power_of_2(head_dim // 2), BACKWARD=backward)
 
 
-@torch.library.custom_op("modernbert::rotary_qkv", mutates_args=())
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv (T, 3, N, Dh), cos/sin (T, Dh) fp32 -> q, k (RoPE applied), v: (T, N, Dh) each."""
-    if not use_triton(qkv):
-        return _rotary_reference(qkv, cos, sin)
+    """qkv (T, 3, N, Dh), cos/sin (T, Dh) fp32 -> q, k (RoPE applied), v: (T, N, Dh) each: the
+    kernels' op, or on the CPU the PyTorch definition (as geglu)."""
+    return rotary_qkv_op(qkv, cos, sin) if use_triton(qkv) else modernbert.rotary_qkv(qkv, cos, sin)
+
+
+@torch.library.custom_op("modernbert::rotary_qkv", mutates_args=())
+def rotary_qkv_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     q, k, v = (qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3]) for _ in range(3))
     _launch_rotary(qkv, cos, sin, q, k, v, backward=False)
     return q, k, v
 
 
-@rotary_qkv.register_fake
+@rotary_qkv_op.register_fake
 def _(qkv, cos, sin):
     return tuple(qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3]) for _ in range(3))
 
@@ -256,11 +253,6 @@ def _(qkv, cos, sin):
 @torch.library.custom_op("modernbert::rotary_qkv_backward", mutates_args=())
 def rotary_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
                         sin: torch.Tensor) -> torch.Tensor:
-    if not use_triton(dq):  # the rotation's transpose, as in the kernel
-        def unrotate(g):
-            (g1, g2), (c1, c2), (s1, s2) = (t.float().chunk(2, dim=-1) for t in (g, cos[:, None], sin[:, None]))
-            return torch.cat((g1 * c1 + g2 * s2, g2 * c2 - g1 * s1), dim=-1).to(g.dtype)
-        return torch.stack((unrotate(dq), unrotate(dk), dv), dim=1)
     dq, dk, dv, cos, sin = (t.contiguous() for t in (dq, dk, dv, cos, sin))
     dqkv = dq.new_empty(dq.shape[0], 3, dq.shape[1], dq.shape[2])
     _launch_rotary(dqkv, cos, sin, dq, dk, dv, backward=True)
@@ -284,7 +276,7 @@ def _rotary_grad(ctx, dq, dk, dv):
     return rotary_qkv_backward(dq, dk, dv, cos, sin), None, None
 
 
-rotary_qkv.register_autograd(_rotary_grad, setup_context=_rotary_setup)
+rotary_qkv_op.register_autograd(_rotary_grad, setup_context=_rotary_setup)
 
 
 # --- LayerNorm without bias, alone or after the residual add (config fused_layer_norm) --------------

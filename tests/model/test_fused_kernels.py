@@ -237,8 +237,8 @@ def test_custom_ops_pass_torch_library_opcheck():
     relies on them."""
     qkv, cos, sin = _rotary_inputs(tokens=10, heads=2, head_dim=8, dtype=torch.float32)
     h = torch.randn(10, 12, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(fused_kernels.geglu, (h,))
-    torch.library.opcheck(fused_kernels.rotary_qkv, (qkv, cos, sin))
+    torch.library.opcheck(fused_kernels.geglu_op, (h,))
+    torch.library.opcheck(fused_kernels.rotary_qkv_op, (qkv, cos, sin))
     torch.library.opcheck(fused_kernels.geglu_backward, (h.detach(), torch.randn(10, 6, device=DEVICE)))
     x, weight = torch.randn(10, 24, device=DEVICE, requires_grad=True), torch.rand(24, device=DEVICE, requires_grad=True)
     torch.library.opcheck(fused_kernels.layer_norm, (x, weight, 1e-5))
@@ -315,6 +315,12 @@ def test_fused_kernels_are_the_default_and_cpu_tensors_skip_the_interpreter_unle
     assert pointwise_ops(preset("tiny")) == (fused_kernels.rotary_qkv, fused_kernels.geglu)
     monkeypatch.setattr(fused_kernels, "interpret_cpu_tensors", False)
     assert not fused_kernels.use_triton(torch.zeros(2))
+    # ... and not through the custom ops either: their Python dispatch costs more than these CPU ops.
+    h = torch.randn(4, 8, requires_grad=True)
+    qkv, cos, sin = _rotary_inputs(tokens=4, heads=2, head_dim=8, dtype=torch.float32)
+    backward_nodes = [fused_kernels.geglu(h).grad_fn.name()] + [t.grad_fn.name() for t in fused_kernels.rotary_qkv(
+        qkv.cpu(), cos.cpu(), sin.cpu())[:2]]
+    assert not any("modernbert" in name for name in backward_nodes), backward_nodes
 
 
 def test_without_triton_the_window_kernel_warns_and_the_opt_ins_fail_naming_the_fix(monkeypatch):

@@ -22,14 +22,23 @@ def grads_of(loss, tensors):
     return torch.autograd.grad(loss, tensors)
 
 
+def traced(fn):
+    """fn under torch.compile with the eager backend: Dynamo traces it (torch.compiler.is_compiling()
+    is true while it does, so the forward takes its one-pass form) and the graph runs op by op."""
+    torch._dynamo.reset()
+    return torch.compile(fn, backend="eager", fullgraph=True)
+
+
 @pytest.mark.parametrize("chunk_rows", [1, 5, 37, 4096])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_matches_plain_loss_and_gradients(chunk_rows, with_bias):
+@pytest.mark.parametrize("form", ["eager", "traced"])
+def test_matches_plain_loss_and_gradients(chunk_rows, with_bias, form):
     x, w, b, target = problem()
     bias = b if with_bias else None
     inputs = [x, w] + ([b] if with_bias else [])
     want = F.cross_entropy(F.linear(x, w, bias), target, ignore_index=IGNORE)
-    got = linear_cross_entropy(x, w, bias, target, ignore_index=IGNORE, chunk_rows=chunk_rows)
+    loss_fn = linear_cross_entropy if form == "eager" else traced(linear_cross_entropy)
+    got = loss_fn(x, w, bias, target, ignore_index=IGNORE, chunk_rows=chunk_rows)
     assert abs(got.item() - want.item()) < 1e-12, (got.item(), want.item())
     # A non-unit upstream gradient checks that backward scales every gradient by it.
     for g_want, g_got, name in zip(grads_of(2.5 * want, inputs), grads_of(2.5 * got, inputs), ["x", "w", "b"]):
@@ -37,10 +46,12 @@ def test_matches_plain_loss_and_gradients(chunk_rows, with_bias):
         assert err < 1e-12, f"grad {name} differs by {err}"
 
 
-def test_all_rows_ignored_gives_zero_loss_and_gradients():
+@pytest.mark.parametrize("form", ["eager", "traced"])
+def test_all_rows_ignored_gives_zero_loss_and_gradients(form):
     x, w, b, target = problem()
     target[:] = IGNORE
-    loss = linear_cross_entropy(x, w, b, target, chunk_rows=8)
+    loss_fn = linear_cross_entropy if form == "eager" else traced(linear_cross_entropy)
+    loss = loss_fn(x, w, b, target, chunk_rows=8)
     gx, gw, gb = grads_of(loss, [x, w, b])
     assert loss.item() == 0.0
     assert gx.abs().max().item() == gw.abs().max().item() == gb.abs().max().item() == 0.0

@@ -60,40 +60,54 @@ def dense_allowed_mask(cu_seqlens: torch.Tensor, total_tokens: int,
     return allowed
 
 
-def _padded_layout(cu_seqlens: torch.Tensor, total: int, window: Optional[int]):
-    """The non-empty documents as a padded (D, L) batch: gather indices into the packed tokens
-    (D * L,), each token's slot in that batch (T,), and the (D, 1, L, L) mask."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    keep = (lengths > 0).nonzero().squeeze(-1)
-    starts, lengths = cu_seqlens[:-1][keep].long(), lengths[keep].long()
-    longest = int(lengths.max())
-    offsets = torch.arange(longest, device=cu_seqlens.device)
-    valid = offsets[None, :] < lengths[:, None]  # (D, L)
-    index = (starts[:, None] + offsets[None, :]).clamp(max=total - 1)  # (D, L)
-    # Documents lie back to back from token 0, so the valid slots in row-major order are tokens 0..T-1.
-    slots = valid.flatten().nonzero().squeeze(-1)
-    if slots.numel() != total:
-        raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but there are {total} tokens: the documents "
+def _row_starts(cu_seqlens: torch.Tensor, total: int) -> tuple[list[int], int]:
+    """First token of each row of the padded batch, and the row length L (the longest document):
+    consecutive documents share a row while they fit (next fit; empty documents own no token)."""
+    bounds = cu_seqlens.tolist()
+    if bounds[-1] != total:
+        raise ValueError(f"cu_seqlens ends at {bounds[-1]} but there are {total} tokens: the documents "
                          "must cover the packed tokens")
-    allowed = valid[:, None, None, :].expand(-1, 1, longest, -1)
+    longest = max(end - start for start, end in zip(bounds, bounds[1:]))
+    row_starts = []
+    for start, end in zip(bounds, bounds[1:]):
+        if end > start and (not row_starts or end - row_starts[-1] > longest):
+            row_starts.append(start)
+    return row_starts, longest
+
+
+def _padded_layout(cu_seqlens: torch.Tensor, total: int, window: Optional[int], row_starts: list[int],
+                   longest: int):
+    """The packed tokens as a padded (R, L) batch: gather indices into them (R * L,), each token's
+    slot in the batch (T,), and the (R, 1, L, L) mask: same document (and the window); padding
+    slots attend to their row's tokens, so that no query row is fully masked."""
+    device = cu_seqlens.device
+    starts = torch.tensor(row_starts, device=device)
+    lengths = torch.diff(starts, append=starts.new_tensor([total]))
+    offsets = torch.arange(longest, device=device)
+    valid = offsets[None, :] < lengths[:, None]  # (R, L)
+    index = (starts[:, None] + offsets[None, :]).clamp(max=total - 1)  # (R, L)
+    # Rows hold consecutive tokens from token 0, so the valid slots in row-major order are tokens 0..T-1.
+    slots = valid.flatten().nonzero().squeeze(-1)
+    doc = token_document_ids(cu_seqlens, total)[index]  # (R, L)
+    allowed = doc[:, :, None] == doc[:, None, :]  # (R, L, L)
     half = _window_half(window)
     if half is not None:
-        allowed = allowed & ((offsets[:, None] - offsets[None, :]).abs() <= half)
-    return index.flatten(), slots, allowed
+        allowed &= (offsets[:, None] - offsets[None, :]).abs() <= half
+    allowed = (allowed | ~valid[:, :, None]) & valid[:, None, :]
+    return index.flatten(), slots, allowed[:, None]
 
 
 def _sdpa_prepare(cache: dict, cu_seqlens: torch.Tensor, total: int, window: Optional[int]) -> None:
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    docs, longest = int((lengths > 0).sum()), int(lengths.max())
-    if docs * longest * longest < total * total:
-        cache[("sdpa", window)] = ("padded", _padded_layout(cu_seqlens, total, window))
+    row_starts, longest = _row_starts(cu_seqlens, total)
+    if len(row_starts) * longest * longest < total * total:
+        cache[("sdpa", window)] = ("padded", _padded_layout(cu_seqlens, total, window, row_starts, longest))
     else:
         cache[("sdpa", window)] = ("dense", dense_allowed_mask(cu_seqlens, total, window))
 
 
 def sdpa_attention(q, k, v, *, cu_seqlens, max_seqlen, window, cache, scale=None):
     """Reference backend (CPU, small chunks): SDPA over the documents gathered into a padded
-    (D, L) batch, or over the whole chunk with a dense (T, T) mask when that is cheaper."""
+    (R, L) batch, or over the whole chunk with a dense (T, T) mask when that is cheaper."""
     if ("sdpa", window) not in cache:
         _sdpa_prepare(cache, cu_seqlens, q.shape[0], window)
     kind, layout = cache[("sdpa", window)]
@@ -102,13 +116,13 @@ def sdpa_attention(q, k, v, *, cu_seqlens, max_seqlen, window, cache, scale=None
                                              attn_mask=layout, scale=scale)
         return out.squeeze(0).transpose(0, 1)
     index, slots, allowed = layout
-    docs, longest = allowed.shape[0], allowed.shape[-1]
+    rows, longest = allowed.shape[0], allowed.shape[-1]
     # index_select both ways: its backward adds rows into place, where advanced indexing's is an
     # accumulating index_put (on the CPU ~10% of a tiny-model step).
-    qp, kp, vp = (x.index_select(0, index).view(docs, longest, *x.shape[1:]).transpose(1, 2)
-                  for x in (q, k, v))  # (D, L, H, Dh) -> (D, H, L, Dh)
+    qp, kp, vp = (x.index_select(0, index).view(rows, longest, *x.shape[1:]).transpose(1, 2)
+                  for x in (q, k, v))  # (R, L, H, Dh) -> (R, H, L, Dh)
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=allowed, scale=scale)
-    return out.transpose(1, 2).reshape(docs * longest, *q.shape[1:]).index_select(0, slots)  # (T, H, Dh)
+    return out.transpose(1, 2).reshape(rows * longest, *q.shape[1:]).index_select(0, slots)  # (T, H, Dh)
 
 
 # --- flex: FlexAttention with a block mask built at block level -------------------------------------

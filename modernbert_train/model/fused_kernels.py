@@ -6,8 +6,8 @@ and 58 PTX instructions per element, scalar loads; benchmarks/inductor_kernels.p
 Config `fused_kernels` (default on: +5-6% tokens/s and -6 GiB peak at
 96 x 1024 on an H200, benchmarks/README.md). Each op is a torch.library custom op, so torch.compile
 calls it without a graph break. CUDA tensors go to Triton; CPU tensors to the PyTorch definitions
-(model/modernbert.py: rotary_qkv, geglu_activation; GeGLU and RoPE outside their ops, whose Python
-dispatch costs more than those CPU ops), or, with TRITON_INTERPRET=1 set before import
+(model/modernbert.py: rotary_qkv, geglu_activation), without the custom op, whose Python dispatch
+costs more than those CPU ops; or, with TRITON_INTERPRET=1 set before import
 and `interpret_cpu_tensors = True` (the CPU tests set both), to Triton's interpreter.
 Math in fp32, one rounding to the input dtype.
 - geglu: h (T, 2I) -> GELU(h[:, :I]) * h[:, I:] (T, I); backward writes dh in one pass.

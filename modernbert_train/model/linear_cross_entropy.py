@@ -34,7 +34,7 @@ def _eager_loss(logits: torch.Tensor, target: torch.Tensor, row_scale: torch.Ten
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same, op by op: without a compiler each elementwise op above is a pass over (c, V), so
     here log_softmax (one op), exp and the scale in place, the one-hot subtracted at the targets
-    only: 4x faster on the CPU (benchmarks/README.md, "The fused loss without a compiler")."""
+    only: a third of the time on the CPU (benchmarks/README.md, "The CPU step, continued")."""
     log_prob = torch.log_softmax(logits, dim=-1)
     row_loss = -log_prob.gather(1, target).squeeze(1)
     grad = log_prob.exp_()

@@ -96,8 +96,8 @@ def geglu_activation(h: torch.Tensor) -> torch.Tensor:
 
 def pointwise_ops(config: ModernBertConfig):
     """(rotary_qkv, geglu_activation): the PyTorch definitions above, or with `fused_kernels` the
-    Triton kernels of model/fused_kernels.py (same signatures; CPU tensors take the definitions
-    above inside them). Without triton (e.g. torch's CPU-only wheels) a warning and the definitions."""
+    Triton kernels of model/fused_kernels.py (same signatures; CPU tensors go straight to the
+    definitions above). Without triton (e.g. torch's CPU-only wheels) a warning and the definitions."""
     if not config.fused_kernels:
         return rotary_qkv, geglu_activation
     try:

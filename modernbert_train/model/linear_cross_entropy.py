@@ -19,18 +19,19 @@ import torch.nn.functional as F
 DEFAULT_CHUNK_ROWS = 4096
 
 
-def _one_pass_loss(logits: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor, vocab: torch.Tensor
+def _one_pass_loss(logits: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(c, V) logits, (c, 1) targets -> each row's loss (c,) and d(loss)/d(logits) = (softmax - one_hot)
     x row_scale (c, V). The one-hot as a comparison, not an in-place scatter, so the compiler makes
     this one pass from the logits to the low-precision gradient (no fp32 copy in memory)."""
     lse = torch.logsumexp(logits, dim=-1)  # (c,)
     prob = torch.exp(logits - lse[:, None])
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
     grad = torch.where(vocab[None, :] == target, prob - 1.0, prob) * row_scale
     return lse - logits.gather(1, target).squeeze(1), grad
 
 
-def _eager_loss(logits: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor, vocab: torch.Tensor
+def _eager_loss(logits: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same, op by op: without a compiler each elementwise op above is a pass over (c, V), so
     here log_softmax (one op), exp and the scale in place, the one-hot subtracted at the targets
@@ -55,14 +56,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_b = None if bias is None else torch.zeros_like(bias, dtype=acc)
         device = x.device.type
         mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        vocab = torch.arange(weight.shape[0], device=x.device)
         for start in range(0, x.shape[0], chunk_rows):
             xs, ts, vs = x[start:start + chunk_rows], target[start:start + chunk_rows], valid[start:start + chunk_rows]
             logits = F.linear(xs, weight, bias).to(acc)  # (c, V)
             safe_t = torch.where(vs, ts, torch.zeros_like(ts))[:, None]  # (c, 1)
             row_scale = (vs.to(acc) / count)[:, None]  # (c, 1): 1 / count on valid rows, 0 on ignored
             logit_loss = _one_pass_loss if torch.compiler.is_compiling() else _eager_loss
-            row_loss, grad = logit_loss(logits, safe_t, row_scale, vocab)
+            row_loss, grad = logit_loss(logits, safe_t, row_scale)
             loss_sum = loss_sum + (row_loss * vs).sum()
             # Under autocast the backward matmuls run in the autocast dtype, like the forward one;
             # the weight and bias gradients accumulate in fp32.

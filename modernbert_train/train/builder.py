@@ -53,8 +53,8 @@ def model_config_for(cfg: RunConfig, tokenizer: TextTokenizer) -> ModernBertConf
     if backend == "auto":
         backend = fastest_available("cuda" if device == "gpu" else "cpu")
         log.info("attention_backend auto -> %s", backend)
-    if backend == "flex" and device == "cpu" and flex_cpu_training_missing():
-        raise ValueError(f"model.attention_backend=flex cannot train on the CPU: {flex_cpu_training_missing()}")
+    if backend == "flex" and device == "cpu" and (why := flex_cpu_training_missing()):
+        raise ValueError(f"model.attention_backend=flex cannot train on the CPU: {why}")
     return replace(cfg.model, pad_token_id=s.pad, cls_token_id=s.cls, sep_token_id=s.sep,
                    mask_token_id=s.mask, attention_backend=backend)
 

@@ -36,6 +36,11 @@ def _remote_checkpoints(server: S3Server) -> list[str]:
                   key=lambda n: int(n.split("-ba")[1].split("-")[0]))
 
 
+# Runs that get killed while `latest` moves must outlast its ~30 s lag: 60 batches once did at
+# ~0.5 s per tiny step, but not at 0.3 s (the launch finished before `latest` first moved).
+LONG_RUN_BATCHES = 200
+
+
 def _common(save_every: int = 4, max_batches: int = 12) -> tuple[str, ...]:
     return (f"max_duration={max_batches}ba", f"checkpoint.save_folder={FOLDER}",
             f"checkpoint.save_interval={save_every}ba")
@@ -72,7 +77,7 @@ def test_three_preempted_launches_resume_from_the_buckets_latest(tmp_path, demo_
     `latest` on the bucket has moved (by then newer checkpoint objects are usually uploaded too:
     `latest` lags). Each launch continues from what `latest` named when the previous one died."""
     run_dir = tmp_path / "run"
-    common = _common(max_batches=60)
+    common = _common(max_batches=LONG_RUN_BATCHES)
     for _ in range(2):
         before = _latest_target(s3_server)
         rows_before = len(metrics_rows(run_dir))
@@ -86,8 +91,8 @@ def test_three_preempted_launches_resume_from_the_buckets_latest(tmp_path, demo_
     last = run_train(demo_data, tmp_path, *common, env=s3_server.env())
     assert last.returncode == 0, last.tail()
     assert _launch_starts(run_dir, rows_before) == resumed_from, trained_batches(run_dir)
-    assert _latest_target(s3_server) == "ep0-ba60-rank0.pt"
-    assert _remote_checkpoints(s3_server) == [f"ep0-ba{b}-rank0.pt" for b in range(4, 61, 4)]
+    assert _latest_target(s3_server) == f"ep0-ba{LONG_RUN_BATCHES}-rank0.pt"
+    assert _remote_checkpoints(s3_server) == [f"ep0-ba{b}-rank0.pt" for b in range(4, LONG_RUN_BATCHES + 1, 4)]
 
 
 @pytest.mark.timeout(900)
@@ -95,7 +100,7 @@ def test_server_outage_fails_clearly_and_loses_no_uploaded_checkpoint(tmp_path, 
     """The server goes away once `latest` names a checkpoint and stays away: the run ends (no hang)
     with an error naming the endpoint; back up, the bucket still holds every checkpoint that was
     there, each loadable, and `latest` names one of them. (Resuming after it: the tests above.)"""
-    launch = start_train(demo_data, tmp_path, *_common(max_batches=60), env=s3_server.env())
+    launch = start_train(demo_data, tmp_path, *_common(max_batches=LONG_RUN_BATCHES), env=s3_server.env())
     wait_until(launch, lambda: _latest_target(s3_server) is not None, what="latest on the bucket",
                poll_s=0.05)
     before = _remote_checkpoints(s3_server)

@@ -100,7 +100,7 @@ def test_server_outage_fails_clearly_and_loses_no_uploaded_checkpoint(tmp_path, 
     """The server goes away once `latest` names a checkpoint and stays away: the run ends (no hang)
     with an error naming the endpoint; back up, the bucket still holds every checkpoint that was
     there, each loadable, and `latest` names one of them. (Resuming after it: the tests above.)"""
-    launch = start_train(demo_data, tmp_path, *_common(max_batches=LONG_RUN_BATCHES), env=s3_server.env())
+    launch = start_train(demo_data, tmp_path, *_common(max_batches=60), env=s3_server.env())
     wait_until(launch, lambda: _latest_target(s3_server) is not None, what="latest on the bucket",
                poll_s=0.05)
     before = _remote_checkpoints(s3_server)

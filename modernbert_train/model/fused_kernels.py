@@ -354,13 +354,7 @@ def _rows_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _norm_forward(x: torch.Tensor, delta, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
-    """(s or None, y, mean, rstd): the kernel on CUDA tensors, else the same in PyTorch."""
-    if not use_triton(x):
-        s = None if delta is None else x + delta
-        xf = (x if s is None else s).float()
-        mean = xf.mean(dim=-1)
-        rstd = torch.rsqrt(xf.var(dim=-1, unbiased=False) + eps)
-        return s, ((xf - mean[:, None]) * rstd[:, None] * weight.float()).to(out_dtype), mean, rstd
+    """(s or None, y, mean, rstd) from the kernel (the modules below send other tensors to PyTorch's norm)."""
     s = None if delta is None else torch.empty(x.shape, dtype=torch.promote_types(x.dtype, delta.dtype),
                                                device=x.device)
     x, weight = x.contiguous(), weight.contiguous()
@@ -381,13 +375,6 @@ _LAYER_NORM_BWD_PROGRAMS = 1024
 def _norm_backward(dy: torch.Tensor, ds, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                    rstd: torch.Tensor, delta_dtype: torch.dtype):
     """(dx in x's dtype, ddelta in delta_dtype or None without ds, dw in weight's dtype)."""
-    if not use_triton(x):  # (autograd is off inside an op: the derivative written out)
-        xhat = (x.float() - mean[:, None]) * rstd[:, None]
-        wdy = dy.float() * weight.float()
-        dx = (wdy - xhat * (xhat * wdy).mean(-1, keepdim=True) - wdy.mean(-1, keepdim=True)) * rstd[:, None]
-        dx = dx if ds is None else dx + ds.float()
-        return (dx.to(x.dtype), None if ds is None else dx.to(delta_dtype),
-                (dy.float() * xhat).sum(0).to(weight.dtype))
     add = ds is not None
     dy, x, weight = dy.contiguous(), x.contiguous(), weight.contiguous()
     ds = ds.contiguous() if add else dy  # (not read without ADD)

@@ -212,20 +212,25 @@ def test_cpu_path_without_the_interpreter_matches_the_kernels(monkeypatch):
     grad = torch.randn(20, 12, generator=gen)
     qkv, cos, sin = _rotary_inputs(tokens=20, heads=2, head_dim=8, dtype=torch.float32)
     rotary_grads = [torch.randn(20, 2, 8, generator=gen) for _ in range(3)]
-    # the norms: the fp32 stream, a bf16 branch output, the norm written in bf16
-    x, weight = torch.randn(20, 24, generator=gen, requires_grad=True), torch.rand(24, generator=gen) + 0.5
+    # the norms (modules: they choose the path): the fp32 stream and a bf16 branch output
+    x = torch.randn(20, 24, generator=gen, requires_grad=True)
+    norm = fused_kernels.LayerNorm(24, eps=1e-5, bias=False)
+    add_norm = fused_kernels.AddNorm(24, eps=1e-5, bias=False, output_feeds_matmul=True)
+    with torch.no_grad():
+        for module in (norm, add_norm):
+            module.weight.copy_(torch.rand(24, generator=gen) + 0.5)
     delta = torch.randn(20, 24, generator=gen).bfloat16().requires_grad_()
-    ds, dy = torch.randn(20, 24, generator=gen), torch.randn(20, 24, generator=gen).bfloat16()
+    ds, dy = torch.randn(20, 24, generator=gen), torch.randn(20, 24, generator=gen)
     results = {}
     for kernels in (True, False):
         monkeypatch.setattr(fused_kernels, "use_triton", lambda x, on=kernels: on)
         out = fused_kernels.geglu(h)
         outs = fused_kernels.rotary_qkv(qkv, cos, sin)
-        normed = fused_kernels.layer_norm(x, weight, 1e-5)[0]
-        s, y, _, _ = fused_kernels.add_layer_norm(x, delta, weight, 1e-5, torch.bfloat16)
+        normed = norm(x)
+        s, y = add_norm(x, delta)
         results[kernels] = ([out, *outs, normed, s, y], torch.autograd.grad(out, h, grad)
-                            + torch.autograd.grad(outs, qkv, rotary_grads) + torch.autograd.grad(normed, x, ds)
-                            + torch.autograd.grad((s, y), (x, delta), (ds, dy)))
+                            + torch.autograd.grad(outs, qkv, rotary_grads) + torch.autograd.grad(normed, (x, norm.weight), ds)
+                            + torch.autograd.grad((s, y), (x, delta, add_norm.weight), (ds, dy)))
     for got, want in zip([*results[False][0], *results[False][1]], [*results[True][0], *results[True][1]]):
         assert got.dtype == want.dtype, (got.dtype, want.dtype)
         tolerance = dict(rtol=2 ** -7, atol=1e-5) if got.dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)

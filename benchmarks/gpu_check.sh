@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one GPU check: step benchmarks (ours vs transformers, plus one ablation per optimisation),
 # the trainer-level benchmark, then the GPU tests. Results into $OUT (default bench_results/gpu):
-# log.txt (everything printed), step_*.json, kernels.json, trainer.json. Run from the repo root on the lent GPU
-# machine, with carry [".whl"] (made here by ../shared/device/fetch-wheels.sh .whl, plus boto3,
+# log.txt (everything printed), step_*.json, kernels.json, trainer.json, compile-cache.tar.xz (see
+# TORCHINDUCTOR_CACHE_DIR below). Run from the repo root on the lent GPU
+# machine, with carry [".whl", ".gpu-cache"] (.whl made here by ../shared/device/fetch-wheels.sh .whl, plus boto3,
 # botocore, s3transfer, jmespath and zstandard wheels for Python 3.12):
 #   bash benchmarks/gpu_check.sh [STAGE...]     (default: every stage, in the order below)
 # Stages: pytest-syncs pytest step1024x96 step1024x32 trainer kernels pytest-compiled saved large tuning
@@ -37,7 +38,16 @@ else
   echo "WARNING: no .whl/: composer, streaming and optimi are missing; most stages will fail"
   export PYTHONPATH=$PWD
 fi
+# torch.compile's caches (Inductor's, and Triton's for its kernels and ours) in one folder. The last
+# GPU session's $OUT/compile-cache.tar.xz, copied here to .gpu-cache/ and carried (carry [".whl",
+# ".gpu-cache"]), warm-starts every compile whose graph is unchanged since (each configuration's
+# compile took ~40-50 s cold on 2026-11-28's H200; on the CPU VM a restored cache took the tiny
+# step's from 57 to 19 s). The script's end packs the cache again for the next session.
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
+export TRITON_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR/triton
+if [[ -f .gpu-cache/compile-cache.tar.xz ]]; then
+  $PY benchmarks/compile_cache.py unpack .gpu-cache/compile-cache.tar.xz "$TORCHINDUCTOR_CACHE_DIR"
+fi
 export WANDB_MODE=disabled
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -131,4 +141,7 @@ want trainer-closure && trainer trainer-closure --composer-closure --sync-free o
 # The compiled fast path (every backend, full and per-layer compile) against the eager reference.
 want pytest-compiled && stage pytest-compiled ${T_PYTEST_COMPILED:-90} $PY -m pytest -v -ra -m gpu \
   --timeout 80 --tb=short -p no:cacheprovider -k "${COMPILED_TESTS:-compiled}" tests/train/test_compile.py
+# For the next GPU session (files come back up to 16 MiB each): copy it to .gpu-cache/ and carry that.
+[[ -d $TORCHINDUCTOR_CACHE_DIR ]] && $PY benchmarks/compile_cache.py pack "$TORCHINDUCTOR_CACHE_DIR" \
+  "$OUT/compile-cache.tar.xz"
 echo "== done; results in $OUT"

@@ -1,9 +1,8 @@
 # One-line targets; each calls the command the README shows.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-VENV_211 ?= .venv-torch-2.11
 
-.PHONY: install install-torch-2.11 demo test test-fast test-torch-2.11 bench clean
+.PHONY: install demo test test-fast bench clean
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV) && $(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' ; $(PY) -c "import modernbert_train, composer, streaming, optimi" && touch $@
@@ -14,12 +13,15 @@ demo: install
 test: install
 	$(PY) -m pytest -q -ra
 
-# The GPU machine's stack (torch 2.11, all pinned), and the model, kernel and trainer tests on it.
-install-torch-2.11: $(VENV_211)/.installed
-test-torch-2.11: $(VENV_211)/.installed
-	$(VENV_211)/bin/python -m pytest -q -ra tests/model tests/train tests/benchmarks
-$(VENV_211)/.installed: tests/torch-2.11-stack.txt
-	python3 -m venv $(VENV_211) && $(VENV_211)/bin/python -m pip install -q --disable-pip-version-check --no-deps -r tests/torch-2.11-stack.txt -e . 2>&1 | grep -v '^WARNING: Location' ; $(VENV_211)/bin/python -c "import modernbert_train, composer, streaming, optimi, torch; assert torch.__version__.startswith('2.11'), torch.__version__" && touch $@
+# Another torch stack, every package pinned in tests/torch-<version>-stack.txt (2.11: the GPU
+# machine's; 2.14: the newest checked), and the model, kernel, trainer and benchmark tests on it:
+# make test-torch-2.11, make test-torch-2.14 (install-torch-<version> only builds .venv-torch-<version>).
+.PRECIOUS: .venv-torch-%/.installed
+install-torch-%: .venv-torch-%/.installed ;
+test-torch-%: .venv-torch-%/.installed
+	.venv-torch-$*/bin/python -m pytest -q -ra tests/model tests/train tests/benchmarks
+.venv-torch-%/.installed: tests/torch-%-stack.txt
+	python3 -m venv .venv-torch-$* && .venv-torch-$*/bin/python -m pip install -q --disable-pip-version-check --no-deps -r $< -e . 2>&1 | grep -v '^WARNING: Location' ; .venv-torch-$*/bin/python -c "import modernbert_train, composer, streaming, optimi, torch; assert torch.__version__.startswith('$*.'), torch.__version__" && touch $@
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow"

@@ -3,8 +3,7 @@
 # the trainer-level benchmark, then the GPU tests. Results into $OUT (default bench_results/gpu):
 # log.txt (everything printed), step_*.json, kernels.json, trainer.json, compile-cache.tar.xz (see
 # TORCHINDUCTOR_CACHE_DIR below). Run from the repo root on the lent GPU
-# machine, with carry [".whl", ".gpu-cache"] (.whl made here by ../shared/device/fetch-wheels.sh .whl, plus boto3,
-# botocore, s3transfer, jmespath and zstandard wheels for Python 3.12):
+# machine, with carry [".whl", ".gpu-cache"] (.whl made here by `bash benchmarks/gpu_wheels.sh`, ~38 MB):
 #   bash benchmarks/gpu_check.sh [STAGE...]     (default: every stage, in the order below)
 # Stages: pytest-syncs pytest step1024x96 step1024x32 trainer kernels pytest-compiled saved large tuning
 # step8192x12 trainer-closure.

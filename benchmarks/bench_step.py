@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +46,12 @@ HF_LAYOUT_NOTE = ("transformers gets each packed sequence as one row of a padded
                   "same tokens, same labels, same matmul FLOPs; attention FLOPs counted per row")
 
 
+TIMING_NOTE = ("tok/s and ms/step: the timed steps run back to back as in training (the host queues "
+               "each step while the device runs the one before; one synchronization at each end of "
+               "the window), tok/s = real tokens / window time, ms/step from CUDA events at each "
+               "step's start; synced: the same number of steps again, each between two device "
+               "synchronizations (this script's only timing until 2026-12-03), which adds the device's "
+               "idle time while the host starts each step")
 
 # --- data: packed documents, masked, in both layouts ----------------------------------------------
 
@@ -71,11 +77,14 @@ class StepBatch:
     packed: dict[str, Any]
     padded: dict[str, torch.Tensor]
     doc_lens: list[np.ndarray]  # per packed sequence, the document lengths inside it
+    # Real (non-pad) and masked tokens per layout, counted on the host when the batch is built, so
+    # the timed steps never read a count back from the device.
+    counts: dict[str, tuple[int, int]]
 
     def to(self, device: torch.device) -> StepBatch:
         def move(tensors: dict[str, Any]) -> dict[str, Any]:
             return {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()}
-        return StepBatch(move(self.packed), move(self.padded), self.doc_lens)
+        return StepBatch(move(self.packed), move(self.padded), self.doc_lens, self.counts)
 
 
 def build_step_batch(cfg: ModernBertConfig, seqs: list[PackedSequence], seq_len: int,
@@ -120,7 +129,10 @@ def build_step_batch(cfg: ModernBertConfig, seqs: list[PackedSequence], seq_len:
     }
     padded = {"input_ids": torch.from_numpy(ids_padded), "attention_mask": torch.from_numpy(attention_mask),
               "labels": torch.from_numpy(labels_padded)}
-    return StepBatch(packed, padded, [s.doc_lens.astype(np.int64) for s in seqs])
+    # Counted independently from each layout (num_tokens vs attention_mask, labels vs labels).
+    counts = {"ours": (offset, int((labels_packed != IGNORE_INDEX).sum())),
+              "hf": (int(attention_mask.sum()), int((labels_padded != IGNORE_INDEX).sum()))}
+    return StepBatch(packed, padded, [s.doc_lens.astype(np.int64) for s in seqs], counts)
 
 
 def build_step_batches(cfg: ModernBertConfig, seq_len: int, seqs_per_chunk: int, num_chunks: int,
@@ -239,10 +251,17 @@ class RunResult:
     real_tokens_per_step: Optional[float] = None
     masked_tokens_per_step: Optional[float] = None
     steps: int = 0
+    # The timed steps run back to back, as in training: nothing waits for the device between them
+    # (see timed_window); per-step times are the intervals between events at each step's start.
     step_ms_mean: Optional[float] = None
     step_ms_median: Optional[float] = None
     step_ms_min: Optional[float] = None
     tokens_per_s: Optional[float] = None
+    # The same number of steps again, each bracketed by a device synchronize (how this script timed
+    # until 2026-12-03): each step then also pays for the device idling while the host starts it.
+    synced_steps: int = 0
+    step_ms_synced_median: Optional[float] = None
+    tokens_per_s_synced: Optional[float] = None
     model_tflop_per_step: Optional[float] = None
     mfu: Optional[float] = None
     peak_mem_bytes: Optional[int] = None
@@ -252,7 +271,8 @@ class RunResult:
     loss_first: Optional[float] = None
     loss_last: Optional[float] = None
     top_kernels: Optional[list[dict[str, Any]]] = None  # --profile: where the step's device time goes
-    ratio_vs_hf: Optional[float] = None  # tokens/s over transformers' with the same compile setting
+    ratio_vs_hf: Optional[float] = None  # tokens/s over the fastest transformers run of the process
+    ratio_vs_hf_synced: Optional[float] = None  # the same from the synchronized steps
     error: Optional[str] = None
 
 
@@ -302,12 +322,11 @@ def ours_inputs(batch: StepBatch, spec: RunSpec) -> tuple[dict[str, Any], int, i
     kwargs = {"input_ids": p["input_ids"], "cu_seqlens": cu_seqlens, "max_seqlen": p["max_seqlen"],
               "position_ids": p["position_ids"], "labels": p["labels"],
               "prediction_slots": p["prediction_slots"] if spec.prediction_slots else None}
-    return kwargs, int(p["num_tokens"]), int((p["labels"] != IGNORE_INDEX).sum())
+    return kwargs, *batch.counts["ours"]
 
 
 def hf_inputs(batch: StepBatch, spec: RunSpec) -> tuple[dict[str, Any], int, int]:
-    p = batch.padded
-    return dict(p), int(p["attention_mask"].sum()), int((p["labels"] != IGNORE_INDEX).sum())
+    return dict(batch.padded), *batch.counts["hf"]
 
 
 def profile_kernels(step_fn, num_steps: int, device: torch.device, top: int = 25) -> list[dict[str, Any]]:
@@ -337,6 +356,36 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_window(step: Callable[[int], torch.Tensor], indices: Sequence[int],
+                 device: torch.device) -> tuple[list[torch.Tensor], list[float], float]:
+    """Runs step(i) for each index back to back, as a training loop does: the host queues the next
+    step while the device still runs this one, and only the window's two ends wait for the device.
+    Returns the steps' losses (still on the device), the seconds of each step (between CUDA events
+    recorded as each step is queued, so a step's time includes any idling of the device while the
+    host caught up; on the CPU, where ops run as they are called, the host clock) and the window's
+    seconds (the host clock between the two synchronizations)."""
+    def mark() -> Any:
+        if device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(start: Any, end: Any) -> float:
+        return end - start if device.type != "cuda" else start.elapsed_time(end) / 1e3
+
+    synchronize(device)
+    started = time.perf_counter()
+    marks, losses = [], []
+    for i in indices:
+        marks.append(mark())
+        losses.append(step(i))
+    marks.append(mark())
+    synchronize(device)
+    window_s = time.perf_counter() - started
+    return losses, [seconds(a, b) for a, b in zip(marks, marks[1:])], window_s
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -346,7 +395,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *, device: torch.device,
                dtype: str, warmup: int, steps: int, peak_flops: Optional[float], seed: int,
-               profile_steps: int = 0) -> RunResult:
+               synced_steps: int = 0, profile_steps: int = 0) -> RunResult:
     """Build, (compile,) warm up and time one system; any failure is recorded, not raised."""
     chunk_tokens = int(batches[0].packed["input_ids"].numel())
     result = RunResult(spec.system, spec.attention, spec.compile, spec.label, dtype, chunk_tokens)
@@ -367,36 +416,30 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-        def step(i: int) -> tuple[torch.Tensor, float, int, int]:
-            kwargs, real, masked = make_inputs(batches[i % len(batches)], spec)
-            synchronize(device)
-            start = time.perf_counter()
+        def step(i: int) -> torch.Tensor:  # queues one training step; reads nothing back
+            kwargs, _, _ = make_inputs(batches[i % len(batches)], spec)
             optimizer.zero_grad(set_to_none=True)
             with autocast():
                 loss = compiled(**kwargs).loss
             loss.backward()
             optimizer.step()
-            synchronize(device)
-            return loss.detach(), time.perf_counter() - start, real, masked
+            return loss.detach()
 
         graphs_before = graphs_compiled()
         warm_start = time.perf_counter()
-        for i in range(warmup):
-            step(i)
+        timed_window(step, range(warmup), device)
         result.warmup_s = time.perf_counter() - warm_start
         result.graphs_compiled = graphs_compiled() - graphs_before
 
-        losses, times_s, flops = [], [], 0.0
-        real_total = masked_total = 0
-        for i in range(warmup, warmup + steps):
-            loss, seconds, real, masked = step(i)
-            losses.append(loss)
-            times_s.append(seconds)
+        timed = range(warmup, warmup + steps)
+        losses, times_s, total_s = timed_window(step, timed, device)
+        flops, real_total, masked_total = 0.0, 0, 0
+        for i in timed:
+            _, real, masked = make_inputs(batches[i % len(batches)], spec)
             spans = attention_spans(batches[i % len(batches)], spec.system)
             flops += training_flops(cfg, real_tokens=real, masked_tokens=masked, span_lengths=spans)
             real_total += real
             masked_total += masked
-        total_s = sum(times_s)
         result.steps = steps
         result.real_tokens_per_step = real_total / steps
         result.masked_tokens_per_step = masked_total / steps
@@ -414,8 +457,18 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
             # its timing is kept in the JSON but the run counts as failed.
             raise FloatingPointError(f"non-finite training loss (first {result.loss_first}, "
                                      f"last {result.loss_last}): timing not comparable")
+        if synced_steps:
+            after = warmup + steps
+            synced = [timed_window(step, [i], device)[2] for i in range(after, after + synced_steps)]
+            result.synced_steps = synced_steps
+            result.step_ms_synced_median = 1e3 * statistics.median(synced)
+            result.tokens_per_s_synced = sum(make_inputs(batches[i % len(batches)], spec)[1]
+                                             for i in range(after, after + synced_steps)) / sum(synced)
+            result.graphs_compiled_timed = graphs_compiled() - graphs_before - result.graphs_compiled
         if profile_steps:
-            result.top_kernels = profile_kernels(lambda i: step(warmup + steps + i), profile_steps, device)
+            first = warmup + steps + synced_steps
+            result.top_kernels = profile_kernels(lambda i: timed_window(step, [first + i], device),
+                                                 profile_steps, device)
     except Exception as err:  # noqa: BLE001 - the benchmark records any failure and moves on
         result.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:500]
         log.warning("%s/%s compile=%s failed: %s", spec.system, spec.attention, spec.compile, result.error)
@@ -540,13 +593,15 @@ def peak_flops_for(device: torch.device, override_tflops: Optional[float]) -> Op
 
 
 def fill_ratios(results: list[RunResult]) -> None:
-    """Each of our runs against the fastest transformers run of the same process."""
-    best_hf = max((r.tokens_per_s for r in results if r.system == "hf" and r.tokens_per_s and r.error is None),
-                  default=None)
-    for r in results:
-        r.ratio_vs_hf = None
-        if r.system == "ours" and r.tokens_per_s and best_hf and r.error is None:
-            r.ratio_vs_hf = r.tokens_per_s / best_hf
+    """Each of our runs against the fastest transformers run of the same process, from the
+    back-to-back steps and (where measured) from the synchronized ones."""
+    for field, ratio in (("tokens_per_s", "ratio_vs_hf"), ("tokens_per_s_synced", "ratio_vs_hf_synced")):
+        best_hf = max((getattr(r, field) for r in results
+                       if r.system == "hf" and getattr(r, field) and r.error is None), default=None)
+        for r in results:
+            mine = getattr(r, field)
+            setattr(r, ratio, mine / best_hf if r.system == "ours" and mine and best_hf and r.error is None
+                    else None)
 
 
 def check_losses(results: list[RunResult], rel_tol: float = 0.02) -> None:
@@ -572,7 +627,7 @@ def data_summary(batches: list[StepBatch], seq_len: int, seqs_per_chunk: int) ->
 def format_table(results: list[RunResult], device: torch.device) -> str:
     mem_label = "peak mem GiB" if device.type == "cuda" else "RSS hw GiB"
     header = ["system", "attention", "compile", "off", "tok/step", "tok/s", "ms/step med", "ms/step mean",
-              mem_label, "MFU", "vs best HF", "loss 1st", "warmup s", "graphs"]
+              "synced ms med", mem_label, "MFU", "vs best HF", "synced vs HF", "loss 1st", "warmup s", "graphs"]
     rows, errors = [header], {}
     for r in results:
         if r.error:
@@ -581,8 +636,10 @@ def format_table(results: list[RunResult], device: torch.device) -> str:
             continue
         rows.append([r.system, r.attention, r.compile, r.options, f"{r.real_tokens_per_step:.0f}",
                      f"{r.tokens_per_s:,.0f}", f"{r.step_ms_median:.1f}", f"{r.step_ms_mean:.1f}",
+                     "-" if r.step_ms_synced_median is None else f"{r.step_ms_synced_median:.1f}",
                      f"{r.peak_mem_bytes / 2**30:.2f}", "-" if r.mfu is None else f"{100 * r.mfu:.1f}%",
-                     "-" if r.ratio_vs_hf is None else f"{r.ratio_vs_hf:.2f}x", f"{r.loss_first:.4f}",
+                     "-" if r.ratio_vs_hf is None else f"{r.ratio_vs_hf:.2f}x",
+                     "-" if r.ratio_vs_hf_synced is None else f"{r.ratio_vs_hf_synced:.2f}x", f"{r.loss_first:.4f}",
                      f"{r.warmup_s:.0f}",
                      f"{r.graphs_compiled}+{r.graphs_compiled_timed}"])
     widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(header))]
@@ -613,7 +670,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         "default full on cuda, none on cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
                    help="bf16 autocast or plain fp32 (default: bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--steps", type=int, default=10,
+                   help="timed steps, run back to back (one device synchronization at each end)")
+    p.add_argument("--synced-steps", type=int, default=None,
+                   help="then this many more, each bracketed by a device synchronization, timed apart "
+                        "(default: --steps; 0: none)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--num-chunks", type=int, default=4, help="distinct chunks cycled through the steps")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -645,8 +706,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.backend = args.backend or default_backend(device)
     args.compile = args.compile or ("full" if on_cuda else "none")
     args.dtype = args.dtype or ("bf16" if on_cuda else "fp32")
-    if args.steps < 1 or args.warmup < 0 or args.num_chunks < 1:
-        raise SystemExit("--steps must be >= 1, --warmup >= 0, --num-chunks >= 1")
+    args.synced_steps = args.steps if args.synced_steps is None else args.synced_steps
+    if args.steps < 1 or args.warmup < 0 or args.num_chunks < 1 or args.synced_steps < 0:
+        raise SystemExit("--steps must be >= 1, --warmup >= 0, --num-chunks >= 1, --synced-steps >= 0")
 
     cfg = preset(args.preset)
     cfg.num_hidden_layers = args.layers or cfg.num_hidden_layers
@@ -662,6 +724,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "model": cfg.to_dict(),
         "data": data_summary(batches, args.seq_len, args.seqs_per_chunk),
+        "timing": TIMING_NOTE,
         "flop_formula": FLOP_FORMULA,
         "peak_flops": peak_flops,
         "peak_flops_basis": "dense bf16 tensor-core peak" if peak_flops else None,
@@ -684,7 +747,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for spec in plan_runs(args, device):
         log.info("running %s", spec)
         results.append(run_config(spec, cfg, batches, device=device, dtype=args.dtype, warmup=args.warmup,
-                                  profile_steps=args.profile,
+                                  profile_steps=args.profile, synced_steps=args.synced_steps,
                                   steps=args.steps, peak_flops=peak_flops, seed=args.seed))
         check_losses(results)
         fill_ratios(results)

@@ -5,6 +5,7 @@ A correctness smoke test of the script; it asserts nothing about speed.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from benchmarks import bench_step
 from modernbert_train.data import synthetic
 from modernbert_train.data.chunk_layout import doc_slots
 from modernbert_train.model.config import preset
+from tests.host_syncs import DeviceResidency, HostSyncDetector
 
 
 def test_main_writes_both_systems_on_identical_tokens(tmp_path):
@@ -154,3 +156,56 @@ def test_runs_of_ours_must_agree_on_the_first_loss():
     bench_step.check_losses(runs)
     assert runs[0].error is None and runs[1].error is None  # 0.5%: rounding
     assert "differs from 10.9000" in runs[2].error  # 3.7%: another computation
+
+
+class _StubMLM(torch.nn.Module):
+    """Takes our model's inputs and makes a loss from them without reading anything back, so that
+    any read recorded in the timed steps is the benchmark loop's own."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab_size, 8)
+
+    def forward(self, input_ids, labels, **_):
+        return SimpleNamespace(loss=(self.emb(input_ids).sum(-1) * (labels != -100)).mean())
+
+
+def test_timed_steps_never_read_a_value_back_from_the_device(monkeypatch):
+    """The timed steps run back to back: a value read back from the GPU inside them (a token count,
+    the loss) would make the host wait for the device and idle it while the next step starts.
+    Emulated on the CPU: the batches stand for GPU tensors (tests/host_syncs.py's DeviceResidency),
+    a stub model and plain SGD make the step itself read nothing, and every read in each timed
+    window is recorded. The losses are read once all windows are done."""
+    cfg = preset("tiny")
+    batches = bench_step.build_step_batches(cfg, seq_len=128, seqs_per_chunk=4, num_chunks=2, seed=1)
+    residency = DeviceResidency()
+    for batch in batches:
+        for tensor in list(batch.packed.values()) + list(batch.padded.values()):
+            if torch.is_tensor(tensor):
+                residency.mark(tensor)
+    windows = []
+    real_window = bench_step.timed_window
+
+    def watched(step, indices, device):
+        with HostSyncDetector(residency) as detector:
+            out = real_window(step, indices, device)
+        windows.append((list(indices), detector.syncs))
+        return out
+
+    monkeypatch.setattr(bench_step, "timed_window", watched)
+    monkeypatch.setattr(bench_step, "build_ours", lambda cfg, spec: _StubMLM(cfg.vocab_size))
+    monkeypatch.setattr(bench_step, "build_optimizer",
+                        lambda model, device: torch.optim.SGD(model.parameters(), lr=0.1, foreach=False))
+    result = bench_step.run_config(bench_step.RunSpec("ours", "sdpa", "none"), cfg, batches,
+                                   device=torch.device("cpu"), dtype="fp32", warmup=1, steps=3,
+                                   synced_steps=2, peak_flops=None, seed=0)
+    assert result.error is None, result.error
+    assert [indices for indices, _ in windows] == [[0], [1, 2, 3], [4], [5]], windows
+    assert all(not syncs for _, syncs in windows), windows
+    # The counts the steps report were made on the host, from the same tokens.
+    real, masked = batches[0].counts["ours"]
+    assert real == int(batches[0].packed["num_tokens"]) and real == batches[0].counts["hf"][0]
+    assert masked == int((batches[0].packed["labels"] != -100).sum()) == batches[0].counts["hf"][1]
+    assert result.real_tokens_per_step == sum(b.counts["ours"][0] for b in (batches[1], batches[0], batches[1])) / 3
+    assert result.synced_steps == 2 and result.tokens_per_s_synced > 0 and result.step_ms_synced_median > 0
+    assert np.isfinite(result.loss_first) and result.loss_first != result.loss_last, result

@@ -547,7 +547,7 @@ def plan_runs(args: argparse.Namespace, device: torch.device) -> list[RunSpec]:
     baseline = [RunSpec("hf", args.hf_attn, hf_compile)] if args.baseline == "hf" else []
     if not args.sweep:
         return [RunSpec("ours", args.backend, args.compile)] + baseline
-    candidates = ("torch_varlen", "flash", "flex") if device.type == "cuda" else ("sdpa", "flex")
+    candidates = ("torch_varlen", "cudnn", "flash", "flex") if device.type == "cuda" else ("sdpa", "flex")
     backends = [b for b in candidates if unavailable_reason(b) is None]
     # Most informative first (a time limit may cut the sweep short): the fastest backend and the
     # baseline, then the other backends, then everything uncompiled.
@@ -663,7 +663,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=1024, help="max_seq_len of the packed sequences")
     p.add_argument("--seqs-per-chunk", type=int, default=32,
                    help="packed sequences per microbatch chunk (tokens per step = this x seq-len)")
-    p.add_argument("--backend", default=None, choices=["sdpa", "flex", "flash", "torch_varlen"],
+    p.add_argument("--backend", default=None, choices=["sdpa", "flex", "flash", "torch_varlen", "cudnn"],
                    help="our attention backend (default: fastest available here)")
     p.add_argument("--compile", default=None, choices=COMPILE_MODES,
                    help="how to compile ours (transformers: whole model unless none); "

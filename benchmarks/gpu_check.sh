@@ -16,10 +16,11 @@
 # pytest-syncs 104 s, pytest 111 s (the first GPU test of each Triton kernel autotunes and compiles
 # its configs, and the compiled-model test builds three models, hence 120 s per test; since
 # 2026-12-02 it builds four of 3 layers instead of three of 6), step1024x96
-# ~170 s for 3 runs (~220 s with the 4 now), step1024x32 189 s, trainer ~100 s. Next session:
-# `pytest-syncs step1024x96 step1024x32` in one call (~540 s), then `pytest kernels` (~240 s: the
-# LayerNorm kernels' GPU parity tests, alone and with the residual add, and the global layers
-# through the window kernels; their times alone), then
+# ~170 s for 3 runs (~220 s with the 4 now), step1024x32 189 s for 5 runs (~230 s with the 6 now),
+# trainer ~100 s. Next session: `pytest-syncs step1024x96 step1024x32` in one call (~560 s), then
+# `pytest kernels` (~260 s: the cudnn backend's parity tests and compiled model, the LayerNorm
+# kernels' GPU parity tests, alone and with the residual add, and the global layers through the
+# window kernels; their times alone), then
 # `trainer`, then `pytest-compiled saved large tuning step8192x12 trainer-closure` if time is left. A step benchmark
 # rewrites its JSON after every configuration, so a stage cut short keeps what it measured.
 set -uo pipefail
@@ -85,29 +86,33 @@ want pytest-syncs && stage pytest-syncs ${T_PYTEST_SYNCS:-150} $PY -m pytest -v 
 # Numerical parity of the attention and Triton kernels on this GPU (gpu-marked tests, incl. the
 # compiled model with the window kernel on a trainer-like chunk; a per-test limit so a hung test
 # cannot hide the summary). The compiled-backend tests of tests/train run later.
-want pytest && stage pytest ${T_PYTEST:-180} $PY -m pytest -v -ra -m gpu --timeout 120 --tb=short \
+want pytest && stage pytest ${T_PYTEST:-240} $PY -m pytest -v -ra -m gpu --timeout 120 --tb=short \
   -p no:cacheprovider -k "not never_synchronizes" tests/model
 # ModernBERT's own microbatch (96 x 1024: the memory target) with a kernel profile. The defaults
 # (the local layers' Triton attention, config window_attention_kernel: 445.8k tok/s against 418.1k
-# without, -win, on 2026-11-28's H200); winrope: the same kernels with RoPE inside (config
+# without, -win, on 2026-11-28's H200); ours:cudnn: the global layers through cuDNN's fused attention
+# on the ragged documents (model/cudnn_attention.py; torch 2.14's varlen_attn does this itself on
+# sm90, 2.11's runs FlashAttention-2: ~4.5 ms per global layer, 35.7 of 216 ms per step on
+# 2026-11-28); winrope: the same kernels with RoPE inside (config
 # window_attention_rope: no RoPE passes over q, k, v in memory on local layers; not yet timed here:
 # the stage ran out of time); lnk: every LayerNorm as model/fused_kernels.py's kernels, the residual
 # add inside (config fused_layer_norm; the compiled norm's backward took 24.7 of 232.5 ms per step
 # on 2026-11-27, but torch 2.11's Inductor already folds the weight gradient in: about as many
 # instructions as ours, benchmarks/README.md, so expect little); gwin: the global layers through the window kernels too, no window (config
 # global_attention_kernel; torch_varlen's FlashAttention-2 took ~3.8 ms per global layer on
-# 2026-11-27). (-win, the backend on the local layers, was timed on 2026-11-28: 418.1k.)
+# 2026-11-27). (-win, the backend on the local layers, was timed on 2026-11-28: 418.1k.) lnk moved to
+# the tuning stage (expected gain <= 2%).
 # bf16res (the residual stream in bf16, config autocast_residual) is timed at 32 x 1024 below, alone.
 # ours:$V:full:mem=0.7 trades speed for memory (the compiler's activation memory budget).
 want step1024x96 && step 1024x96 ${T_1024x96:-240} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
-  --baseline none --profile 2 --runs ours:$V:full ours:$V:full:winrope ours:$V:full:lnk ours:$V:full:gwin
+  --baseline none --profile 2 --runs ours:$V:full ours:cudnn:full ours:$V:full:winrope ours:$V:full:gwin
 # Pretraining shape, 32 x 1024: ours (the recipe's full compile) vs transformers eager and compiled,
-# then winrope and bf16res one at a time (2026-11-28 timed them together: 2% slower than the
+# then the cudnn backend, then winrope and bf16res one at a time (2026-11-28 timed them together: 2% slower than the
 # default, and a loss 0.64 higher after 10 steps, so one of them hurts). Ablations of single
 # optimisations: add e.g. ours:$V:regional:-fused ours:$V:regional:-slots ours:flex:regional
 # ours:$V:none (regional recompiles are cheap).
-want step1024x32 && step 1024x32 ${T_1024x32:-220} --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 \
-  --runs ours:$V:full hf:sdpa:none hf:sdpa:full ours:$V:full:winrope ours:$V:full:bf16res
+want step1024x32 && step 1024x32 ${T_1024x32:-260} --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 \
+  --runs ours:$V:full hf:sdpa:none hf:sdpa:full ours:cudnn:full ours:$V:full:winrope ours:$V:full:bf16res
 # The real Composer trainer on synthetic shards (the recipe's microbatch, 2 chunks per step; a NaN
 # loss stops it: train/callbacks.py), stock Composer's bookkeeping and sync_free_steps (the default:
 # train/trainer.py, no host wait for the GPU between steps; syncs/step reads 0) side by side, then
@@ -129,11 +134,12 @@ want large && stage "step large1024x44" ${T_LARGE:-90} $PY benchmarks/bench_step
   --baseline none --runs ours:$V:full
 # Inductor's coordinate-descent tuning of block sizes (the pointwise and norm kernels run ~3x above
 # their memory-traffic bound at 96 x 1024; benchmarks/README.md), against step1024x96's full run.
-want tuning && step 1024x96_cdt ${T_TUNING:-150} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
-  --baseline none --runs ours:$V:full:cdt
+want tuning && step 1024x96_cdt ${T_TUNING:-200} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
+  --baseline none --runs ours:$V:full:cdt ours:$V:full:lnk
 # At 8192 the global layers' attention is a larger share of the step (documents up to 8192 tokens): gwin.
 want step8192x12 && step 8192x12 ${T_8192x12:-240} --seq-len 8192 --seqs-per-chunk 12 --steps 5 --warmup 3 \
-  --baseline none --runs ours:$V:full ours:$V:full:-win ours:$V:full:winrope ours:$V:full:lnk ours:$V:full:gwin
+  --baseline none --runs ours:$V:full ours:cudnn:full ours:$V:full:-win ours:$V:full:winrope ours:$V:full:gwin \
+  ours:$V:full:lnk
 # Stock Composer's step through its closure (train/trainer.py turns it off: it reads the loss back
 # before the optimizer step): what that bought, against stage trainer's stock row.
 want trainer-closure && trainer trainer-closure --composer-closure --sync-free off

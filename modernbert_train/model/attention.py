@@ -245,6 +245,20 @@ def torch_varlen_backend(q, k, v, *, cu_seqlens, max_seqlen, window, cache, scal
     return out.to(q.dtype)
 
 
+# --- cudnn: cuDNN's fused attention on the documents (torch >= 2.10, cuDNN >= 9.18, sm90 / sm100) ------
+
+def cudnn_attention_backend(q, k, v, *, cu_seqlens, max_seqlen, window, cache, scale=None):
+    """Global layers through cuDNN (model/cudnn_attention.py); windowed layers, and chunks whose
+    documents are all <= 128 tokens (torch keeps those off cuDNN's ragged path), through varlen_attn."""
+    from modernbert_train.model.cudnn_attention import MIN_MAX_SEQLEN, cudnn_attention
+    if window is not None or max_seqlen < MIN_MAX_SEQLEN:
+        return torch_varlen_backend(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=window,
+                                    cache=cache, scale=scale)
+    out, _ = cudnn_attention(_as_half(q), _as_half(k), _as_half(v), cu_seqlens.to(torch.int32), max_seqlen,
+                             q.shape[-1] ** -0.5 if scale is None else scale)
+    return out.to(q.dtype)
+
+
 # --- the table -------------------------------------------------------------------------------------
 
 def _flex_missing() -> Optional[str]:
@@ -289,11 +303,18 @@ def _torch_varlen_missing() -> Optional[str]:
     return None
 
 
+def _cudnn_missing() -> Optional[str]:
+    from modernbert_train.model.cudnn_attention import unavailable_reason as cudnn_reason
+    return cudnn_reason() or _torch_varlen_missing()  # the latter: for the windowed layers
+
+
 BACKENDS: dict[str, tuple[AttentionFn, Callable[[], Optional[str]]]] = {
     "sdpa": (sdpa_attention, lambda: None),
     "flex": (flex_attention_backend, _flex_missing),
     "flash": (flash_attention_backend, _flash_missing),
     "torch_varlen": (torch_varlen_backend, _torch_varlen_missing),
+    # Not in `auto` until a GPU run has timed it against torch_varlen (benchmarks/gpu_check.sh).
+    "cudnn": (cudnn_attention_backend, _cudnn_missing),
 }
 # Per-forward structures built once for all layers (the varlen kernels need none).
 _PREPARE: dict[str, Callable[[dict, torch.Tensor, int, Optional[int]], None]] = {

@@ -75,7 +75,7 @@ def test_sdpa_refuses_documents_that_do_not_cover_the_tokens():
         run_backend("sdpa", q, k, v, torch.tensor([0, 100, 200], dtype=torch.int32), None)
 
 
-GPU_ONLY = [pytest.param("flash", marks=pytest.mark.gpu), pytest.param("torch_varlen", marks=pytest.mark.gpu)]
+GPU_ONLY = [pytest.param(name, marks=pytest.mark.gpu) for name in ("flash", "torch_varlen", "cudnn")]
 
 
 @pytest.mark.parametrize("backend", ["flex", *GPU_ONLY])
@@ -122,7 +122,7 @@ def test_changing_one_document_leaves_the_others_unchanged(backend):
     reason = unavailable_reason(backend)
     if reason:
         pytest.skip(f"{backend} not available here: {reason}")
-    device = "cuda" if backend in ("flash", "torch_varlen") else "cpu"
+    device = "cuda" if backend in ("flash", "torch_varlen", "cudnn") else "cpu"
     dtype = torch.bfloat16 if device == "cuda" and backend != "flex" else torch.float32
     lengths = [90, 140, 70]
     q, k, v, cu = (x.to(device) for x in make_qkv(lengths))

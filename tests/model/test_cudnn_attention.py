@@ -18,6 +18,7 @@ from modernbert_train.model.attention import fastest_available, get_backend, una
 from modernbert_train.model.config import preset
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
 from tests.model.test_attention import make_qkv, reference_attention
+from tests.model.test_window_attention import loader_like_cuda_batch
 
 LAYOUTS = ("tokens_heads_1", "heads_tokens")
 # Documents as the loader lays them out: a long one, empty slots between and at the end.
@@ -187,22 +188,10 @@ def test_cuda_empty_documents_match_the_reference():
 @pytest.mark.gpu
 def test_cuda_compiled_model_with_cudnn_matches_torch_varlen():
     """The compiled base-width model (3 layers: global, local, local) under bf16 autocast on a
-    loader-like chunk (a pad tail, trailing empty document slots): the cudnn backend's loss and
-    global-layer gradients against torch_varlen's."""
+    loader-like chunk (a pad tail, trailing empty document slots, storage offsets): the cudnn
+    backend's loss and global-layer gradients against torch_varlen's."""
     _needs_cudnn()
-    from modernbert_train.data.chunk_layout import doc_slots, pad_tail_lengths
-    from modernbert_train.data.synthetic import document_lengths
-    tokens = 8 * 1024
-    lengths = document_lengths(np.random.default_rng(1), 200, 1024)
-    lengths = lengths[np.cumsum(lengths) <= tokens]
-    lengths = np.append(lengths, pad_tail_lengths(tokens - int(lengths.sum()), 1024))
-    cu = np.full(doc_slots(lengths.size) + 1, tokens, dtype=np.int32)
-    cu[:lengths.size + 1] = np.concatenate([[0], np.cumsum(lengths)])
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, 50000, (tokens,), generator=g)
-    batch = dict(input_ids=ids.cuda(), cu_seqlens=torch.from_numpy(cu).cuda(), max_seqlen=1024,
-                 position_ids=torch.from_numpy(np.arange(tokens) - np.repeat(cu[:lengths.size], lengths)).cuda(),
-                 labels=torch.where(torch.rand(tokens, generator=g) < 0.3, ids, -100).cuda())
+    batch = loader_like_cuda_batch()
     results = {}
     for backend in ("torch_varlen", "cudnn"):
         cfg = preset("base")

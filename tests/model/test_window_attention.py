@@ -319,6 +319,26 @@ def test_cuda_bf16_rope_inside_the_kernels_at_base_width_matches_the_reference()
         assert rel < 2e-2, f"d{name}: relative error {rel}"
 
 
+def loader_like_cuda_batch(tokens: int = 8 * 1024, max_seq_len: int = 1024) -> dict:
+    """A chunk as the trainer hands it to the model on the GPU: documents of the synthetic lengths,
+    the pad tail as the loader splits it, trailing empty document slots in cu_seqlens, 30% of the
+    tokens labelled, and every tensor a view with a storage offset (the second chunk of a stacked
+    step batch, as data/loader.py split_batch gives it)."""
+    lengths = document_lengths(np.random.default_rng(0), 200, max_seq_len)
+    lengths = lengths[np.cumsum(lengths) <= tokens]
+    lengths = np.append(lengths, pad_tail_lengths(tokens - int(lengths.sum()), max_seq_len))
+    cu = np.full(doc_slots(lengths.size) + 1, tokens, dtype=np.int32)
+    cu[:lengths.size + 1] = np.concatenate([[0], np.cumsum(lengths)])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 50000, (tokens,), generator=g)
+    chunk = dict(input_ids=ids, cu_seqlens=torch.from_numpy(cu),
+                 position_ids=torch.from_numpy(np.arange(tokens) - np.repeat(cu[:lengths.size], lengths)),
+                 labels=torch.where(torch.rand(tokens, generator=g) < 0.3, ids, -100))
+    batch = {key: torch.stack([value, value]).cuda()[1] for key, value in chunk.items()}
+    batch["max_seqlen"] = max_seq_len
+    return batch
+
+
 @pytest.mark.gpu
 def test_cuda_compiled_model_with_the_window_kernel_matches_the_backend():
     """What the trainer runs: the Inductor-compiled model under bf16 autocast on a packed chunk with
@@ -329,21 +349,7 @@ def test_cuda_compiled_model_with_the_window_kernel_matches_the_backend():
     compiled document ids were off by one, model/attention.py token_document_ids.)"""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    tokens = 8 * 1024
-    lengths = document_lengths(np.random.default_rng(0), 200, 1024)
-    lengths = lengths[np.cumsum(lengths) <= tokens]
-    lengths = np.append(lengths, pad_tail_lengths(tokens - int(lengths.sum()), 1024))  # as the loader pads
-    cu = np.full(doc_slots(lengths.size) + 1, tokens, dtype=np.int32)
-    cu[:lengths.size + 1] = np.concatenate([[0], np.cumsum(lengths)])
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, 50000, (tokens,), generator=g)
-    chunk = dict(input_ids=ids, cu_seqlens=torch.from_numpy(cu),
-                 position_ids=torch.from_numpy(np.arange(tokens) - np.repeat(cu[:lengths.size], lengths)),
-                 labels=torch.where(torch.rand(tokens, generator=g) < 0.3, ids, -100))
-    # The second chunk of a stacked step batch, as data/loader.py split_batch hands it over: views
-    # with a storage offset.
-    batch = {key: torch.stack([value, value]).cuda()[1] for key, value in chunk.items()}
-    batch["max_seqlen"] = 1024
+    batch = loader_like_cuda_batch()
     results = {}
     for kernel in (False, True, "rope", "global"):
         cfg = preset("base")

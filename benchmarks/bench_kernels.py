@@ -6,7 +6,8 @@ packed documents (data/synthetic.py's lognormal lengths, median 250 tokens), the
 ("eager") against model/window_attention.py ("triton"), with TFLOP/s of the allowed pairs;
 `rotary_local_attention` the same from the Wqkv output with RoPE (the op first, or inside the kernels).
 `global_attention`: one global layer on the same documents (no window), the backend against the same
-kernels with no window (config global_attention_kernel).
+kernels with no window (config global_attention_kernel). `--attention-backend` picks the backend of
+the attention rows (`cudnn`: its global layer against torch_varlen's in another run).
 `layer_norm`: the model's bias-free norm against fused_kernels.layer_norm; `add_layer_norm` the
 residual add + norm of the layers (modernbert.AddNorm, its output rounded for the matmul after it)
 against fused_kernels.AddNorm (config fused_layer_norm, off until these and bench_step's `lnk` show
@@ -70,7 +71,8 @@ class OpCase:
     exact: Optional[Callable] = None  # the error reference where `reference` has no fp32 path
 
 
-def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch.device) -> list[OpCase]:
+def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch.device,
+                attention_backend: Optional[str] = None) -> list[OpCase]:
     cfg = preset(preset_name)
     hidden, inter, heads, head_dim = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.head_dim
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -86,8 +88,9 @@ def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch
     add_norm_exact = copy.deepcopy(add_norm).to(torch.float64 if device.type == "cpu" else torch.float32)
     kernels = _triton_ops(device)
     attention, window_kernel, exact, flops, rope = _attention(tokens, cfg, cfg.local_attention, device,
-                                                              kernels.get("windowed"), kernels.get("rotary_windowed"))
-    whole = _attention(tokens, cfg, None, device, kernels.get("windowed"))
+                                                              kernels.get("windowed"), kernels.get("rotary_windowed"),
+                                                              attention_backend=attention_backend)
+    whole = _attention(tokens, cfg, None, device, kernels.get("windowed"), attention_backend=attention_backend)
     q, k, v = (torch.randn(tokens, heads, head_dim, generator=gen) for _ in range(3))
     return [
         OpCase("geglu", geglu_activation, kernels.get("geglu"), lambda dt: (h.to(device, dt),),
@@ -127,9 +130,9 @@ def build_cases(tokens: int, preset_name: str, dtype: torch.dtype, device: torch
 
 
 def _attention(tokens: int, cfg, window: Optional[int], device: torch.device, windowed: Optional[Callable],
-               rotary_windowed: Optional[Callable] = None, seed: int = 0):
+               rotary_windowed: Optional[Callable] = None, seed: int = 0, attention_backend: Optional[str] = None):
     """Packed documents over `tokens`; attention(q, k, v) of a local layer (`window` tokens wide;
-    None: a global layer) through the fastest backend here and through model/window_attention.py
+    None: a global layer) through `attention_backend` (default: the fastest here) and through model/window_attention.py
     (None without it; with no window, its whole-document mode); an exact per-document reference;
     the forward FLOPs of the allowed pairs; and the same three from the Wqkv output with RoPE:
     (the RoPE op, then the backend), (the kernels with RoPE inside), (RoPE, exact)."""
@@ -142,7 +145,7 @@ def _attention(tokens: int, cfg, window: Optional[int], device: torch.device, wi
     half = int(lengths.max()) if window is None else window // 2
     pairs = int(window_pairs(lengths, half).sum())
     whole_document = dict(whole_document=True) if window is None else {}
-    backend = get_backend(fastest_available(device.type) if device.type == "cuda" else "sdpa")
+    backend = get_backend(attention_backend or (fastest_available(device.type) if device.type == "cuda" else "sdpa"))
     cu_dev, max_len = cu.to(device), int(lengths.max())
 
     def call(fn):
@@ -335,13 +338,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                    default=["geglu", "rotary_qkv", "layer_norm", "add_layer_norm", "local_attention",
                             "rotary_local_attention", "global_attention"])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--attention-backend", default=None,
+                   help="the attention backend of the attention ops' eager and compiled rows (default: the "
+                        "fastest here; e.g. cudnn for its global layers against torch_varlen's)")
     p.add_argument("--out-json", type=Path, default=Path("bench_results/kernels.json"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     results = []
     with _cpu_tensors_in_the_interpreter(device):
-        cases = [c for c in build_cases(args.tokens, args.preset, dtype, device) if c.name in args.ops]
+        cases = [c for c in build_cases(args.tokens, args.preset, dtype, device, args.attention_backend)
+                 if c.name in args.ops]
         for case in cases:
             for variant in args.variants:
                 # the norms see fp32 activations and run under autocast, as in the model

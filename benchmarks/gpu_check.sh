@@ -123,6 +123,9 @@ want trainer && trainer trainer --sync-free both
 # reference, and each Triton kernel's autotuning timings (which tile won).
 want kernels && stage kernels ${T_KERNELS:-150} $PY benchmarks/bench_kernels.py --tokens 98304 \
   --out-json "$OUT/kernels.json"
+# A global layer through cuDNN (backend cudnn), against the eager row of global_attention above.
+want kernels && stage kernels-cudnn ${T_KERNELS_CUDNN:-60} $PY benchmarks/bench_kernels.py --tokens 98304 \
+  --ops global_attention --variants eager compiled --attention-backend cudnn --out-json "$OUT/kernels_cudnn.json"
 # What the compiled 96 x 1024 step keeps for backward, by shape and dtype (no timing): where the
 # activation memory goes with the varlen kernel (does v keep the whole Wqkv output alive?).
 want saved && step saved1024x96 ${T_SAVED:-120} --seq-len 1024 --seqs-per-chunk 96 --saved-activations \

@@ -30,3 +30,23 @@ def test_every_op_and_variant_runs_and_matches_the_reference(tmp_path):
         # fp32 against an fp64 reference
         assert r["max_err_out"] < 1e-5 and r["max_err_grad"] < 1e-5, r
         assert (r["fwd_tflop_s"] is not None) == key[0].endswith("_attention"), r
+
+
+def test_attention_backend_option_picks_the_backend_of_the_attention_rows(tmp_path, monkeypatch):
+    """--attention-backend names the backend of the attention ops' eager and compiled rows (on the GPU:
+    cudnn's global layer against torch_varlen's); an unavailable one stops with its reason."""
+    asked = []
+    real = bench_kernels.get_backend
+    monkeypatch.setattr(bench_kernels, "get_backend", lambda name: asked.append(name) or real(name))
+    out = tmp_path / "kernels.json"
+    rc = bench_kernels.main(["--tokens", "40", "--preset", "tiny", "--device", "cpu", "--iters", "1",
+                             "--ops", "global_attention", "--variants", "eager", "--attention-backend", "flex",
+                             "--out-json", str(out)])
+    (result,) = json.loads(out.read_text())["results"]
+    # flex trains on the CPU with torch 2.7 only (model/attention.py flex_cpu_training_missing)
+    assert result["op"] == "global_attention" and (rc == 0) == (result["error"] is None), (rc, result)
+    assert set(asked) == {"flex"}, asked  # the default here would be sdpa
+    with pytest.raises(ValueError, match="attention backend 'cudnn' is not available"):
+        bench_kernels.main(["--tokens", "40", "--preset", "tiny", "--device", "cpu", "--iters", "1",
+                            "--ops", "global_attention", "--attention-backend", "cudnn",
+                            "--out-json", str(out)])

@@ -186,6 +186,30 @@ def test_cuda_empty_documents_match_the_reference():
 
 
 @pytest.mark.gpu
+def test_cuda_op_never_synchronizes():
+    """Forward and backward under torch.cuda.set_sync_debug_mode("error"), after one call (cuDNN
+    builds and caches its graph for the shapes): the ragged path must not read the document
+    offsets back to the host (a wait per global layer, and no sync-free training)."""
+    _needs_cudnn()
+    q, k, v, cu = make_qkv(LENGTHS, heads=12, head_dim=64, seed=5)
+    q, k, v = (x.cuda().to(torch.bfloat16).requires_grad_() for x in (q, k, v))
+    cu = cu.cuda()
+    grad = torch.randn_like(q)
+
+    def step():
+        out = attention.cudnn_attention_backend(q, k, v, cu_seqlens=cu, max_seqlen=300, window=None, cache={})
+        out.backward(grad)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
 def test_cuda_compiled_model_with_cudnn_matches_torch_varlen():
     """The compiled base-width model (3 layers: global, local, local) under bf16 autocast on a
     loader-like chunk (a pad tail, trailing empty document slots, storage offsets): the cudnn

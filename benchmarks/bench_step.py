@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 MASK_RATE = 0.3
 
+PRINTED_KERNELS = 30  # --profile: kernels per run in the printed table (the JSON keeps profile_kernels' top)
+
 # Peak dense bf16 tensor FLOP/s (no sparsity), matched by substring of the device name, first hit.
 PEAK_BF16_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12)]
 
@@ -329,7 +331,7 @@ def hf_inputs(batch: StepBatch, spec: RunSpec) -> tuple[dict[str, Any], int, int
     return dict(batch.padded), *batch.counts["hf"]
 
 
-def profile_kernels(step_fn, num_steps: int, device: torch.device, top: int = 25) -> list[dict[str, Any]]:
+def profile_kernels(step_fn, num_steps: int, device: torch.device, top: int = 80) -> list[dict[str, Any]]:
     """Device time per kernel (or CPU op on the CPU) over `num_steps` more steps, most first."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -763,7 +765,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for r in results:
         if r.top_kernels:
             print(f"\ntop kernels, {r.system}/{r.attention}/{r.compile}/{r.options}: ms/step  share  calls/step  name")
-            for k in r.top_kernels:
+            for k in r.top_kernels[:PRINTED_KERNELS]:  # the JSON keeps more
                 print(f"  {k['ms_per_step']:8.2f}  {100 * k['share']:5.1f}%  {k['calls_per_step']:6.0f}  {k['name']}")
     print(f"HF layout: {HF_LAYOUT_NOTE}.")
     print(f"JSON: {args.out_json}")

@@ -107,12 +107,14 @@ want pytest && stage pytest ${T_PYTEST:-240} $PY -m pytest -v -ra -m gpu --timeo
 want step1024x96 && step 1024x96 ${T_1024x96:-240} --seq-len 1024 --seqs-per-chunk 96 --steps 5 --warmup 3 \
   --baseline none --profile 2 --runs ours:$V:full ours:cudnn:full ours:$V:full:winrope ours:$V:full:gwin
 # Pretraining shape, 32 x 1024: ours (the recipe's full compile) vs transformers eager and compiled,
+# with a kernel profile (the JSON keeps each run's top 80 kernels: at 32 x 1024 ~10 ms of the 78.7 ms
+# step did not scale with the tokens on 2026-11-28 (216.4 ms at 96 x 1024): optimizer, small kernels?),
 # then the cudnn backend, then winrope and bf16res one at a time (2026-11-28 timed them together: 2% slower than the
 # default, and a loss 0.64 higher after 10 steps, so one of them hurts). Ablations of single
 # optimisations: add e.g. ours:$V:regional:-fused ours:$V:regional:-slots ours:flex:regional
 # ours:$V:none (regional recompiles are cheap).
 want step1024x32 && step 1024x32 ${T_1024x32:-260} --seq-len 1024 --seqs-per-chunk 32 --steps 10 --warmup 3 \
-  --runs ours:$V:full hf:sdpa:none hf:sdpa:full ours:cudnn:full ours:$V:full:winrope ours:$V:full:bf16res
+  --profile 2 --runs ours:$V:full hf:sdpa:none hf:sdpa:full ours:cudnn:full ours:$V:full:winrope ours:$V:full:bf16res
 # The real Composer trainer on synthetic shards (the recipe's microbatch, 2 chunks per step; a NaN
 # loss stops it: train/callbacks.py), stock Composer's bookkeeping and sync_free_steps (the default:
 # train/trainer.py, no host wait for the GPU between steps; syncs/step reads 0) side by side, then

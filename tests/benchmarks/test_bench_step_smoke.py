@@ -209,3 +209,18 @@ def test_timed_steps_never_read_a_value_back_from_the_device(monkeypatch):
     assert result.real_tokens_per_step == sum(b.counts["ours"][0] for b in (batches[1], batches[0], batches[1])) / 3
     assert result.synced_steps == 2 and result.tokens_per_s_synced > 0 and result.step_ms_synced_median > 0
     assert np.isfinite(result.loss_first) and result.loss_first != result.loss_last, result
+
+
+def test_profile_keeps_more_kernels_in_the_json_than_it_prints(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    rc = bench_step.main(["--preset", "tiny", "--seq-len", "128", "--seqs-per-chunk", "4", "--steps", "1",
+                          "--warmup", "1", "--num-chunks", "1", "--device", "cpu", "--baseline", "none",
+                          "--profile", "1", "--out-json", str(out)])
+    (ours,) = json.loads(out.read_text())["results"]
+    kernels = ours["top_kernels"]
+    assert rc == 0 and len(kernels) > bench_step.PRINTED_KERNELS, len(kernels)
+    assert [k["ms_per_step"] for k in kernels] == sorted((k["ms_per_step"] for k in kernels), reverse=True)
+    assert 0 < sum(k["share"] for k in kernels) <= 1 + 1e-9
+    printed = capsys.readouterr().out
+    assert kernels[bench_step.PRINTED_KERNELS - 1]["name"] in printed
+    assert sum(k["name"] in printed for k in kernels[bench_step.PRINTED_KERNELS:]) < len(kernels) - bench_step.PRINTED_KERNELS

@@ -245,7 +245,7 @@ def torch_varlen_backend(q, k, v, *, cu_seqlens, max_seqlen, window, cache, scal
     return out.to(q.dtype)
 
 
-# --- cudnn: cuDNN's fused attention on the documents (torch >= 2.10, cuDNN >= 9.18, sm90 / sm100) ------
+# --- cudnn: cuDNN's fused attention on the documents (torch >= 2.11, cuDNN >= 9.18, sm90 / sm100) ------
 
 def cudnn_attention_backend(q, k, v, *, cu_seqlens, max_seqlen, window, cache, scale=None):
     """Global layers through cuDNN (model/cudnn_attention.py); windowed layers, and chunks whose

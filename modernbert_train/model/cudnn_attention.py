@@ -1,8 +1,9 @@
 """cuDNN's fused attention on the packed documents (attention_backend: cudnn), as one custom op.
 
 torch has the ragged cuDNN ops (`aten._cudnn_attention_forward` / `_backward` with the document
-offsets) since 2.10, and torch.nn.attention.varlen sends global attention to them on sm90 / sm100
-with cuDNN >= 9.18 from torch 2.14 on; in 2.11 varlen_attn always runs FlashAttention-2. This op
+offsets; 2.11, 2.13 and 2.14 have both, 2.7 the forward only), and torch.nn.attention.varlen sends
+global attention to them on sm90 / sm100 with cuDNN >= 9.18 in torch 2.14; in 2.11 varlen_attn
+always runs FlashAttention-2. This op
 calls them directly (no window: windowed layers go to varlen_attn, as torch 2.14 does), with a
 fake implementation and a backward, so the compiled model stays one graph.
 
@@ -29,7 +30,7 @@ def unavailable_reason() -> Optional[str]:
     """None if the cuDNN path can run here, else why not and what to use instead."""
     ops = torch.ops.aten
     if not (hasattr(ops, "_cudnn_attention_forward") and hasattr(ops, "_cudnn_attention_backward")):
-        return (f"torch {torch.__version__} has no ragged cuDNN attention backward (needs torch>=2.10); "
+        return (f"torch {torch.__version__} has no ragged cuDNN attention backward (2.11 has); "
                 "use attention_backend=torch_varlen, flash or flex")
     if not torch.cuda.is_available():
         return "cudnn needs a CUDA GPU; on the CPU use attention_backend=sdpa"

@@ -91,10 +91,11 @@ def _rotary_reference(qkv, cos, sin, cu, window):
     return reference_attention(*rotary_qkv(qkv, cos.double(), sin.double()), cu, window)
 
 
-@pytest.mark.parametrize("layout, tile, window", [(layout, 64, 128) for layout in sorted(DOC_LAYOUTS)]
-                         + [("many_short_and_a_long", 32, 128), ("ragged_block_tail", 128, 128),
-                            ("one_doc_300", 64, None), ("many_short_and_a_long", 128, None)])
-def test_rope_inside_the_kernels_matches_rope_then_the_reference(layout, tile, window, monkeypatch):
+@pytest.mark.parametrize("layout, tile, window, head_dim", [(layout, 64, 128, 16) for layout in sorted(DOC_LAYOUTS)]
+                         + [("many_short_and_a_long", 32, 128, 16), ("ragged_block_tail", 128, 128, 16),
+                            ("one_doc_300", 64, None, 16), ("many_short_and_a_long", 128, None, 16),
+                            ("many_short_and_a_long", 64, 128, 64)])  # base's head dim: the partner 32 away
+def test_rope_inside_the_kernels_matches_rope_then_the_reference(layout, tile, window, head_dim, monkeypatch):
     """window_attention_rope: q and k rotated as the kernels load them, and the gradient of the
     Wqkv output written by them, against the RoPE op followed by the reference attention; window
     None: a global layer (global_attention_kernel with window_attention_rope)."""
@@ -102,7 +103,7 @@ def test_rope_inside_the_kernels_matches_rope_then_the_reference(layout, tile, w
         _only_tile(monkeypatch, tile)
     elif tile != 64:
         pytest.skip("on the GPU the autotuner picks the tile")
-    qkv, cos, sin, cu = _rotary_inputs(DOC_LAYOUTS[layout])
+    qkv, cos, sin, cu = _rotary_inputs(DOC_LAYOUTS[layout], head_dim=head_dim)
     qkv.requires_grad_()
     qkv_ref = qkv.detach().double().requires_grad_()
     got = _rotary_attend(qkv, cos, sin, cu, window)

@@ -317,18 +317,18 @@ def build_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim
                        foreach=on_cuda and not HAS_TRITON)
 
 
-def ours_inputs(batch: StepBatch, spec: RunSpec) -> tuple[dict[str, Any], int, int]:
+def ours_inputs(batch: StepBatch, spec: RunSpec) -> dict[str, Any]:
     p = batch.packed
     cu_seqlens = p["cu_seqlens_capacity" if spec.doc_slots == "capacity" else "cu_seqlens"]
     mark_varlen_dims(cu_seqlens)
     kwargs = {"input_ids": p["input_ids"], "cu_seqlens": cu_seqlens, "max_seqlen": p["max_seqlen"],
               "position_ids": p["position_ids"], "labels": p["labels"],
               "prediction_slots": p["prediction_slots"] if spec.prediction_slots else None}
-    return kwargs, *batch.counts["ours"]
+    return kwargs
 
 
-def hf_inputs(batch: StepBatch, spec: RunSpec) -> tuple[dict[str, Any], int, int]:
-    return dict(batch.padded), *batch.counts["hf"]
+def hf_inputs(batch: StepBatch, spec: RunSpec) -> dict[str, Any]:
+    return dict(batch.padded)
 
 
 def profile_kernels(step_fn, num_steps: int, device: torch.device, top: int = 80) -> list[dict[str, Any]]:
@@ -419,7 +419,7 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
             torch.cuda.reset_peak_memory_stats(device)
 
         def step(i: int) -> torch.Tensor:  # queues one training step; reads nothing back
-            kwargs, _, _ = make_inputs(batches[i % len(batches)], spec)
+            kwargs = make_inputs(batches[i % len(batches)], spec)
             optimizer.zero_grad(set_to_none=True)
             with autocast():
                 loss = compiled(**kwargs).loss
@@ -437,7 +437,7 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
         losses, times_s, total_s = timed_window(step, timed, device)
         flops, real_total, masked_total = 0.0, 0, 0
         for i in timed:
-            _, real, masked = make_inputs(batches[i % len(batches)], spec)
+            real, masked = batches[i % len(batches)].counts[spec.system]
             spans = attention_spans(batches[i % len(batches)], spec.system)
             flops += training_flops(cfg, real_tokens=real, masked_tokens=masked, span_lengths=spans)
             real_total += real
@@ -464,7 +464,7 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
             synced = [timed_window(step, [i], device)[2] for i in range(after, after + synced_steps)]
             result.synced_steps = synced_steps
             result.step_ms_synced_median = 1e3 * statistics.median(synced)
-            result.tokens_per_s_synced = sum(make_inputs(batches[i % len(batches)], spec)[1]
+            result.tokens_per_s_synced = sum(batches[i % len(batches)].counts[spec.system][0]
                                              for i in range(after, after + synced_steps)) / sum(synced)
             result.graphs_compiled_timed = graphs_compiled() - graphs_before - result.graphs_compiled
         if profile_steps:
@@ -517,7 +517,7 @@ def saved_activations(spec: RunSpec, cfg: ModernBertConfig, batch: StepBatch, *,
             groups[group] = groups.get(group, 0) + storage.nbytes()
         return t
 
-    kwargs, _, _ = ours_inputs(batch, spec)
+    kwargs = ours_inputs(batch, spec)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast:
         loss = model(**kwargs).loss

@@ -340,6 +340,19 @@ def loader_like_cuda_batch(tokens: int = 8 * 1024, max_seq_len: int = 1024) -> d
     return batch
 
 
+def compiled_loss_and_grads(cfg, batch: dict, layers: tuple[str, ...]) -> tuple[float, dict[str, torch.Tensor]]:
+    """One step of the seeded model compiled whole (Inductor, bf16 autocast) on a GPU batch: the loss
+    and the fp32 gradients of the parameters whose names contain one of `layers`."""
+    torch.manual_seed(0)
+    model = ModernBertForMaskedLM(cfg).cuda().train()
+    torch._dynamo.reset()
+    torch._dynamo.maybe_mark_dynamic(batch["cu_seqlens"], 0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = torch.compile(model)(**batch).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if any(x in n for x in layers)}
+
+
 @pytest.mark.gpu
 def test_cuda_compiled_model_with_the_window_kernel_matches_the_backend():
     """What the trainer runs: the Inductor-compiled model under bf16 autocast on a packed chunk with
@@ -357,15 +370,7 @@ def test_cuda_compiled_model_with_the_window_kernel_matches_the_backend():
         cfg.num_hidden_layers, cfg.attention_backend = 3, fastest_available("cuda")  # 3: four compiles in 120 s
         cfg.window_attention_kernel, cfg.window_attention_rope = bool(kernel), kernel == "rope"
         cfg.global_attention_kernel = kernel == "global"
-        torch.manual_seed(0)
-        model = ModernBertForMaskedLM(cfg).cuda().train()
-        torch._dynamo.reset()
-        torch._dynamo.maybe_mark_dynamic(batch["cu_seqlens"], 0)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.compile(model)(**batch).loss
-        loss.backward()
-        results[kernel] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()
-                                        if "layers.0." in n or "layers.1." in n}
+        results[kernel] = compiled_loss_and_grads(cfg, batch, ("layers.0.", "layers.1."))
     torch._dynamo.reset()
     loss_ref, grads_ref = results[False]
     for kernel in (True, "rope", "global"):  # the window kernel after the RoPE op, with RoPE inside, global too

@@ -16,10 +16,13 @@ test: install
 # Another torch stack, every package pinned in tests/torch-<version>-stack.txt (2.11: the GPU
 # machine's; 2.14: the newest checked), and the model, kernel, trainer and benchmark tests on it:
 # make test-torch-2.11, make test-torch-2.14 (install-torch-<version> only builds .venv-torch-<version>).
+# STACK_TEST_WORKERS pytest-xdist workers (2, CI's cores: 2.11's run took 10m18s instead of 14m06s
+# on the 2-core CPU VM on 2026-12-03; 0 runs them in one process).
+STACK_TEST_WORKERS ?= 2
 .PRECIOUS: .venv-torch-%/.installed
 install-torch-%: .venv-torch-%/.installed ;
 test-torch-%: .venv-torch-%/.installed
-	.venv-torch-$*/bin/python -m pytest -q -ra tests/model tests/train tests/benchmarks
+	.venv-torch-$*/bin/python -m pytest -q -ra -n $(STACK_TEST_WORKERS) tests/model tests/train tests/benchmarks
 .venv-torch-%/.installed: tests/torch-%-stack.txt
 	python3 -m venv .venv-torch-$* && .venv-torch-$*/bin/python -m pip install -q --disable-pip-version-check --no-deps -r $< -e . 2>&1 | grep -v '^WARNING: Location' ; .venv-torch-$*/bin/python -c "import modernbert_train, composer, streaming, optimi, torch; assert torch.__version__.startswith('$*.'), torch.__version__" && touch $@
 

@@ -16,8 +16,9 @@ test: install
 # Another torch stack, every package pinned in tests/torch-<version>-stack.txt (2.11: the GPU
 # machine's; 2.14: the newest checked), and the model, kernel, trainer and benchmark tests on it:
 # make test-torch-2.11, make test-torch-2.14 (install-torch-<version> only builds .venv-torch-<version>).
-# STACK_TEST_WORKERS pytest-xdist workers (2, CI's cores: 2.11's run took 10m18s instead of 14m06s
-# on the 2-core CPU VM on 2026-12-03; 0 runs them in one process).
+# STACK_TEST_WORKERS pytest-xdist workers (2, CI's cores; 0 runs them in one process). On the 2-core
+# CPU VM on 2026-12-03, 2.11's tests took 10m18s instead of 14m06s with a warm compile cache, but
+# from a fresh clone (cold cache) only 13m51s instead of 16m03s.
 STACK_TEST_WORKERS ?= 2
 .PRECIOUS: .venv-torch-%/.installed
 install-torch-%: .venv-torch-%/.installed ;

@@ -437,9 +437,10 @@ def run_config(spec: RunSpec, cfg: ModernBertConfig, batches: list[StepBatch], *
         losses, times_s, total_s = timed_window(step, timed, device)
         flops, real_total, masked_total = 0.0, 0, 0
         for i in timed:
-            real, masked = batches[i % len(batches)].counts[spec.system]
-            spans = attention_spans(batches[i % len(batches)], spec.system)
-            flops += training_flops(cfg, real_tokens=real, masked_tokens=masked, span_lengths=spans)
+            batch = batches[i % len(batches)]
+            real, masked = batch.counts[spec.system]
+            flops += training_flops(cfg, real_tokens=real, masked_tokens=masked,
+                                    span_lengths=attention_spans(batch, spec.system))
             real_total += real
             masked_total += masked
         result.steps = steps

@@ -99,18 +99,23 @@ def checkpoint_saver(ck: CheckpointConfig) -> CheckpointSaver:
       run gets there again, where Composer would refuse to start or to upload.
     """
     backend, _, prefix = parse_uri(ck.save_folder)
-    saver_class = BucketCheckpointSaver if backend else CheckpointSaver
-    return saver_class(
+    common = dict(
         folder=ck.save_folder, filename=CHECKPOINT_FILENAME,
         remote_file_name=_join(prefix, CHECKPOINT_FILENAME), latest_filename=LATEST_FILENAME,
         latest_remote_file_name=_join(prefix, LATEST_FILENAME), overwrite=ck.autoresume,
         save_interval=ck.save_interval,
         num_checkpoints_to_keep=ck.keep_local if ck.keep_local is not None else -1)
+    if backend:
+        return BucketCheckpointSaver(latest_poll_s=ck.latest_poll_s, **common)
+    return CheckpointSaver(**common)
+
+
+_LATEST_POLL_ATTR = "_symlink_upload_wait_before_next_try_in_seconds"
 
 
 class BucketCheckpointSaver(CheckpointSaver):
-    """A CheckpointSaver for an object-store folder that deletes its local staging folder once
-    every upload has finished.
+    """A CheckpointSaver for an object-store folder that moves `latest` within `latest_poll_s` of an
+    upload finishing, and deletes its local staging folder once every upload has finished.
 
     Composer stages checkpoints for a bucket in a fresh `mkdtemp()` folder per launch and never
     removes it: each launch (a preemption restart, a new phase) would leave up to `keep_local`
@@ -118,8 +123,14 @@ class BucketCheckpointSaver(CheckpointSaver):
     it is kept and its path logged.
     """
 
-    def __init__(self, *, folder: str, **kwargs) -> None:
+    def __init__(self, *, folder: str, latest_poll_s: float, **kwargs) -> None:
         super().__init__(folder=folder, **kwargs)
+        # How often the check that an upload finished polls before `latest` moves: Composer 0.32.1
+        # keeps it in this attribute (30 s) and says tests may override it; no argument sets it.
+        if not isinstance(getattr(self, _LATEST_POLL_ATTR, None), float):
+            raise RuntimeError(f"this Composer's CheckpointSaver has no {_LATEST_POLL_ATTR} "
+                               "(0.32.1 has): checkpoint.latest_poll_s cannot be applied")
+        setattr(self, _LATEST_POLL_ATTR, float(latest_poll_s))
         # Composer's local folder is mkdtemp() joined with the bucket prefix.
         staging = Path(self.folder)
         for _ in Path(parse_uri(folder)[2]).parts:

@@ -98,7 +98,8 @@ def test_bad_optimizer_numbers_are_all_listed_in_one_message():
     (["optimizer.betas=[-0.1,0.98]"], "optimizer.betas=[-0.1, 0.98] must be two numbers"),
     (["compile_memory_budget=0"], "compile_memory_budget=0.0: use a fraction in (0, 1]"),
     (["compile_memory_budget=1.5"], "compile_memory_budget=1.5: use a fraction in (0, 1]"),
-], ids=["negative-lr", "one-beta", "negative-beta", "zero-memory-budget", "memory-budget-above-1"])
+    (["checkpoint.latest_poll_s=0"], "checkpoint.latest_poll_s=0.0 must be > 0"),
+], ids=["negative-lr", "one-beta", "negative-beta", "zero-memory-budget", "memory-budget-above-1", "zero-latest-poll"])
 def test_bad_optimizer_number_fails_at_startup(overrides, expected):
     with pytest.raises(ConfigError) as e:
         load_run_config(YAMLS[0].parent / "tiny.yaml", overrides)

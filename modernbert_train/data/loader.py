@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from modernbert_train.data.chunk_layout import doc_slots, pad_tail_lengths, prediction_slots
 from modernbert_train.data.masking import IGNORE_INDEX, MaskingConfig, MLMMasker
+from modernbert_train.data.shm_registration import streaming_registration_lock
 from modernbert_train.data.schema import (
     DOC_IDS_COLUMN,
     DOC_LENS_COLUMN,
@@ -91,11 +92,15 @@ class PackedSequenceDataset(StreamingDataset):
     of its first sample. Streaming 0.13 only logs such a failure from its download-ahead thread, ends
     the epoch early (samples silently skipped) and leaves the shard marked as being prepared (a later
     reader of it waits forever).
+
+    Its shared memory is registered under the node's registration lock (data/shm_registration.py):
+    two jobs starting on one node at once could otherwise leave its ranks disagreeing on the prefix.
     """
 
     def __init__(self, *, vocab_size: int, **kwargs: Any) -> None:
         try:
-            super().__init__(**kwargs)
+            with streaming_registration_lock():
+                super().__init__(**kwargs)
         except RuntimeError as err:
             if "no samples" in str(err):
                 raise ValueError(f"empty stream, nothing to train on: {err}") from err

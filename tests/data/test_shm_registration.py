@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,6 +70,31 @@ def job_child(role: str, local: str, events: str) -> None:
         _wait_for(ev / f"{other}.json", EVENT_TIMEOUT_S)
 
 
+# Prefixes the other tests running meanwhile may still take, past the highest in use at the start.
+OTHER_JOBS_MARGIN = 64
+
+
+def _prefixes_in_use() -> int:
+    """One past the highest Streaming prefix in /dev/shm or in the temp folder's lock files."""
+    names = [p.name for folder in (Path("/dev/shm"), Path(tempfile.gettempdir())) if folder.is_dir()
+             for p in folder.iterdir()]
+    return 1 + max((int(m.group(1)) for m in map(re.compile(r"^(\d{6})_").match, names) if m), default=-1)
+
+
+def _temp_folder_past_other_prefixes(folder: Path, first_prefix: int) -> None:
+    """A temp folder whose Streaming lock files mark the prefixes below first_prefix as taken (lock
+    files Streaming leaves behind do the same), so that both jobs scan from first_prefix on: a prefix
+    another test frees between two ranks' scans would make them disagree as surely as the race
+    under test, and the lock does not cover a dataset's teardown (when its prefix is freed). CI
+    hit that with fresh temp folders here: rank 1 took prefix 1, rank 0 one freed meanwhile."""
+    from streaming.base.constant import BARRIER_FILELOCK
+    from streaming.base.shared.prefix import _get_path
+
+    folder.mkdir()
+    for prefix in range(first_prefix):
+        (folder / _get_path(prefix, BARRIER_FILELOCK)).touch()
+
+
 def _launch(role: str, local: Path, events: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", "import sys; from tests.data.test_shm_registration import job_child; "
@@ -96,10 +123,10 @@ def test_concurrent_jobs_register_distinct_prefixes(tmp_path):
     events = tmp_path / "events"
     events.mkdir()
     # Each job has a temp folder of its own, as jobs of two users or containers would: the lock
-    # must be where the prefixes are (/dev/shm), not in the temp folder. Fresh folders also keep
-    # Streaming's stale lock files there (it never deletes them) from steering either job's scan.
+    # must be where the prefixes are (/dev/shm), not in the temp folder.
+    first_prefix = _prefixes_in_use() + OTHER_JOBS_MARGIN
     for job in ("a", "b"):
-        (tmp_path / f"tmp_{job}").mkdir()
+        _temp_folder_past_other_prefixes(tmp_path / f"tmp_{job}", first_prefix)
     port = str(free_port())
     children = {
         f"a{rank}": _launch(f"a{rank}", tmp_path / "ds_a", events, {
@@ -116,6 +143,7 @@ def test_concurrent_jobs_register_distinct_prefixes(tmp_path):
     result = {role: json.loads((events / f"{role}.json").read_text()) for role in children}
     assert result["a0"]["prefix"] == result["a1"]["prefix"], result
     assert result["b"]["prefix"] != result["a0"]["prefix"], result
+    assert min(result[role]["prefix"] for role in result) >= first_prefix, (first_prefix, result)
     # Each dataset reads its own stream: the same first sample, built from the same samples.
     assert result["a0"]["first"] == result["b"]["first"] == samples[0]["input_ids"].tolist()
 

@@ -34,6 +34,7 @@ from modernbert_train.data.chunk_layout import doc_slots
 from modernbert_train.data.masking import IGNORE_INDEX, MaskingConfig, MLMMasker
 from modernbert_train.data.schema import DatasetMeta, mds_columns, write_meta
 from modernbert_train.data.shard import MDS_HASHES
+from tests.s3_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PAD, CLS, SEP, MASK, UNK = 0, 1, 2, 3, 4
@@ -401,12 +402,6 @@ def rank_child(out_path: str, local: str) -> None:
     batcher = StepBatcher(build_loader(loader_config([local], num_workers=2)), chunks_per_step=lambda seen: 1)
     seen = [next(batcher)["sample_idx"].ravel().tolist() for _ in range(64 // (MICROBATCH_SEQS * 2))]
     Path(out_path).write_text(json.dumps({"seen": seen, "state": batcher.state_dict()}))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow  # two rank processes with a gloo group: ~15 s

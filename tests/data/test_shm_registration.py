@@ -14,7 +14,8 @@ import pytest
 
 from modernbert_train.data.loader import build_packed_dataset
 from tests.data.test_loader import (
-    MAX_SEQ_LEN, REPO_ROOT, VOCAB, free_port, loader_config, make_packed_samples, write_shards)
+    MAX_SEQ_LEN, REPO_ROOT, VOCAB, loader_config, make_packed_samples, write_shards)
+from tests.s3_server import free_port
 
 # How long rank 0 of job A waits for job B to finish building its dataset before rank 0 scans.
 # Without the lock B builds in well under a second once rank 1 has scanned; with it B cannot build
@@ -85,8 +86,9 @@ def _temp_folder_past_other_prefixes(folder: Path, first_prefix: int) -> None:
     """A temp folder whose Streaming lock files mark the prefixes below first_prefix as taken (lock
     files Streaming leaves behind do the same), so that both jobs scan from first_prefix on: a prefix
     another test frees between two ranks' scans would make them disagree as surely as the race
-    under test, and the lock does not cover a dataset's teardown (when its prefix is freed). CI
-    hit that with fresh temp folders here: rank 1 took prefix 1, rank 0 one freed meanwhile."""
+    under test, and the lock does not cover a dataset's teardown (when its prefix is freed). The
+    first full-suite run of this test, with fresh temp folders, hit that: rank 1 took prefix 1,
+    rank 0 one freed meanwhile."""
     from streaming.base.constant import BARRIER_FILELOCK
     from streaming.base.shared.prefix import _get_path
 
@@ -146,4 +148,3 @@ def test_concurrent_jobs_register_distinct_prefixes(tmp_path):
     assert min(result[role]["prefix"] for role in result) >= first_prefix, (first_prefix, result)
     # Each dataset reads its own stream: the same first sample, built from the same samples.
     assert result["a0"]["first"] == result["b"]["first"] == samples[0]["input_ids"].tolist()
-

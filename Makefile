@@ -19,8 +19,9 @@ test: install
 	$(PY) -m pytest -q -ra $(XDIST)
 
 # Another torch stack, every package pinned in tests/torch-<version>-stack.txt (2.11: the GPU
-# machine's; 2.14: the newest checked), and the model, kernel, trainer and benchmark tests on it:
-# make test-torch-2.11, make test-torch-2.14 (install-torch-<version> only builds .venv-torch-<version>).
+# machine's; 2.15: the newest torch and transformers checked), and the model, kernel, trainer and benchmark
+# tests on it: make test-torch-2.11, make test-torch-2.15 (install-torch-<version> only builds
+# .venv-torch-<version>).
 # TEST_WORKERS workers here too: on the 2-core CPU VM on 2026-12-03, 2.11's tests took 10m18s
 # instead of 14m06s with a warm compile cache, but from a fresh clone (cold cache) only 13m51s
 # instead of 16m03s.

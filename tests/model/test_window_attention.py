@@ -185,8 +185,9 @@ def test_rope_inside_the_kernels_needs_the_window_kernel():
 def test_bf16_close_to_the_reference_on_the_same_inputs():
     if DEVICE == "cpu":
         # Checked by hand: a 16 x 16 bf16 tl.dot in the interpreter is off by ~1e10 (fp32: exact);
-        # this test without the skip still fails by ~8e8 on Triton 3.3, 3.6 and 3.8 (2026-12-03).
-        pytest.skip("Triton's interpreter (3.3 to 3.8) multiplies bf16 tl.dot operands wrongly; bf16 runs on a GPU only")
+        # this test without the skip still fails by ~8e8 on Triton 3.3, 3.6 and 3.8 (2026-12-03); on
+        # 3.9 the 16 x 16 bf16 tl.dot is still off by ~2e10 (2026-12-04).
+        pytest.skip("Triton's interpreter (3.3 to 3.9) multiplies bf16 tl.dot operands wrongly; bf16 runs on a GPU only")
     q, k, v, cu = make_qkv([2, 7, 130, 1, 64, 65, 200], heads=2, head_dim=32)
     q, k, v = (x.to(DEVICE, torch.bfloat16).requires_grad_() for x in (q, k, v))
     cu = cu.to(DEVICE)

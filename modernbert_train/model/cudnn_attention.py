@@ -2,7 +2,7 @@
 
 torch has the ragged cuDNN ops (`aten._cudnn_attention_forward` / `_backward` with the document
 offsets; 2.11, 2.13, 2.14 and 2.15 have both, 2.7 the forward only), and torch.nn.attention.varlen sends
-global attention to them on sm90 / sm100 with cuDNN >= 9.18 in torch 2.14; in 2.11 varlen_attn
+global attention to them on sm90 / sm100 with cuDNN >= 9.18 since torch 2.14; in 2.11 varlen_attn
 always runs FlashAttention-2. This op
 calls them directly (no window: windowed layers go to varlen_attn, as torch 2.14 does), with a
 fake implementation and a backward, so the compiled model stays one graph.

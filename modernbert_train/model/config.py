@@ -120,6 +120,11 @@ class ModernBertConfig:
 EXECUTION_OPTIONS = frozenset({"sparse_prediction", "fused_head_loss", "fused_kernels", "window_attention_kernel",
                                "window_attention_rope", "global_attention_kernel", "fused_layer_norm",
                                "autocast_residual", "attention_backend"})
+# Those options set to what plain PyTorch runs on any machine (no triton, no GPU kernel): how a model
+# is rebuilt for export, whatever the run that trained it used.
+PLAIN_EXECUTION = {"attention_backend": "sdpa", "fused_kernels": False, "window_attention_kernel": False,
+                   "window_attention_rope": False, "global_attention_kernel": False,
+                   "fused_layer_norm": False, "autocast_residual": False}
 
 _PRESETS = {
     "base": ModernBertConfig(preset="base"),

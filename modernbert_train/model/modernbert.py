@@ -53,6 +53,13 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled rows; 0, not NaN, when there are none (as the fused
+    loss): a chunk without a masked token must not stop a run at its NaN guard or poison an eval mean."""
+    total = F.cross_entropy(_at_least_fp32(logits), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
 # --- RoPE ------------------------------------------------------------------------------------------
 
 class RotaryEmbedding(nn.Module):
@@ -421,13 +428,13 @@ class ModernBertForMaskedLM(nn.Module):
                                             ignore_index=IGNORE_INDEX)
                 return MLMOutput(None, loss, num_predictions, masked, target)
             logits = self.decoder(head_out)  # (M, V)
-            loss = F.cross_entropy(_at_least_fp32(logits), target, ignore_index=IGNORE_INDEX)
+            loss = masked_cross_entropy(logits, target)
             return MLMOutput(logits, loss, num_predictions, masked, target)
 
         logits = self.decoder(self.head(hidden))  # (T, V)
         loss = num = None
         if labels is not None:
-            loss = F.cross_entropy(_at_least_fp32(logits), labels, ignore_index=IGNORE_INDEX)
+            loss = masked_cross_entropy(logits, labels)
             num = (labels != IGNORE_INDEX).sum()
         if padded_shape is not None:  # re-pad once, at the end
             full = logits.new_zeros(padded_shape.numel(), logits.shape[-1])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from modernbert_train.model.config import ModernBertConfig
+from modernbert_train.model.config import PLAIN_EXECUTION, ModernBertConfig
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
 
 # Options earlier versions wrote into a checkpoint's model config that no longer exist. They chose
@@ -26,8 +26,9 @@ def load_model_from_checkpoint(path: str | Path) -> ModernBertForMaskedLM:
     if not run_info or "model_config" not in run_info:
         raise ValueError(f"{path} has no model config (RunInfo callback state): not a modernbert-train checkpoint?")
     saved = {k: v for k, v in run_info["model_config"].items() if k not in RETIRED_FIELDS}
-    config = ModernBertConfig(**saved)
-    config.attention_backend = "sdpa"
+    # How the run computed a step (Triton kernels, a GPU backend) does not change the weights: plain
+    # PyTorch, so a checkpoint exports on a machine without triton or a GPU.
+    config = ModernBertConfig(**{**saved, **PLAIN_EXECUTION})
     model = ModernBertForMaskedLM(config)
     weights = {k.removeprefix("model.").removeprefix("_orig_mod."): v for k, v in state["model"].items()}
     model.load_state_dict(weights)

@@ -131,6 +131,24 @@ def test_fused_head_loss_matches_plain_loss_and_gradients(slots):
         assert err < 1e-12, f"{name}: gradient differs by {err}"
 
 
+
+@pytest.mark.parametrize("head", ["fused", "plain", "eval", "dense"])
+def test_a_chunk_without_masked_tokens_has_loss_zero_not_nan(head):
+    """Every label ignored (a chunk of very short documents, or mask_rate 0): loss 0 and zero
+    gradients on every path, as the fused loss gives; a NaN would stop a run at its NaN guard."""
+    model = build(fused_head_loss=head == "fused", sparse_prediction=head != "dense")
+    model.train(head != "eval")
+    ids, labels, cu = masked_example()
+    labels.fill_(-100)
+    with torch.set_grad_enabled(head != "eval"):
+        out = model(ids, cu_seqlens=cu, max_seqlen=50, labels=labels,
+                    prediction_slots=None if head == "dense" else 20)
+    assert out.loss.item() == 0.0 and int(out.num_predictions) == 0, (out.loss, out.num_predictions)
+    if head != "eval":
+        out.loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all((g == 0).all() for g in grads), "no label, no gradient"
+
 def residual_run(autocast: bool, **overrides) -> tuple[float, set, dict]:
     """One training forward + backward (fp32 weights): the loss, the dtypes the layers received and
     the gradients."""

@@ -271,15 +271,22 @@ def collate_chunk(
 
 @dataclass(frozen=True)
 class ChunkCollator:
-    """DataLoader collate_fn: the masking epoch comes from the samples (the worker's Streaming epoch)."""
+    """DataLoader collate_fn. The masking epoch is `mask_epoch` when given, else the samples' own
+    (the worker's Streaming epoch: training sees a new mask of a sequence each epoch).
+
+    Evaluation fixes it: Composer iterates the eval loader anew at each evaluation, a new Streaming
+    epoch each time (restarting from 0 after a resume), so masks that followed it would add mask
+    noise to the eval-loss curve and make a resumed run's evals differ from an uninterrupted run's.
+    """
 
     max_seq_len: int
     microbatch_seqs: int
     pad_id: int
     masker: MLMMasker
+    mask_epoch: int | None = None
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        epoch = samples[0]["epoch"]
+        epoch = samples[0]["epoch"] if self.mask_epoch is None else self.mask_epoch
         if epoch is None:
             raise RuntimeError("samples carry no epoch: iterate PackedSequenceDataset, not index it")
         return collate_chunk(samples, max_seq_len=self.max_seq_len, microbatch_seqs=self.microbatch_seqs,
@@ -291,8 +298,16 @@ def _stream_root(stream: StreamConfig, split: str | None) -> str:
     return f"{root.rstrip('/')}/{split}" if split else root
 
 
-def check_stream_metas(cfg: LoaderConfig, *, special: SpecialTokenIds, vocab_size: int) -> list[DatasetMeta]:
-    """Read each stream's `modernbert_meta.json` and reject data the run cannot train on."""
+def check_stream_metas(cfg: LoaderConfig, *, special: SpecialTokenIds, vocab_size: int,
+                       tokenizer_sha256: str | None = None,
+                       tokenizer_path: str | os.PathLike[str] | None = None) -> list[DatasetMeta]:
+    """Read each stream's `modernbert_meta.json` and reject data the run cannot train on.
+
+    Shards written with another tokenizer than the run's (`tokenizer_sha256`, `TextTokenizer.sha256`:
+    the hash the shard writer records) are only a warning: a re-serialised copy of the same
+    tokenizer hashes differently, and vocab size and special ids, which matter to training, are
+    checked as errors. The streams must still agree with each other.
+    """
     metas = []
     for stream in cfg.streams:
         root = _stream_root(stream, cfg.split)
@@ -313,6 +328,11 @@ def check_stream_metas(cfg: LoaderConfig, *, special: SpecialTokenIds, vocab_siz
                             f"{metas[0].tokenizer_sha256[:12]}")
         if problems:
             raise ValueError(f"stream {root} does not match the run: " + "; ".join(problems))
+        if tokenizer_sha256 is not None and meta.tokenizer_sha256 != tokenizer_sha256:
+            log.warning("stream %s was tokenized with tokenizer %s, the run's tokenizer %s is %s: same "
+                        "vocab size and special ids, but check that the shards come from this tokenizer "
+                        "(the model is exported with it)", root, meta.tokenizer_sha256[:12],
+                        tokenizer_path, tokenizer_sha256[:12])
         metas.append(meta)
     return metas
 
@@ -368,27 +388,39 @@ def build_chunk_dataloader(
     special_ids: Sequence[int],
     vocab_size: int,
     check_meta: bool = True,
+    tokenizer_sha256: str | None = None,
+    tokenizer_path: str | os.PathLike[str] | None = None,
+    mask_epoch: int | None = None,
+    drop_last: bool = True,
 ) -> DataLoader:
     """A DataLoader whose every item is one chunk (see `collate_chunk`) of `cfg.microbatch_seqs` sequences.
 
     `vocab_size` is the tokenizer's real size (not the padded embedding size): ids at or above it
     are rejected, and random replacement ids are drawn below it. With `check_meta`, each stream's
-    metadata must match the run (`check_stream_metas`).
+    metadata must match the run (`check_stream_metas`, given the run tokenizer's hash and path).
+
+    Training keeps the defaults: masks follow the Streaming epoch, and `drop_last` keeps every chunk
+    full (StepBatcher's exact sample counts). Evaluation fixes `mask_epoch` (see ChunkCollator) and
+    sets `drop_last=False`: the last chunk of each rank, 1..microbatch_seqs sequences, is evaluated
+    too (a shorter chunk is just more pad tail). Streaming gives every rank equally many sequences
+    (it repeats a few to pad the ranks' partitions), so every rank still runs equally many eval
+    batches, and up to ranks - 1 sequences count twice.
     """
     check_worker_tmpdir(cfg.num_workers)
     if check_meta:
-        check_stream_metas(cfg, special=special, vocab_size=vocab_size)
+        check_stream_metas(cfg, special=special, vocab_size=vocab_size, tokenizer_sha256=tokenizer_sha256,
+                           tokenizer_path=tokenizer_path)
     dataset = build_packed_dataset(cfg, vocab_size=vocab_size)
     masker = MLMMasker(MaskingConfig(mask_rate=cfg.mask_rate), mask_id=special.mask,
                        special_ids=special_ids, vocab_size=vocab_size, pad_id=special.pad, seed=cfg.seed)
     collate = ChunkCollator(max_seq_len=cfg.max_seq_len, microbatch_seqs=cfg.microbatch_seqs,
-                            pad_id=special.pad, masker=masker)
+                            pad_id=special.pad, masker=masker, mask_epoch=mask_epoch)
     workers = cfg.num_workers > 0
     return DataLoader(
         dataset,
         batch_size=cfg.microbatch_seqs,
         collate_fn=collate,
-        drop_last=True,  # a chunk always holds exactly microbatch_seqs sequences: exact sample counts
+        drop_last=drop_last,
         num_workers=cfg.num_workers,
         prefetch_factor=cfg.prefetch_factor if workers else None,
         persistent_workers=cfg.persistent_workers and workers,

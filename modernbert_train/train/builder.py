@@ -1,6 +1,7 @@
 """The one place where model, data, optimizer, schedules, checkpoints and loggers meet Composer."""
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import replace
@@ -21,8 +22,8 @@ from modernbert_train.model.attention import fastest_available, flex_cpu_trainin
 from modernbert_train.model.config import ModernBertConfig
 from modernbert_train.model.modernbert import ModernBertForMaskedLM
 from modernbert_train.train.callbacks import (DataResumption, DataTrace, NonFiniteLossGuard,
-                                              NonFiniteWeightsGuard, PackingEfficiency, RunInfo,
-                                              StalledDataGuard)
+                                              NonFiniteWeightsGuard, PackingEfficiency, PhaseStart,
+                                              RunInfo, StalledDataGuard)
 from modernbert_train.train.checkpointing import RemoteRetention, checkpoint_saver, preflight_save_folder
 from modernbert_train.train.compile import compile_model
 from modernbert_train.train.composer_model import MLMComposerModel
@@ -60,7 +61,8 @@ def model_config_for(cfg: RunConfig, tokenizer: TextTokenizer) -> ModernBertConf
 
 
 def total_tokens(cfg: RunConfig) -> int:
-    """max_duration in tokens (batches and samples converted at the full global batch)."""
+    """max_duration in tokens (batches and samples converted at the full global batch; the decay of
+    such a run follows its own unit, schedulers.WarmupStableDecay)."""
     duration = Time.from_timestring(cfg.max_duration)
     if duration.unit == TimeUnit.TOKEN:
         return int(duration.value)
@@ -83,7 +85,8 @@ def build_train_data(cfg: RunConfig, tokenizer: TextTokenizer) -> tuple[DataSpec
                      shuffle=d.shuffle, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor,
                      download_timeout_s=d.stall_timeout_s, pin_memory=resolve_device(cfg) == "gpu"),
         special=tokenizer.special, special_ids=tokenizer.special_ids,
-        vocab_size=tokenizer.tokenizer_vocab_size)
+        vocab_size=tokenizer.tokenizer_vocab_size, tokenizer_sha256=tokenizer.sha256,
+        tokenizer_path=tokenizer.path)
     world = dist.get_world_size()
     b = cfg.batch
     schedule = partial(chunks_per_step, start_seqs=b.warmup_start_seqs, end_seqs=b.global_batch_seqs,
@@ -106,7 +109,10 @@ def build_eval_data(cfg: RunConfig, tokenizer: TextTokenizer) -> DataSpec | None
                      shuffle=False, num_workers=min(d.num_workers, 1), prefetch_factor=d.prefetch_factor,
                      download_timeout_s=d.stall_timeout_s, pin_memory=resolve_device(cfg) == "gpu"),
         special=tokenizer.special, special_ids=tokenizer.special_ids,
-        vocab_size=tokenizer.tokenizer_vocab_size)
+        vocab_size=tokenizer.tokenizer_vocab_size, tokenizer_sha256=tokenizer.sha256,
+        tokenizer_path=tokenizer.path,
+        # The same masks at every evaluation, and every sequence evaluated (the last chunk may be short).
+        mask_epoch=0, drop_last=False)
     return DataSpec(loader, get_num_samples_in_batch=num_samples_in_batch,
                     get_num_tokens_in_batch=num_tokens_in_batch,
                     split_batch=lambda batch, _size: [batch])
@@ -175,6 +181,8 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     compile_model(model, cfg.compile, cfg.compile_memory_budget)
     composer_model = MLMComposerModel(model)
     optimizer = build_optimizer(cfg.optimizer, model, device_type="cuda" if device == "gpu" else "cpu")
+    # This config's optimizer settings, before a checkpoint's replace them (callbacks.PhaseStart).
+    configured = [copy.deepcopy({k: v for k, v in g.items() if k != "params"}) for g in optimizer.param_groups]
     scheduler = build_scheduler(cfg.scheduler, total_tokens(cfg))
     train_spec, batcher = build_train_data(cfg, tokenizer)
     eval_spec = build_eval_data(cfg, tokenizer)
@@ -189,6 +197,9 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         LRMonitor(),
         SpeedMonitor(window_size=20),
     ]
+    if ck.load_path:
+        callbacks.append(PhaseStart(ck.load_path, reset_time=ck.reset_time, weights_only=ck.load_weights_only,
+                                    hyperparameters=configured, batcher=batcher))
     if cfg.logging.data_trace:
         callbacks.append(DataTrace(run_dir))
     if ck.save_folder:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,53 @@ class DataResumption(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batcher.load_state_dict(state)
+
+
+class PhaseStart(Callback):
+    """A run that starts from another run's checkpoint (`checkpoint.load_path`; autoresume restores
+    its own run exactly and is left alone). A full load brings the optimizer back whole,
+    hyperparameters included: at FIT_START this phase's own (lr, betas, eps, weight decay, ...)
+    replace them, and the lr schedule restarts from this phase's lr, the moments kept. Without
+    `reset_time` the clock continues, and so does the batch-size warmup, from the checkpoint's
+    sample count (the data position itself belongs to another dataset and is not loaded)."""
+
+    def __init__(self, load_path: str, *, reset_time: bool, weights_only: bool,
+                 hyperparameters: list[dict[str, Any]], batcher: StepBatcher):
+        self.load_path = load_path
+        self.reset_time = reset_time
+        self.weights_only = weights_only
+        self.hyperparameters = hyperparameters  # per param group, from the freshly built optimizer
+        self.batcher = batcher
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if state.load_path != self.load_path:
+            return  # autoresumed from this run's own checkpoint, or nothing loaded
+        if not self.weights_only:
+            self._apply_hyperparameters(state)
+        if not self.reset_time:
+            samples = int(state.timestamp.sample)
+            self.batcher.state = replace(self.batcher.state, samples_seen=samples)
+            log.info("continuing %s without reset_time: the batch-size warmup goes on from sample %d",
+                     self.load_path, samples)
+
+    def _apply_hyperparameters(self, state: State) -> None:
+        optimizer = state.optimizers[0]
+        groups = optimizer.param_groups
+        if len(groups) != len(self.hyperparameters):
+            raise ValueError(f"checkpoint {self.load_path} has {len(groups)} optimizer param groups, this "
+                             f"config builds {len(self.hyperparameters)} (optimizer."
+                             "exclude_norms_and_biases_from_weight_decay changed?): load_weights_only=true "
+                             "starts a fresh optimizer")
+        for group, configured in zip(groups, self.hyperparameters):
+            group.update(configured)
+            group["initial_lr"] = configured["lr"]
+        for scheduler in state.schedulers:  # Composer's LambdaLR over our stateless schedule
+            scheduler.base_lrs = [group["initial_lr"] for group in groups]
+            for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
+        log.info("new phase from %s: the optimizer's moments kept, its settings from this config "
+                 "(lr %g, weight decay %g)", self.load_path, self.hyperparameters[0]["lr"],
+                 self.hyperparameters[0]["weight_decay"])
 
 
 def git_sha() -> str | None:

@@ -16,7 +16,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="modernbert-train",
         description="Pretrain ModernBERT with Composer. Overrides are dotted key=value pairs, e.g. "
-                    "data.microbatch_seqs=48 checkpoint.save_folder=s3://bucket/run1")
+                    "data.microbatch_seqs=48 checkpoint.save_folder=s3://bucket/run1; a list is set whole, "
+                    "e.g. optimizer.betas=[0.9,0.95]")
     parser.add_argument("recipe", help="YAML recipe (see yamls/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -8,10 +8,10 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_type_hints
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, ValidationError
 
 from modernbert_train.model.config import ModernBertConfig, preset
 from modernbert_train.train.compile import COMPILE_MODES
@@ -184,6 +184,33 @@ def _did_you_mean(bad_key: str, known: list[str]) -> str:
     return f" Did you mean '{candidates[0]}'?" if candidates else ""
 
 
+def _int_keys(node: Any, prefix: str = "") -> set[str]:
+    """Dotted keys of the int (or Optional[int]) fields under `node`."""
+    keys = set()
+    if is_dataclass(node):
+        hints = get_type_hints(type(node))
+        for f in fields(node):
+            if hints[f.name] in (int, Optional[int]):
+                keys.add(f"{prefix}{f.name}")
+            keys |= _int_keys(getattr(node, f.name), f"{prefix}{f.name}.")
+    return keys
+
+
+def _whole_floats_to_int(raw: DictConfig, int_keys: set[str]) -> DictConfig:
+    """YAML reads `warmup_tokens: 3e9` as the float 3000000000.0; an int field takes it when whole."""
+    tree = OmegaConf.to_container(raw, resolve=False)
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif isinstance(value, float) and value.is_integer() and f"{prefix}{key}" in int_keys:
+                node[key] = int(value)
+
+    walk(tree, "")
+    return OmegaConf.create(tree)
+
+
 def _merge(base: DictConfig, other: Any, where: str, known: list[str]) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
@@ -192,27 +219,41 @@ def _merge(base: DictConfig, other: Any, where: str, known: list[str]) -> DictCo
         raise ConfigError(
             f"{where}: unknown config key '{key}'.{_did_you_mean(str(key), known)}") from None
     except ValidationError as e:
-        raise ConfigError(f"{where}: bad value for '{e.full_key}': {e.msg}") from None
+        key = f" for '{e.full_key}'" if e.full_key else ""
+        raise ConfigError(f"{where}: bad value{key}: {str(e).splitlines()[0]}") from None
+    except TypeError as e:  # a dict merged onto a list (`optimizer.betas.1=0.95`) or the reverse
+        raise ConfigError(f"{where}: {e}: a list is set whole (e.g. optimizer.betas=[0.9,0.95]), "
+                          "not item by item") from None
 
 
 def load_run_config(yaml_path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Merge a recipe and `key=value` overrides onto RunConfig and validate the result."""
-    bad = [o for o in overrides if "=" not in o]
+    bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
     if bad:
         raise ConfigError(f"overrides must be key=value, got {bad}")
     raw = OmegaConf.load(yaml_path) if yaml_path is not None else OmegaConf.create({})
-    cli = OmegaConf.from_dotlist(list(overrides)) if overrides else OmegaConf.create({})
-    # The model preset decides the model defaults before the recipe's own model keys apply.
-    preset_name = OmegaConf.select(cli, "model.preset") or OmegaConf.select(raw, "model.preset")
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{yaml_path}: a recipe is a mapping of config keys to values, not a list")
+    cli = [OmegaConf.from_dotlist([o]) for o in overrides]
+    # The model preset decides the model defaults before the recipe's own model keys apply
+    # (the last override naming one wins over the recipe).
+    presets = [OmegaConf.select(c, "model.preset") for c in [raw, *cli]]
+    preset_name = next((name for name in reversed(presets) if name), None)
     base = RunConfig(model=preset(preset_name) if preset_name else ModernBertConfig())
     known = _known_keys(base)
+    int_keys = _int_keys(base)
     schema = OmegaConf.structured(base)
-    merged = _merge(schema, raw, str(yaml_path), known)
-    merged = _merge(merged, cli, "command-line override", known)
-    missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:
-        raise ConfigError(f"{yaml_path}: required config keys not set: {', '.join(missing)}")
-    OmegaConf.resolve(merged)
+    merged = _merge(schema, _whole_floats_to_int(raw, int_keys), str(yaml_path), known)
+    # One override at a time, so an error names the override it comes from.
+    for override, c in zip(overrides, cli):
+        merged = _merge(merged, _whole_floats_to_int(c, int_keys), f"command-line override {override!r}", known)
+    try:
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{yaml_path}: required config keys not set: {', '.join(missing)}")
+        OmegaConf.resolve(merged)
+    except InterpolationResolutionError as e:
+        raise ConfigError(f"cannot resolve '{e.full_key}': {str(e).splitlines()[0]}") from None
     cfg: RunConfig = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
@@ -220,17 +261,17 @@ def load_run_config(yaml_path: str | Path | None, overrides: list[str] = ()) -> 
 
 def validate(cfg: RunConfig) -> None:
     """Incompatible settings fail here, at start-up, with one message each."""
-    problems = []
+    problems = _range_problems(cfg) + _time_problems(cfg)
     d, b, m = cfg.data, cfg.batch, cfg.model
     per_step_unit = d.microbatch_seqs
-    if b.global_batch_seqs % per_step_unit:
+    if per_step_unit >= 1 and b.global_batch_seqs % per_step_unit:
         problems.append(f"batch.global_batch_seqs={b.global_batch_seqs} is not a multiple of "
                         f"data.microbatch_seqs={d.microbatch_seqs}")
     if d.microbatch_seqs > b.global_batch_seqs:
         problems.append(f"data.microbatch_seqs={d.microbatch_seqs} is larger than "
                         f"batch.global_batch_seqs={b.global_batch_seqs}")
-    if b.warmup_start_seqs is not None and (b.warmup_start_seqs % per_step_unit
-                                            or b.warmup_start_seqs > b.global_batch_seqs):
+    if per_step_unit >= 1 and b.warmup_start_seqs is not None and (
+            b.warmup_start_seqs % per_step_unit or b.warmup_start_seqs > b.global_batch_seqs):
         problems.append(f"batch.warmup_start_seqs={b.warmup_start_seqs} must be a multiple of "
                         f"data.microbatch_seqs={d.microbatch_seqs} and <= global_batch_seqs")
     if d.max_seq_len > m.max_position_embeddings:
@@ -274,3 +315,55 @@ def validate(cfg: RunConfig) -> None:
         problems.append(str(e))
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _range_problems(cfg: RunConfig) -> list[str]:
+    """Counts, sizes and fractions that have one obvious valid range."""
+    d, b, s, ck, ev = cfg.data, cfg.batch, cfg.scheduler, cfg.checkpoint, cfg.eval
+    checks = [  # (key, value, valid, what it must be)
+        ("data.max_seq_len", d.max_seq_len, d.max_seq_len >= 1, ">= 1"),
+        ("data.microbatch_seqs", d.microbatch_seqs, d.microbatch_seqs >= 1, ">= 1"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
+        ("data.prefetch_factor", d.prefetch_factor, d.prefetch_factor >= 1, ">= 1"),
+        ("data.stall_timeout_s", d.stall_timeout_s, d.stall_timeout_s > 0, "> 0"),
+        ("batch.global_batch_seqs", b.global_batch_seqs, b.global_batch_seqs >= 1, ">= 1"),
+        ("batch.warmup_start_seqs", b.warmup_start_seqs,
+         b.warmup_start_seqs is None or b.warmup_start_seqs >= 1, ">= 1 (null: no batch-size warmup)"),
+        ("batch.warmup_tokens", b.warmup_tokens, b.warmup_tokens >= 0, ">= 0"),
+        ("scheduler.warmup_tokens", s.warmup_tokens, s.warmup_tokens >= 0, ">= 0"),
+        ("scheduler.decay_tokens", s.decay_tokens, s.decay_tokens >= 0, ">= 0"),
+        ("scheduler.final_lr_ratio", s.final_lr_ratio, 0.0 <= s.final_lr_ratio <= 1.0,
+         "in [0, 1] (the end lr as a fraction of the peak)"),
+        ("checkpoint.keep_local", ck.keep_local, ck.keep_local is None or ck.keep_local >= 0,
+         ">= 0 (null: keep all)"),
+        ("checkpoint.keep_remote", ck.keep_remote, ck.keep_remote is None or ck.keep_remote >= 1,
+         ">= 1 (null: keep all)"),
+        ("eval.subset_batches", ev.subset_batches, ev.subset_batches is None or ev.subset_batches >= 1,
+         ">= 1 (null: the whole eval set)"),
+    ]
+    return [f"{key}={value} must be {rule}" for key, value, valid, rule in checks if not valid]
+
+
+def _time_problems(cfg: RunConfig) -> list[str]:
+    """Durations and intervals are composer time strings; read them as composer will."""
+    from composer.core.time import Time  # here, not at import: composer is slow to import
+
+    def problem(key: str, text: str, units: Optional[tuple[str, ...]], use: str) -> Optional[str]:
+        try:
+            time = Time.from_timestring(text)
+        except (ValueError, TypeError):  # no unit, an unknown one, or a fraction of a batch
+            time = None
+        if time is None or (units and time.unit.value not in units) or not time.value > 0:
+            return f"{key}={text!r}: use {use}"
+        return None
+
+    found = [
+        problem("max_duration", cfg.max_duration, ("tok", "ba", "sp"),
+                "a positive number of tokens (tok), batches (ba) or samples (sp), e.g. 1000ba"),
+        problem("logging.log_interval", cfg.logging.log_interval, ("ba", "ep"),
+                "a positive number of batches (ba) or epochs (ep), e.g. 10ba"),
+        problem("checkpoint.save_interval", cfg.checkpoint.save_interval, None,
+                "a positive time such as 1000ba, 1000000tok or 1ep"),
+        problem("eval.interval", cfg.eval.interval, None, "a positive time such as 1000ba, 1000000tok or 1ep"),
+    ]
+    return [p for p in found if p]

@@ -447,6 +447,66 @@ def test_stream_proportions(tmp_path):
     assert abs(from_a / total - 0.75) < 0.02, f"{from_a}/{total} from stream a, want 0.75"
 
 
+# ---------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class FakeTokenizer:
+    """What build_train_data / build_eval_data read from a TextTokenizer."""
+
+    special: Special = Special()
+    special_ids: tuple[int, ...] = SPECIAL_IDS
+    tokenizer_vocab_size: int = VOCAB
+    sha256: str = "ab" * 32  # dataset_meta()'s tokenizer_sha256
+    path: Path = Path("tokenizer.json")
+
+
+def eval_spec(local: str, *, num_workers: int):
+    from modernbert_train.train.builder import build_eval_data
+    from modernbert_train.train.config import DataConfig, RunConfig, StreamSpec
+
+    cfg = RunConfig(run_name="t", max_duration="1ba", device="cpu", data=DataConfig(
+        tokenizer="tokenizer.json", eval_streams=[StreamSpec(local=local)], eval_split=None,
+        max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS, num_workers=num_workers))
+    return build_eval_data(cfg, FakeTokenizer())
+
+
+@pytest.mark.parametrize("num_seqs, num_workers", [(10, 1), (10, 0), (MICROBATCH_SEQS - 1, 1)],
+                         ids=["partial-last-chunk", "partial-last-chunk-no-workers", "fewer-than-a-chunk"])
+def test_eval_loader_masks_alike_at_every_evaluation_and_keeps_every_sequence(tmp_path, num_seqs, num_workers):
+    """Composer iterates the eval loader anew at each evaluation (a new Streaming epoch): the masks
+    must not follow it, or the eval-loss curve mixes model change with mask noise. Every sequence is
+    evaluated, the last ones in a short chunk; fewer than microbatch_seqs still make one chunk (with
+    full chunks only there would be no eval batch at all, and the metrics would read 0)."""
+    samples = make_packed_samples(num_seqs, max_seq_len=MAX_SEQ_LEN, seed=21)
+    write_shards(str(tmp_path / "val"), samples)
+    spec = eval_spec(str(tmp_path / "val"), num_workers=num_workers)
+    evaluations = [[record(chunk) for chunk in spec.dataloader] for _ in range(3)]
+    seen = [i for chunk in evaluations[0] for i in chunk["sample_idx"].tolist()]
+    assert seen == list(range(num_seqs)), f"evaluated sequences {seen} of {num_seqs}"
+    for evaluation in evaluations[1:]:
+        assert_same_steps(evaluation, evaluations[0], first_step=0)
+    for chunk in spec.dataloader:
+        assert_chunk_matches(chunk, samples, max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS)
+        [part] = spec.split_batch(chunk, MICROBATCH_SEQS)
+        assert part is chunk
+        assert spec.get_num_samples_in_batch(chunk) == chunk["sample_idx"].numel()
+
+
+def test_training_loader_masks_differ_from_epoch_to_epoch(tmp_path):
+    """The counterpart of the fixed eval masks: without mask_epoch, each pass (Streaming epoch) masks
+    the same sequences anew; with it, every pass masks them alike."""
+    write_shards(str(tmp_path / "ds"), make_packed_samples(8, max_seq_len=MAX_SEQ_LEN, seed=22))
+    cfg = loader_config([str(tmp_path / "ds")], num_workers=0, shuffle=False)
+    for mask_epoch in (None, 3):
+        loader = build_chunk_dataloader(cfg, special=Special(), special_ids=SPECIAL_IDS, vocab_size=VOCAB,
+                                        mask_epoch=mask_epoch)
+        passes = [[record(chunk) for chunk in loader] for _ in range(2)]
+        assert [c["sample_idx"].tolist() for c in passes[0]] == [c["sample_idx"].tolist() for c in passes[1]]
+        same = all(np.array_equal(a["labels"], b["labels"]) for a, b in zip(*passes))
+        assert same == (mask_epoch is not None), (mask_epoch, same)
+
+
 # ---------------------------------------------------------------- failures name their source
 
 
@@ -476,6 +536,38 @@ def test_mismatched_metadata_is_rejected(tmp_path, meta, match):
     write_shards(str(tmp_path / "bad"), make_packed_samples(8, max_seq_len=MAX_SEQ_LEN, seed=18), meta)
     with pytest.raises(ValueError, match=rf"stream .*bad does not match the run: .*{match}"):
         build_loader(loader_config([str(tmp_path / "ok"), str(tmp_path / "bad")], num_workers=0))
+
+
+@pytest.mark.parametrize("run_sha256, warned", [("ab" * 32, False), ("cd" * 32, True), (None, False)],
+                         ids=["same-tokenizer", "other-tokenizer", "no-run-tokenizer"])
+def test_shards_of_another_tokenizer_are_a_warning(tmp_path, caplog, run_sha256, warned):
+    """Same vocab size and special ids (checked as errors), another tokenizer hash: a warning naming
+    the stream, both hashes and the run's tokenizer (a re-serialised copy hashes differently)."""
+    write_shards(str(tmp_path / "ds"), make_packed_samples(8, max_seq_len=MAX_SEQ_LEN, seed=23))
+    build_chunk_dataloader(loader_config([str(tmp_path / "ds")], num_workers=0), special=Special(),
+                           special_ids=SPECIAL_IDS, vocab_size=VOCAB, tokenizer_sha256=run_sha256,
+                           tokenizer_path="/tok/tokenizer.json")
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING" and "tokenized with tokenizer" in r.getMessage()]
+    if not warned:
+        assert warnings == [], warnings
+        return
+    assert len(warnings) == 1, warnings
+    assert (f"stream {tmp_path / 'ds'} was tokenized with tokenizer {'ab' * 6}, the run's tokenizer "
+            f"/tok/tokenizer.json is {'cd' * 6}") in warnings[0], warnings[0]
+
+
+def test_tokenizer_hash_warning_reaches_the_training_data(tmp_path, caplog):
+    """build_train_data hands the run tokenizer's hash and path to the metadata check."""
+    from modernbert_train.train.builder import build_train_data
+    from modernbert_train.train.config import DataConfig, RunConfig, StreamSpec
+
+    write_shards(str(tmp_path / "ds"), make_packed_samples(8, max_seq_len=MAX_SEQ_LEN, seed=24))
+    cfg = RunConfig(run_name="t", max_duration="1ba", device="cpu", data=DataConfig(
+        tokenizer="tokenizer.json", train_streams=[StreamSpec(local=str(tmp_path / "ds"))], train_split=None,
+        max_seq_len=MAX_SEQ_LEN, microbatch_seqs=MICROBATCH_SEQS, num_workers=0))
+    build_train_data(cfg, replace(FakeTokenizer(), sha256="ef" * 32, path=Path("/run/tok.json")))
+    assert f"tokenizer {'ab' * 6}, the run's tokenizer /run/tok.json is {'ef' * 6}" in caplog.text, caplog.text
 
 
 def _flip_bytes(path: Path) -> bytes:

@@ -20,6 +20,10 @@ CONFIG_ERRORS = {
                         "data.max_seq_len=1024 exceeds model.max_position_embeddings=512"),
     "wrong-type": (["data.num_workers=two"], "bad value for 'data.num_workers'"),
     "not-key-value": (["optimizer.lr"], "overrides must be key=value"),
+    "duration-in-epochs": (["max_duration=2ep"],
+                           "max_duration='2ep': use a positive number of tokens (tok), batches (ba) or samples (sp)"),
+    "zero-microbatch": (["data.microbatch_seqs=0"], "data.microbatch_seqs=0 must be >= 1"),
+    "list-item-override": (["optimizer.betas.1=0.95"], "a list is set whole (e.g. optimizer.betas=[0.9,0.95])"),
 }
 
 
@@ -47,8 +51,7 @@ def test_missing_recipe_is_exit_2(tmp_path):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("overrides, message", [
     (["model.attention_backend=flash"], "attention backend 'flash' is not available: flash-attn "),
-    (["max_duration=2ep"], "max_duration='2ep': use tokens (tok), batches (ba) or samples (sp)"),
-], ids=["backend-not-installed", "duration-in-epochs"])
+], ids=["backend-not-installed"])
 def test_setting_found_bad_while_building_stops_before_training(tmp_path, demo_data, overrides, message):
     """Found while the trainer is assembled (after the config is read): still one message, exit 2,
     and no batch trained."""

@@ -72,6 +72,36 @@ def test_wrong_type_names_the_key():
     (["data.mask_rate=1.5"], "mask rates must be in (0, 1)"),
     (["batch.warmup_start_seqs=12"], "batch.warmup_start_seqs=12 must be a multiple"),
     (["model.vocab_size=4000"], "not a multiple of 64"),
+    (["scheduler.final_lr_ratio=-1"], "scheduler.final_lr_ratio=-1.0 must be in [0, 1]"),
+    (["scheduler.final_lr_ratio=2"], "scheduler.final_lr_ratio=2.0 must be in [0, 1]"),
+    (["scheduler.warmup_tokens=-5"], "scheduler.warmup_tokens=-5 must be >= 0"),
+    (["scheduler.decay_tokens=-5"], "scheduler.decay_tokens=-5 must be >= 0"),
+    (["batch.warmup_tokens=-1"], "batch.warmup_tokens=-1 must be >= 0"),
+    (["batch.warmup_start_seqs=0"], "batch.warmup_start_seqs=0 must be >= 1"),
+    (["batch.global_batch_seqs=0"], "batch.global_batch_seqs=0 must be >= 1"),
+    (["data.microbatch_seqs=0"], "data.microbatch_seqs=0 must be >= 1"),
+    (["data.max_seq_len=0"], "data.max_seq_len=0 must be >= 1"),
+    (["data.max_seq_len=-128"], "data.max_seq_len=-128 must be >= 1"),
+    (["data.num_workers=-1"], "data.num_workers=-1 must be >= 0"),
+    (["data.prefetch_factor=0"], "data.prefetch_factor=0 must be >= 1"),
+    (["data.stall_timeout_s=0"], "data.stall_timeout_s=0.0 must be > 0"),
+    (["checkpoint.keep_local=-1"], "checkpoint.keep_local=-1 must be >= 0"),
+    (["checkpoint.keep_remote=0"], "checkpoint.keep_remote=0 must be >= 1"),
+    (["eval.subset_batches=0"], "eval.subset_batches=0 must be >= 1 (null: the whole eval set)"),
+    (["max_duration=10ep"], "max_duration='10ep': use a positive number of tokens (tok), batches (ba) or samples (sp)"),
+    (["max_duration=0.5dur"], "max_duration='0.5dur': use a positive number of tokens"),
+    (["max_duration=1000"], "max_duration='1000': use a positive number of tokens"),
+    (["max_duration=0ba"], "max_duration='0ba': use a positive number of tokens"),
+    (["max_duration=1.5ba"], "max_duration='1.5ba': use a positive number of tokens"),
+    (["logging.log_interval=10tok"], "logging.log_interval='10tok': use a positive number of batches (ba) or epochs (ep)"),
+    (["eval.interval=0ba"], "eval.interval='0ba': use a positive time such as 1000ba"),
+    (["checkpoint.save_interval=often"], "checkpoint.save_interval='often': use a positive time such as 1000ba"),
+    (["optimizer.betas.1=0.95"], "command-line override 'optimizer.betas.1=0.95': Cannot merge incompatible "
+                                 "container types: a list is set whole (e.g. optimizer.betas=[0.9,0.95])"),
+    (["data.train_streams.0.local=/x"], "override 'data.train_streams.0.local=/x': Cannot merge"),
+    (["optimizer=[1]"], "command-line override 'optimizer=[1]': bad value: Merge error: list is not a subclass"),
+    (["=5"], "overrides must be key=value, got ['=5']"),
+    (["run_dir=${nope}"], "cannot resolve 'run_dir': Interpolation key 'nope' not found"),
 ])
 def test_incompatible_settings_fail_at_startup(overrides, expected):
     with pytest.raises(ConfigError) as e:
@@ -116,6 +146,40 @@ def test_edge_optimizer_numbers_are_accepted():
     cfg = load_run_config(YAMLS[0].parent / "tiny.yaml", ["optimizer.betas=[0,0.999]", "optimizer.weight_decay=0",
                                                           "optimizer.grad_clip_norm=null"])
     assert (cfg.optimizer.betas, cfg.optimizer.weight_decay, cfg.optimizer.grad_clip_norm) == ([0.0, 0.999], 0.0, None)
+
+
+def test_problems_are_all_listed_and_nothing_divides_by_a_zero_microbatch():
+    with pytest.raises(ConfigError) as e:
+        load_run_config(YAMLS[0].parent / "tiny.yaml", ["data.microbatch_seqs=0", "batch.warmup_start_seqs=16",
+                                                        "scheduler.final_lr_ratio=2", "max_duration=2ep"])
+    message = str(e.value)
+    for expected in ["data.microbatch_seqs=0 must be >= 1", "scheduler.final_lr_ratio=2.0 must be in [0, 1]",
+                     "max_duration='2ep'"]:
+        assert expected in message, message
+    assert message.count("\n  - ") == 3, message
+
+
+def test_edge_settings_are_accepted():
+    cfg = load_run_config(YAMLS[0].parent / "tiny.yaml", [
+        "scheduler.final_lr_ratio=1", "scheduler.warmup_tokens=0", "batch.warmup_start_seqs=null",
+        "batch.warmup_tokens=0", "data.num_workers=0", "checkpoint.keep_local=0", "eval.subset_batches=null",
+        "max_duration=3e4tok", "eval.interval=0.5dur", "checkpoint.save_interval=10sp", "logging.log_interval=1ep"])
+    assert (cfg.scheduler.final_lr_ratio, cfg.batch.warmup_start_seqs, cfg.eval.subset_batches, cfg.max_duration) == (
+        1.0, None, None, "3e4tok")
+
+
+def test_whole_number_floats_fill_int_fields_and_lists_are_set_whole(tmp_path):
+    cfg = load_run_config(YAMLS[0].parent / "base.yaml", ["scheduler.warmup_tokens=3e9", "batch.warmup_tokens=5.0e10",
+                                                         "optimizer.betas=[0.9,0.95]"])
+    assert (cfg.scheduler.warmup_tokens, cfg.batch.warmup_tokens, cfg.optimizer.betas) == (
+        3_000_000_000, 50_000_000_000, [0.9, 0.95])
+    assert type(cfg.scheduler.warmup_tokens) is int, type(cfg.scheduler.warmup_tokens)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run_name: x\nmax_duration: 10ba\ndata:\n  tokenizer: t\n  train_streams: [{local: d}]\n"
+                      "scheduler:\n  warmup_tokens: 2e6\n")
+    assert load_run_config(recipe).scheduler.warmup_tokens == 2_000_000
+    with pytest.raises(ConfigError, match="bad value for 'scheduler.warmup_tokens'"):
+        load_run_config(recipe, ["scheduler.warmup_tokens=1.5"])
 
 
 def test_missing_required_key():

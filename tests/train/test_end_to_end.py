@@ -80,6 +80,43 @@ def test_train_checkpoint_autoresume_continue(tmp_path):
     assert tok.mask_token == "[MASK]" and hf.config.mask_token_id == tok.mask_token_id
 
 
+def metric_by_batch(metrics: Path, key: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return {r["batch"]: r[key] for r in rows if key in r}
+
+
+def test_chained_phases_train_with_their_own_lr_and_continue_the_batch_warmup(tmp_path):
+    """Phases chained from a full checkpoint (checkpoint.load_path, load_weights_only=false: what
+    yamls/base_decay.yaml does). The checkpoint's optimizer carries the earlier phase's lr: the new
+    phase must train with its own, on its own schedule (a decay over 4 batches, in the run's own
+    unit). Continued without reset_time, the batch-size warmup goes on where the checkpoint left it."""
+    common = ("scheduler.warmup_tokens=0", "batch.warmup_tokens=40000")  # 2 chunks/step, 3 from sample 157
+    first = run_train(tmp_path, *common, "max_duration=12ba", "scheduler.name=constant", "optimizer.lr=3e-3",
+                      f"checkpoint.save_folder={tmp_path}/a", "checkpoint.save_interval=12ba",
+                      "eval.interval=12ba", f"run_dir={tmp_path}/run_a")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    chunks_a = metric_by_batch(tmp_path / "run_a/metrics.jsonl", "data/chunks_per_step")
+    assert chunks_a[9] == 2 and chunks_a[11] == 3, chunks_a
+    load = (f"checkpoint.load_path={tmp_path}/a/ep0-ba12-rank0.pt", "checkpoint.load_weights_only=false")
+
+    decay = run_train(tmp_path, *common, *load, "checkpoint.reset_time=true", "max_duration=4ba",
+                      "scheduler.name=decay", "scheduler.final_lr_ratio=0", "optimizer.lr=1e-3",
+                      f"checkpoint.save_folder={tmp_path}/b", "eval.interval=4ba", f"run_dir={tmp_path}/run_b")
+    assert decay.returncode == 0, decay.stdout[-3000:] + decay.stderr[-3000:]
+    # LRMonitor logs, under batch b + 1, the lr batch b trained with.
+    lrs = metric_by_batch(tmp_path / "run_b/metrics.jsonl", "lr-StableAdamW/group0")
+    expected = {b + 1: 1e-3 * (1 - math.sqrt(b / 4)) for b in range(4)}
+    assert lrs.keys() == expected.keys() and all(abs(lrs[b] - expected[b]) < 1e-9 for b in lrs), \
+        f"phase lr 1e-3, 1-sqrt decay over its 4 batches: expected {expected}, logged {lrs}"
+
+    more = run_train(tmp_path, *common, *load, "checkpoint.reset_time=false", "max_duration=14ba",
+                     "scheduler.name=constant", f"checkpoint.save_folder={tmp_path}/c", "eval.interval=14ba",
+                     f"run_dir={tmp_path}/run_c")
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    chunks_c = metric_by_batch(tmp_path / "run_c/metrics.jsonl", "data/chunks_per_step")
+    assert chunks_c.get(12) == 3, f"the warmup restarted at 2 chunks per step: {chunks_c}"
+
+
 def test_checkpoints_in_s3_and_autoresume_from_the_bucket(tmp_path, s3_server):
     """Checkpoints go to a real S3-compatible server; a second launch in a fresh working directory
     (no local copies) resumes from the bucket."""

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from composer.core import Time, TimeUnit
+from composer.core import Time, Timestamp, TimeUnit
 from composer.optim import compile_composer_scheduler
 
 from modernbert_train.train.config import SchedulerConfig
@@ -149,3 +149,30 @@ def test_chunks_per_step_indivisible_end_names_numbers():
     with pytest.raises(ValueError, match=r"4608 sequences .* microbatch_seqs=96 x world_size=7 = 672"):
         chunks_per_step(0, start_seqs=None, end_seqs=4608, warmup_tokens=0, max_seq_len=1024,
                         microbatch_seqs=96, world_size=7)
+
+
+@pytest.mark.parametrize("unit", [TimeUnit.BATCH, TimeUnit.SAMPLE])
+def test_a_run_in_batches_or_samples_ends_its_decay_at_its_last_batch(unit):
+    """yamls/tiny.yaml: 400ba with a decay to 0 over the last 600k tokens. Converted at full batches
+    the run is 400 x 32 x 128 = 1,638,400 tokens, but padding and the batch-size warmup leave ~1.5M
+    real ones: on the token clock the run ended with the lr at 12% of its peak. The decay follows the
+    run's own unit; the warmup still counts real tokens."""
+    length = 400 if unit == TimeUnit.BATCH else 400 * 32
+    cfg = SchedulerConfig(name="wsd", warmup_tokens=100_000, decay_tokens=600_000, final_lr_ratio=0.0)
+    sched = build_scheduler(cfg, total_tokens=400 * 32 * 128)
+
+    def at(fraction: float, real_tokens: int) -> float:
+        done = int(length * fraction)
+        stamp = Timestamp(batch=done if unit == TimeUnit.BATCH else 0,
+                          sample=done if unit == TimeUnit.SAMPLE else 0, token=real_tokens)
+        return sched(SimpleNamespace(timestamp=stamp, max_duration=Time(length, unit)))
+
+    assert at(1.0, 1_504_000) == 0.0, "the last batch ends the decay, whatever tokens it held"
+    # 7/8 of the run: 1,433,600 of 1,638,400 nominal tokens, 395,200 into the 600k decay window.
+    assert at(7 / 8, 1_300_000) == pytest.approx(1.0 - math.sqrt(395_200 / 600_000))
+    assert at(0.5, 700_000) == 1.0, "stable before the decay window"
+    assert at(0.01, 50_000) == pytest.approx(0.5), "the warmup counts real tokens"
+    # A run in tokens keeps the token clock (its last batch is at or past max_duration's tokens).
+    token_run = SimpleNamespace(timestamp=Timestamp(batch=1, token=1_504_000),
+                                max_duration=Time(1_638_400, TimeUnit.TOKEN))
+    assert sched(token_run) == pytest.approx(1.0 - math.sqrt((1_504_000 - 1_038_400) / 600_000))

@@ -341,7 +341,13 @@ def _range_problems(cfg: RunConfig) -> list[str]:
         ("eval.subset_batches", ev.subset_batches, ev.subset_batches is None or ev.subset_batches >= 1,
          ">= 1 (null: the whole eval set)"),
     ]
-    return [f"{key}={value} must be {rule}" for key, value, valid, rule in checks if not valid]
+    problems = [f"{key}={value} must be {rule}" for key, value, valid, rule in checks if not valid]
+    if ck.keep_local == 0 and ck.save_folder and not ck.save_folder.startswith("s3://"):
+        # Composer deletes each checkpoint once written and points `latest` at none: the run would
+        # end with an empty folder and a restart would train from batch 0.
+        problems.append(f"checkpoint.keep_local=0 keeps no checkpoint in the local save_folder "
+                        f"{ck.save_folder}: nothing to resume from; use >= 1 (null: keep all)")
+    return problems
 
 
 def _time_problems(cfg: RunConfig) -> list[str]:
@@ -360,10 +366,14 @@ def _time_problems(cfg: RunConfig) -> list[str]:
     found = [
         problem("max_duration", cfg.max_duration, ("tok", "ba", "sp"),
                 "a positive number of tokens (tok), batches (ba) or samples (sp), e.g. 1000ba"),
-        problem("logging.log_interval", cfg.logging.log_interval, ("ba", "ep"),
-                "a positive number of batches (ba) or epochs (ep), e.g. 10ba"),
-        problem("checkpoint.save_interval", cfg.checkpoint.save_interval, None,
-                "a positive time such as 1000ba, 1000000tok or 1ep"),
-        problem("eval.interval", cfg.eval.interval, None, "a positive time such as 1000ba, 1000000tok or 1ep"),
+        # The training data never ends an epoch (data/loader.py StepBatcher streams steps across
+        # epochs), so an interval in epochs would never come, and Composer's checkpoint saver needs
+        # a sized dataloader for a fraction of the run (dur).
+        problem("logging.log_interval", cfg.logging.log_interval, ("ba",), "a positive number of batches, e.g. 10ba"),
+        problem("checkpoint.save_interval", cfg.checkpoint.save_interval, ("ba", "tok", "sp"),
+                "a positive number of batches (ba), tokens (tok) or samples (sp), e.g. 1000ba"),
+        problem("eval.interval", cfg.eval.interval, ("ba", "tok", "sp", "dur"),
+                "a positive number of batches (ba), tokens (tok) or samples (sp), or a fraction of the "
+                "run (dur), e.g. 1000ba"),
     ]
     return [p for p in found if p]

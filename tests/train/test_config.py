@@ -93,9 +93,14 @@ def test_wrong_type_names_the_key():
     (["max_duration=1000"], "max_duration='1000': use a positive number of tokens"),
     (["max_duration=0ba"], "max_duration='0ba': use a positive number of tokens"),
     (["max_duration=1.5ba"], "max_duration='1.5ba': use a positive number of tokens"),
-    (["logging.log_interval=10tok"], "logging.log_interval='10tok': use a positive number of batches (ba) or epochs (ep)"),
-    (["eval.interval=0ba"], "eval.interval='0ba': use a positive time such as 1000ba"),
-    (["checkpoint.save_interval=often"], "checkpoint.save_interval='often': use a positive time such as 1000ba"),
+    (["logging.log_interval=10tok"], "logging.log_interval='10tok': use a positive number of batches"),
+    (["eval.interval=0ba"], "eval.interval='0ba': use a positive number of batches"),
+    (["checkpoint.save_interval=often"], "checkpoint.save_interval='often': use a positive number of batches"),
+    (["checkpoint.save_interval=1ep"], "checkpoint.save_interval='1ep': use a positive number of batches"),
+    (["checkpoint.save_interval=0.5dur"], "checkpoint.save_interval='0.5dur': use a positive number of batches"),
+    (["eval.interval=2ep"], "eval.interval='2ep': use a positive number of batches"),
+    (["logging.log_interval=1ep"], "logging.log_interval='1ep': use a positive number of batches"),
+    (["checkpoint.keep_local=0"], "checkpoint.keep_local=0 keeps no checkpoint in the local save_folder"),
     (["optimizer.betas.1=0.95"], "command-line override 'optimizer.betas.1=0.95': Cannot merge incompatible "
                                  "container types: a list is set whole (e.g. optimizer.betas=[0.9,0.95])"),
     (["data.train_streams.0.local=/x"], "override 'data.train_streams.0.local=/x': Cannot merge"),
@@ -162,8 +167,9 @@ def test_problems_are_all_listed_and_nothing_divides_by_a_zero_microbatch():
 def test_edge_settings_are_accepted():
     cfg = load_run_config(YAMLS[0].parent / "tiny.yaml", [
         "scheduler.final_lr_ratio=1", "scheduler.warmup_tokens=0", "batch.warmup_start_seqs=null",
-        "batch.warmup_tokens=0", "data.num_workers=0", "checkpoint.keep_local=0", "eval.subset_batches=null",
-        "max_duration=3e4tok", "eval.interval=0.5dur", "checkpoint.save_interval=10sp", "logging.log_interval=1ep"])
+        "batch.warmup_tokens=0", "data.num_workers=0", "checkpoint.save_folder=s3://bucket/run",
+        "checkpoint.keep_local=0", "eval.subset_batches=null", "max_duration=3e4tok", "eval.interval=0.5dur",
+        "checkpoint.save_interval=10sp", "logging.log_interval=5ba"])
     assert (cfg.scheduler.final_lr_ratio, cfg.batch.warmup_start_seqs, cfg.eval.subset_batches, cfg.max_duration) == (
         1.0, None, None, "3e4tok")
 

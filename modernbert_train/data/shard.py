@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 MDS_COMPRESSION = "zstd"
 MDS_HASHES = ["sha1", "xxh64"]  # both in streaming.base.hashing.get_hashes() of Streaming 0.13
 IF_EXISTS_CHOICES = ("error", "overwrite")
+# In each job folder of a --num-jobs run: {"num_jobs": N, "job_index": I}, so that `merge` can
+# tell a job of this run from one left by an earlier run with another --num-jobs. Job folders
+# written before it existed have none (unknown).
+JOB_FILENAME = "modernbert_job.json"
 _HASH_SPACE = float(1 << 64)
 
 
@@ -326,14 +330,15 @@ def _remote_exists(url: str) -> bool:
     return listing.get("KeyCount", 0) > 0
 
 
-def _remote_delete(url: str) -> None:
-    """Delete every object under `url`/ (a prefix, never the bucket root)."""
+def _remote_delete(url: str, keep: Callable[[str], bool] = lambda key: False) -> None:
+    """Delete every object under `url`/ (a prefix, never the bucket root) whose key `keep` does
+    not accept."""
     bucket, prefix = split_s3_url(url)
     if not prefix:
         raise ShardError(f"refusing to delete the whole bucket {url}: give a prefix")
     client = s3_client()
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
-        keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+        keys = [{"Key": obj["Key"]} for obj in page.get("Contents", []) if not keep(obj["Key"])]
         if keys:
             client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
 
@@ -358,13 +363,35 @@ def _file_exists(location: str) -> bool:
     return Path(location).is_file()
 
 
-def _remove(location: str) -> None:
+def _remove_file(location: str) -> None:
     if is_remote(location):
-        _remote_delete(location)
-    elif Path(location).is_dir():
-        shutil.rmtree(location)
-    elif Path(location).exists():
-        Path(location).unlink()
+        _remote_delete_key(location)
+    else:
+        Path(location).unlink(missing_ok=True)
+
+
+def _read_job_info(job_dir: str) -> tuple[int, int] | None:
+    """(num_jobs, job_index) from a job folder's JOB_FILENAME; None when it has none (written
+    before the file existed)."""
+    location = _join(job_dir, JOB_FILENAME)
+    if not _file_exists(location):
+        return None
+    if is_remote(location):
+        bucket, key = split_s3_url(location)
+        text = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read().decode("utf-8")
+    else:
+        text = Path(location).read_text(encoding="utf-8")
+    try:
+        raw = json.loads(text)
+        return int(raw["num_jobs"]), int(raw["job_index"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ShardError(f"{location}: not a job description ({exc!r}): {text[:200]!r}") from exc
+
+
+def _job_number(name: str) -> int | None:
+    """job-00003 -> 3; None for a name that is not job-<number>."""
+    digits = name[len("job-"):]
+    return int(digits) if name.startswith("job-") and digits.isdigit() else None
 
 
 def _split_dataset_dirs(cfg: ShardConfig) -> dict[str, str]:
@@ -374,27 +401,57 @@ def _split_dataset_dirs(cfg: ShardConfig) -> dict[str, str]:
     return {split: _join(cfg.out, split, f"job-{cfg.job_index:05d}") for split in SPLITS}
 
 
-def _handle_existing(cfg: ShardConfig, targets: dict[str, str]) -> None:
-    """Refuse (or, with overwrite, remove) existing output, so data is never silently duplicated.
-    A job also invalidates a merged index of earlier jobs."""
+def _existing_output(cfg: ShardConfig, targets: dict[str, str]) -> list[str]:
+    """Existing output this run would replace: refused (ShardError) unless --if-exists overwrite,
+    so data is never silently duplicated. Nothing is removed here: the run replaces it only once
+    its own output is complete (a failed run keeps the old one). A job also replaces the merged
+    index of earlier jobs (it would no longer match them)."""
     occupied = [cfg.out] if cfg.num_jobs == 1 and _exists(cfg.out) else []
     if cfg.num_jobs > 1:
         occupied += [t for t in targets.values() if _exists(t)]
         occupied += [_join(cfg.out, s, INDEX_FILENAME) for s in SPLITS
                      if _file_exists(_join(cfg.out, s, INDEX_FILENAME))]
-    if not occupied:
-        return
-    if cfg.if_exists == "error":
+    if occupied and cfg.if_exists == "error":
         raise ShardError(f"output already exists: {', '.join(occupied)}; pass --if-exists overwrite "
                          "to replace it (or choose another --out)")
-    for location in occupied:
-        log.warning("removing existing output %s (--if-exists overwrite)", location)
-        if location.endswith(INDEX_FILENAME):  # a stale merged index and its metadata
-            _remove(location)
-            _remove(location[: -len(INDEX_FILENAME)] + META_FILENAME)
-        elif is_remote(location):
-            _remove(location)
-        # local output is replaced by renames once the new one is complete (_publish_local)
+    return occupied
+
+
+def _remove_replaced(cfg: ShardConfig, replaced: list[str], targets: dict[str, str],
+                     run_parts: str) -> None:
+    """After a successful run, remove what it replaced: a merged index of earlier jobs (and its
+    metadata), and on S3 every object of the old output that the new one did not overwrite (local
+    output was already swapped by renames in _publish_local)."""
+    new_prefixes = [split_s3_url(t)[1] for t in targets.values()] if is_remote(cfg.out) else []
+    fixed = {f"{p}/{name}" for p in new_prefixes for name in (INDEX_FILENAME, META_FILENAME,
+                                                              JOB_FILENAME)}
+
+    def is_new(key: str) -> bool:
+        return key in fixed or any(key.startswith(f"{p}/{run_parts}") for p in new_prefixes)
+
+    for location in replaced:
+        if location.endswith(INDEX_FILENAME):
+            _remove_file(location)
+            _remove_file(location[: -len(INDEX_FILENAME)] + META_FILENAME)
+            log.warning("removed the merged index %s of earlier jobs: run `modernbert-shard merge` "
+                        "again once every job is done", location)
+            continue
+        if is_remote(location):
+            _remote_delete(location, keep=is_new)
+        log.warning("replaced existing output %s (--if-exists overwrite)", location)
+
+
+def _warn_stale_jobs(cfg: ShardConfig) -> None:
+    """Job folders numbered past --num-jobs were left by an earlier run with more jobs; `merge`
+    refuses them, so say so now, while the user is looking."""
+    for split in SPLITS:
+        split_root = _join(cfg.out, split)
+        stale = [j for j in _list_job_dirs(split_root)
+                 if (n := _job_number(j)) is None or n >= cfg.num_jobs]
+        if stale:
+            log.warning("%s holds job folders beyond --num-jobs %d (from an earlier run?): %s; "
+                        "`merge` refuses them: delete them first", split_root, cfg.num_jobs,
+                        ", ".join(stale[:10]))
 
 
 class _DropStreamingMergeNoise(logging.Filter):
@@ -421,19 +478,17 @@ def _quiet_merge_index() -> Iterator[None]:
 
 
 def _merge_parts(split_local: str, split_remote: str | None, part_names: list[str]) -> int:
-    """Merge the parts' index.json into the split's index.json (local, then uploaded); returns the
-    number of shards."""
+    """Merge the parts' index.json (local, or uploaded to `split_remote`) into the split's local
+    index.json, uploaded later by _publish_remote; returns the number of shards."""
     from streaming.base.util import merge_index
 
     if split_remote is None:
         urls: list = [str(Path(split_local, p, INDEX_FILENAME)) for p in part_names]
-        with _quiet_merge_index():
-            merge_index(urls, split_local, keep_local=True)
     else:
         urls = [(str(Path(split_local, p, INDEX_FILENAME)), f"{split_remote}/{p}/{INDEX_FILENAME}")
                 for p in part_names]
-        with _quiet_merge_index():
-            merge_index(urls, (split_local, split_remote), keep_local=True)
+    with _quiet_merge_index():
+        merge_index(urls, split_local, keep_local=True)
     with open(Path(split_local, INDEX_FILENAME)) as fh:
         return len(json.load(fh)["shards"])
 
@@ -449,6 +504,8 @@ def _validate(cfg: ShardConfig) -> None:
         raise ShardError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.workers < 1:
         raise ShardError(f"--workers must be >= 1, got {cfg.workers}")
+    if cfg.pack_buffer_docs < 1:
+        raise ShardError(f"--pack-buffer-docs must be >= 1, got {cfg.pack_buffer_docs}")
     if cfg.num_jobs < 1 or not 0 <= cfg.job_index < cfg.num_jobs:
         raise ShardError(f"--job-index must be in [0, --num-jobs={cfg.num_jobs}), got {cfg.job_index}")
     if cfg.if_exists not in IF_EXISTS_CHOICES:
@@ -458,7 +515,13 @@ def _validate(cfg: ShardConfig) -> None:
 
 
 def shard(cfg: ShardConfig) -> ShardSummary:
-    """Shard `cfg.inputs` into `cfg.out`/{train,val}. Raises ShardError on user errors."""
+    """Shard `cfg.inputs` into `cfg.out`/{train,val}. Raises ShardError on user errors.
+
+    Output replaced under --if-exists overwrite is removed only once the new output is complete:
+    locally by renaming a staging folder into place; on S3 the new shards go under part folders
+    of their own run, the index.json files are uploaded last and the old objects deleted after.
+    A run that fails before that (bad input in strict mode, a crash) keeps the old output whole;
+    one whose final index uploads fail halfway may leave splits of both runs (run it again)."""
     start = time.perf_counter()
     _validate(cfg)
     try:
@@ -474,7 +537,7 @@ def shard(cfg: ShardConfig) -> ShardSummary:
         log.warning("job %d of %d has no input files: writing empty splits", cfg.job_index,
                     cfg.num_jobs)
     targets = _split_dataset_dirs(cfg)
-    _handle_existing(cfg, targets)
+    replaced = _existing_output(cfg, targets)
 
     remote = is_remote(cfg.out)
     out_path = Path(cfg.out)
@@ -489,14 +552,17 @@ def shard(cfg: ShardConfig) -> ShardSummary:
     staged = {split: str(staging / split) for split in SPLITS}
 
     shares = files_for_workers(files, cfg.workers)
-    part_names = [f"part-{w:05d}" for w in range(len(shares))]
+    # On S3 the parts are written in place while the old output stays readable: names of this
+    # run's own keep them apart from the old objects, deleted once the new index is up.
+    run_parts = f"part-{uuid.uuid4().hex[:8]}-" if remote else "part-"
+    part_names = [f"{run_parts}{w:05d}" for w in range(len(shares))]
     tasks = [
         _WorkerTask(cfg=cfg, files=share, part_dirs={
             split: (str(Path(staged[split], part)),
                     f"{targets[split]}/{part}" if remote else None) for split in SPLITS})
         for share, part in zip(shares, part_names)
     ]
-    succeeded = False
+    published = False  # from here on, failing leaves the new output (partly) in place
     try:
         results = _run_workers(tasks, cfg.progress)
         errors = [r.error for r in results if r.error]
@@ -508,27 +574,33 @@ def shard(cfg: ShardConfig) -> ShardSummary:
                                tokenizer_vocab_size=tok.tokenizer_vocab_size,
                                special_ids=asdict(tok.special), tokenizer_sha256=tok.sha256,
                                dtype=token_dtype_for(tok.padded_vocab_size), split=split)
-            # Metadata before the merged index: an index.json means the split is complete.
             write_meta(staged[split], meta)
-            if remote:
-                write_meta(targets[split], meta)
+            if cfg.num_jobs > 1:
+                Path(staged[split], JOB_FILENAME).write_text(json.dumps(
+                    {"num_jobs": cfg.num_jobs, "job_index": cfg.job_index}) + "\n")
             s = splits[split]
             s.shards = _merge_parts(staged[split], targets[split] if remote else None, part_names)
             s.documents = sum(r.documents[split] for r in results)
             s.sequences = sum(r.sequences[split] for r in results)
             s.sequence_tokens = sum(r.sequence_tokens[split] for r in results)
-        if not remote:
+        published = True
+        if remote:
+            _publish_remote(staged, targets)
+        else:
             _publish_local(cfg, staging, targets)
-        succeeded = True
+        _remove_replaced(cfg, replaced, targets, run_parts)
+        if cfg.num_jobs > 1:
+            _warn_stale_jobs(cfg)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-        if remote and not succeeded:  # remove partial uploads (the prefix was empty or overwritten)
+        if remote and not published:  # remove this run's uploads; the old output is untouched
             for target in targets.values():
-                try:
-                    _remote_delete(target)
-                except Exception:  # cleanup must not mask the original error
-                    log.exception("could not clean up %s", target)
+                for part in part_names:
+                    try:
+                        _remote_delete(f"{target}/{part}")
+                    except Exception:  # cleanup must not mask the original error
+                        log.exception("could not clean up %s/%s", target, part)
 
     skips = SkipReport()
     for r in results:
@@ -542,6 +614,19 @@ def shard(cfg: ShardConfig) -> ShardSummary:
         sequence_tokens=sum(s.sequence_tokens for s in splits.values()),
         shards=sum(s.shards for s in splits.values()),
         elapsed_s=time.perf_counter() - start, splits=splits, skips=skips)
+
+
+def _publish_remote(staged: dict[str, str], targets: dict[str, str]) -> None:
+    """Upload each split's small files next to its (already uploaded) parts: metadata first, the
+    index.json files last, so a reader never sees a new index over missing shards or metadata."""
+    client = s3_client()
+    for group in ((JOB_FILENAME, META_FILENAME), (INDEX_FILENAME,)):
+        for split, target in targets.items():
+            bucket, prefix = split_s3_url(target)
+            for name in group:
+                local = Path(staged[split], name)
+                if local.is_file():
+                    client.upload_file(str(local), bucket, f"{prefix}/{name}")
 
 
 def _publish_local(cfg: ShardConfig, staging: Path, targets: dict[str, str]) -> None:
@@ -594,6 +679,32 @@ def _list_job_dirs(split_root: str) -> list[str]:
     return sorted(n for n in names if n.startswith("job-"))
 
 
+def _check_job_set(split_root: str, jobs: list[str], expect_jobs: int | None) -> None:
+    """Refuse job folders that cannot be one run's: written with different --num-jobs, numbered
+    past the run's job count (left by an earlier run with more jobs), or not job-<number>.
+    Merging them would duplicate documents. Folders without JOB_FILENAME (older writers) are
+    checked by their number only."""
+    numbers = {j: _job_number(j) for j in jobs}
+    odd = [j for j, n in numbers.items() if n is None]
+    if odd:
+        raise ShardError(f"{split_root}: not job folders of modernbert-shard: {', '.join(odd)}")
+    infos = {j: info for j in jobs if (info := _read_job_info(_join(split_root, j))) is not None}
+    renamed = [f"{j} (job_index={i})" for j, (_, i) in infos.items() if i != numbers[j]]
+    if renamed:
+        raise ShardError(f"{split_root}: job folders renamed after writing: {', '.join(renamed)}")
+    counts = sorted({n for n, _ in infos.values()} | ({expect_jobs} if expect_jobs else set()))
+    if len(counts) > 1:
+        listed = ", ".join(f"{j} (num_jobs={n})" for j, (n, _) in infos.items())
+        expected = f"; --expect-jobs {expect_jobs}" if expect_jobs else ""
+        raise ShardError(f"{split_root}: job folders of runs with different --num-jobs: {listed}"
+                         f"{expected}. Delete the stale ones (or re-run them) before merging")
+    if counts:
+        extra = [j for j in jobs if numbers[j] >= counts[0]]
+        if extra:
+            raise ShardError(f"{split_root}: job folders beyond num_jobs={counts[0]} (left by an "
+                             f"earlier run?): {', '.join(extra[:10])}. Delete them before merging")
+
+
 def merge_jobs(out: str, expect_jobs: int | None = None) -> MergeSummary:
     """Merge OUT/<split>/job-*/index.json into OUT/<split>/index.json (and its metadata)."""
     from streaming.base.util import merge_index
@@ -605,6 +716,7 @@ def merge_jobs(out: str, expect_jobs: int | None = None) -> MergeSummary:
         if not jobs:
             raise ShardError(f"nothing to merge in {split_root}: no job-*/ folders (written with "
                              "--num-jobs N --job-index I)")
+        _check_job_set(split_root, jobs, expect_jobs)
         if expect_jobs is not None:
             missing = sorted({f"job-{i:05d}" for i in range(expect_jobs)} - set(jobs))
             if missing:
@@ -661,9 +773,12 @@ def _shard_parser() -> argparse.ArgumentParser:
         prog="modernbert-shard",
         description="Tokenize, split and best-fit pack text into MDS shards (OUT/train, OUT/val). "
                     "`modernbert-shard merge OUT` merges the indexes of --num-jobs runs.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="files, globs or directories: .txt / .jsonl / .parquet (+ .gz / .zst), "
-                        "HF save_to_disk folders")
+    # Inputs positionally or with --input (as `modernbert-tokenizer train` takes them), not both.
+    inputs_help = ("files, globs or directories: .txt / .jsonl / .parquet (+ .gz / .zst), "
+                   "HF save_to_disk folders")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help=inputs_help)
+    p.add_argument("--input", dest="input_option", nargs="+", metavar="PATH",
+                   help=f"the same as INPUT ({inputs_help})")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json or a HF tokenizer folder")
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     p.add_argument("--max-seq-len", type=int, default=d.max_seq_len)
@@ -678,7 +793,10 @@ def _shard_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-jobs", type=int, default=d.num_jobs,
                    help="independent machines sharing the inputs; then run `merge`")
     p.add_argument("--job-index", type=int, default=d.job_index)
-    p.add_argument("--if-exists", default=d.if_exists, choices=IF_EXISTS_CHOICES)
+    p.add_argument("--if-exists", default=d.if_exists, choices=IF_EXISTS_CHOICES,
+                   help="overwrite: replace existing output once the new output is complete (a "
+                        "failed run keeps the old one; on S3, a failure while uploading the final "
+                        "index files can leave splits of both runs: run again)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p.add_argument("--shard-size-limit", dest="shard_size_limit_bytes", type=_parse_size,
                    default=d.shard_size_limit_bytes, metavar="SIZE",
@@ -687,6 +805,20 @@ def _shard_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--summary-json", type=Path, help="also write the summary here")
     return p
+
+
+def _parse_shard_args(argv: Sequence[str]) -> dict:
+    """ShardConfig fields (and summary_json) from the command line; exits 2 unless the inputs come
+    either positionally or after --input."""
+    parser = _shard_parser()
+    args = vars(parser.parse_args(argv))
+    option = args.pop("input_option")
+    if args["inputs"] and option:
+        parser.error("give inputs either positionally or after --input, not both")
+    if not args["inputs"] and not option:
+        parser.error("no inputs: pass INPUT ... or --input PATH ...")
+    args["inputs"] = args["inputs"] or option
+    return args
 
 
 def _merge_parser() -> argparse.ArgumentParser:
@@ -707,7 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"merged {args.out}")
             print("\n".join(merged.summary_lines()))
             return 0
-        args = vars(_shard_parser().parse_args(argv))
+        args = _parse_shard_args(argv)
         summary_json = args.pop("summary_json")
         summary = shard(ShardConfig(**args))
     except (ShardError, BadInputError) as exc:

@@ -28,7 +28,9 @@ DEFAULT_TEXT_UNIT: TextUnit = "paragraph"
 _SUFFIX_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl",
                    ".ndjson": "jsonl", ".parquet": "parquet"}
 _COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
-_HF_MARKERS = ("dataset_info.json", "state.json")
+# save_to_disk writes dataset_info.json + state.json for a Dataset, dataset_dict.json for a
+# DatasetDict: either folder is one HF input, never walked as a directory of files.
+_HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _READ_CHUNK_BYTES = 1 << 20
 _RECORD_BATCH_ROWS = 4096
 
@@ -159,7 +161,15 @@ def expand_inputs(paths: Sequence[str], fmt: str = "auto") -> list[InputFile]:
                                  "a format")
             else:
                 inputs.append(InputFile(str(path), detected))
-    unique = list(dict.fromkeys(inputs))  # a file named twice (glob + dir) is read once
+    # A file named twice (glob + dir, relative + absolute, via a symlink) is read once, under the
+    # first name given.
+    seen: set[Path] = set()
+    unique = []
+    for f in inputs:
+        resolved = Path(f.path).resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            unique.append(f)
     return unique
 
 
@@ -225,14 +235,17 @@ def _raw_lines(f: InputFile) -> Iterator[bytes]:
 
 
 def _lines(f: InputFile) -> Iterator[tuple[int, str | None]]:
-    """(1-based line number, text without its newline, or None when not valid UTF-8)."""
+    """(1-based line number, text without its newline, or None when not valid UTF-8). A leading
+    byte order mark (Windows editors write one) is dropped: it belongs to no record."""
     line_no = 0
     try:
         for line_no, raw in enumerate(_raw_lines(f), start=1):
             try:
-                yield line_no, raw.decode("utf-8").rstrip("\r\n")
+                text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError:
                 yield line_no, None
+                continue
+            yield line_no, text[1:] if line_no == 1 and text.startswith("\ufeff") else text
     except (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as exc:
         raise _CorruptStream(line_no + 1, f"{type(exc).__name__}: {exc}") from exc
 
@@ -282,6 +295,9 @@ def _read_jsonl(f: InputFile, text_field: str) -> Iterator[Document | _Skip]:
         except json.JSONDecodeError as exc:
             yield _Skip(line_no, "invalid_json", str(exc))
             continue
+        except RecursionError:  # valid JSON nested deeper than the parser's recursion limit
+            yield _Skip(line_no, "invalid_json", "nested too deeply")
+            continue
         if not isinstance(record, dict):
             yield _Skip(line_no, "not_a_json_object", type(record).__name__)
         elif text_field not in record or record[text_field] is None:
@@ -293,9 +309,22 @@ def _read_jsonl(f: InputFile, text_field: str) -> Iterator[Document | _Skip]:
             yield Document(record[text_field], f.path, line_no)
 
 
-def _column_rows(values: list, source: str, first_row: int) -> Iterator[Document | _Skip]:
+def _column_rows(column, source: str, first_row: int) -> Iterator[Document | _Skip]:
+    """Rows of one Arrow string column batch. Arrow does not validate UTF-8 when reading a file, so
+    a row that does not decode is a skip of its own (found row by row: to_pylist fails whole)."""
+    try:
+        values = column.to_pylist()
+    except UnicodeDecodeError:
+        values = []
+        for offset in range(len(column)):
+            try:
+                values.append(column[offset].as_py())
+            except UnicodeDecodeError:
+                values.append(_Skip(first_row + offset, "invalid_utf8"))
     for offset, value in enumerate(values):
-        if value is None:
+        if isinstance(value, _Skip):
+            yield value
+        elif value is None:
             yield _Skip(first_row + offset, "missing_field", "null")
         else:
             yield Document(value, source, first_row + offset)
@@ -317,7 +346,7 @@ def _read_parquet(f: InputFile, text_field: str) -> Iterator[Document | _Skip]:
         raise BadInputError(f"{f.path}: column {text_field!r} is {column_type}, not a string")
     row = 0
     for batch in parquet.iter_batches(batch_size=_RECORD_BATCH_ROWS, columns=[text_field]):
-        yield from _column_rows(batch.column(0).to_pylist(), f.path, row)
+        yield from _column_rows(batch.column(0), f.path, row)
         row += batch.num_rows
 
 
@@ -337,17 +366,29 @@ def _read_hf(f: InputFile, text_field: str) -> Iterator[Document | _Skip]:
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise BadInputError(f"{f.path}: column {text_field!r} is {feature}, not a string")
     row = 0
-    for batch in dataset.select_columns([text_field]).iter(batch_size=_RECORD_BATCH_ROWS):
-        values = batch[text_field]
-        yield from _column_rows(values, f.path, row)
-        row += len(values)
+    columns = dataset.select_columns([text_field]).with_format("arrow")
+    for batch in columns.iter(batch_size=_RECORD_BATCH_ROWS):
+        yield from _column_rows(batch.column(0), f.path, row)
+        row += batch.num_rows
+
+
+def _unencodable(text: str) -> str:
+    """Why `text` cannot be written as UTF-8 (a lone surrogate: JSON's "\\ud800" escape decodes to
+    one), or "" when it can. The tokenizer and the document hash both need UTF-8."""
+    if text.isascii():
+        return ""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}"
+    return ""
 
 
 def read_documents(f: InputFile, *, text_field: str = "text",
                    text_unit: TextUnit = DEFAULT_TEXT_UNIT, strict: bool = False,
                    skips: SkipReport) -> Iterator[Document]:
     """Documents of one input. Bad records (invalid UTF-8, invalid JSON, missing or non-string
-    field, empty text, a truncated or corrupt compressed stream) are counted in `skips` with file,
+    field, text with a lone surrogate, empty text, a truncated or corrupt compressed stream) are counted in `skips` with file,
     line and reason, or raise BadInputError when `strict`. A file that cannot be read at all
     (missing column, not Parquet) raises BadInputError in either mode."""
     if f.format == "text":
@@ -373,12 +414,15 @@ def read_documents(f: InputFile, *, text_field: str = "text",
                 skip(*item)
             elif not item.text.strip():
                 skip(item.line, "empty_document")
+            elif reason := _unencodable(item.text):
+                skip(item.line, "invalid_unicode", reason)
             else:
                 yield item
     except _CorruptStream as exc:
         skip(exc.line, "corrupt_stream", exc.detail)
     except FileNotFoundError as exc:
-        raise BadInputError(f"{f.path}: {exc.strerror}") from exc
+        # datasets.load_from_disk raises it with only a message (strerror None)
+        raise BadInputError(f"{f.path}: {exc.strerror or exc}") from exc
 
 
 def iter_documents(inputs: Sequence[InputFile], *, text_field: str = "text",

@@ -109,7 +109,12 @@ def package_versions() -> dict[str, str]:
 
 class RunInfo(Callback):
     """Writes the resolved config, git SHA and package versions next to the checkpoints; keeps the
-    model config inside every checkpoint so `modernbert-export` can rebuild the model."""
+    model config inside every checkpoint so `modernbert-export` can rebuild the model.
+
+    Each launch writes `run_info.json` (the latest launch's) and `run_info-<UTC start>.json`, so a
+    resume on newer code keeps the earlier launches' record. A file per launch rather than a list
+    appended to one file: nothing to read back first, the same upload on a bucket as on disk.
+    """
 
     def __init__(self, run_config, model_config: ModernBertConfig, run_dir: Path):
         self.run_config = run_config
@@ -125,17 +130,27 @@ class RunInfo(Callback):
     def fit_start(self, state: State, logger: Logger) -> None:
         if dist.get_global_rank() != 0:
             return
-        path = self.run_dir / "run_info.json"
-        path.write_text(json.dumps(self.info(), indent=2, default=str) + "\n")
+        info = self.info()
+        text = json.dumps(info, indent=2, default=str) + "\n"
+        started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(info["started_unix"]))
+        names = ["run_info.json", f"run_info-{started}.json"]
+        for name in names:
+            (self.run_dir / name).write_text(text)
         save_folder = self.run_config.checkpoint.save_folder
-        if save_folder and "://" in save_folder:
-            from composer.utils import maybe_create_object_store_from_uri, parse_uri
+        if not save_folder:
+            return
+        # The checkpoints' folder: Composer's saver fills in {run_name} (and {rank}) the same way.
+        from composer.utils import format_name_with_dist, maybe_create_object_store_from_uri, parse_uri
+        save_folder = format_name_with_dist(save_folder, state.run_name)
+        if "://" in save_folder:
             store = maybe_create_object_store_from_uri(save_folder)
             _, _, prefix = parse_uri(save_folder)
-            store.upload_object(f"{prefix.rstrip('/')}/run_info.json".lstrip("/"), str(path))
-        elif save_folder:
+            for name in names:
+                store.upload_object(f"{prefix.rstrip('/')}/{name}".lstrip("/"), str(self.run_dir / name))
+        else:
             Path(save_folder).mkdir(parents=True, exist_ok=True)
-            (Path(save_folder) / "run_info.json").write_text(path.read_text())
+            for name in names:
+                (Path(save_folder) / name).write_text(text)
 
     def state_dict(self) -> dict[str, Any]:
         return {"model_config": asdict(self.model_config)}

@@ -1,8 +1,8 @@
 """Checkpoint storage: Composer's CheckpointSaver as this project configures it, a pre-flight check
-of the save folder, and keep-N retention on the bucket.
+of the save folder, and keep-N retention on disk and on the bucket.
 
 The saver's `num_checkpoints_to_keep` prunes only local copies; `RemoteRetention` prunes the remote
-ones, never touching a checkpoint that the `latest` symlink object does not already vouch for.
+ones. Neither touches a checkpoint that `latest` does not already vouch for.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from composer.callbacks import CheckpointSaver
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import S3ObjectStore, dist, format_name_with_dist, parse_uri
+from composer.utils.remote_uploader import RemoteFilesExistingCheckStatus
 
 from modernbert_train.train.config import CheckpointConfig
 
@@ -107,7 +108,7 @@ def checkpoint_saver(ck: CheckpointConfig) -> CheckpointSaver:
         num_checkpoints_to_keep=ck.keep_local if ck.keep_local is not None else -1)
     if backend:
         return BucketCheckpointSaver(latest_poll_s=ck.latest_poll_s, **common)
-    return CheckpointSaver(**common)
+    return LocalCheckpointSaver(**common)
 
 
 _LATEST_POLL_ATTR = "_symlink_upload_wait_before_next_try_in_seconds"
@@ -115,7 +116,8 @@ _LATEST_POLL_ATTR = "_symlink_upload_wait_before_next_try_in_seconds"
 
 class BucketCheckpointSaver(CheckpointSaver):
     """A CheckpointSaver for an object-store folder that moves `latest` within `latest_poll_s` of an
-    upload finishing, and deletes its local staging folder once every upload has finished.
+    upload finishing (at close too, not only at FIT_END, which a preemption skips), and deletes its
+    local staging folder once every upload has finished.
 
     Composer stages checkpoints for a bucket in a fresh `mkdtemp()` folder per launch and never
     removes it: each launch (a preemption restart, a new phase) would leave up to `keep_local`
@@ -125,6 +127,7 @@ class BucketCheckpointSaver(CheckpointSaver):
 
     def __init__(self, *, folder: str, latest_poll_s: float, **kwargs) -> None:
         super().__init__(folder=folder, **kwargs)
+        self.bucket = parse_uri(folder)[1]
         # How often the check that an upload finished polls before `latest` moves: Composer 0.32.1
         # keeps it in this attribute (30 s) and says tests may override it; no argument sets it.
         if not isinstance(getattr(self, _LATEST_POLL_ATTR, None), float):
@@ -139,11 +142,17 @@ class BucketCheckpointSaver(CheckpointSaver):
         ours = staging.parent.resolve() == Path(tempfile.gettempdir()).resolve()
         self.staging_folder: Path | None = staging if ours else None
 
+    def fit_end(self, state: State, logger: Logger) -> None:
+        super().fit_end(state, logger)  # waits for the uploads and moves `latest` to the newest
+        self.symlink_upload_tasks = []
+
     def post_close(self) -> None:
         uploader, self.remote_uploader = self.remote_uploader, None
         uploaded = True
         if uploader is not None:
             try:
+                uploader.wait()  # every upload, and every check that one is on the bucket
+                self._upload_pending_latest()
                 uploader.wait_and_close()
             except Exception as e:  # noqa: BLE001 - Composer logs and carries on here, too
                 uploaded = False
@@ -155,6 +164,66 @@ class BucketCheckpointSaver(CheckpointSaver):
         elif staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
             log.info("removed the checkpoint staging folder %s (uploads finished)", staging)
+
+    def _upload_pending_latest(self) -> None:
+        """Point `latest` at the newest checkpoint whose upload was confirmed and `latest` not yet
+        moved to. Composer does this only at FIT_END; a preemption (SIGTERM -> sys.exit) or an
+        error skips it and reaches only close, so without this the next launch would resume from
+        an older checkpoint than the bucket holds. A plain PUT from this process: after sys.exit,
+        close runs from an atexit hook, when the uploader's process pool takes no new work."""
+        pending, self.symlink_upload_tasks = self.symlink_upload_tasks, []
+        if not self.rank_saves_symlinks:
+            return
+        for check, local_symlink, remote_symlink in reversed(pending):
+            if check.result() == RemoteFilesExistingCheckStatus.EXIST:
+                target = Path(local_symlink).read_bytes()
+                _s3_store(self.bucket).client.put_object(Bucket=self.bucket, Key=remote_symlink, Body=target)
+                log.info("moved s3://%s/%s to %s at close", self.bucket, remote_symlink, target.decode())
+                return
+        if pending:
+            log.warning("%s not moved at close: no pending checkpoint upload was confirmed", pending[-1][2])
+
+
+_LOCAL_CHECKPOINT_NAME = re.compile(r"^ep(?P<epoch>\d+)-ba(?P<batch>\d+)-rank(?P<rank>\d+)\.pt$")
+
+
+def prune_local_checkpoints(folder: Path, keep: int, rank: int) -> list[Path]:
+    """Delete all but rank `rank`'s newest `keep` checkpoints in `folder` at or before its `latest`
+    symlink; return the deleted paths. The rules of `prune_remote_checkpoints`: nothing without a
+    valid `latest`, never its target, never anything newer (a crashed launch's, to be overwritten)."""
+    if keep < 1:
+        raise ValueError(f"keep={keep}: keep at least one local checkpoint")
+    latest = folder / LATEST_FILENAME.format(rank=rank)
+    target = _LOCAL_CHECKPOINT_NAME.match(Path(os.readlink(latest)).name) if latest.is_symlink() else None
+    if target is None or not latest.exists():
+        return []
+    mine = sorted((int(m["batch"]), path) for path in folder.iterdir()
+                  if (m := _LOCAL_CHECKPOINT_NAME.match(path.name)) and int(m["rank"]) == rank)
+    confirmed = [path for batch, path in mine if batch <= int(target["batch"])]
+    doomed = confirmed[:-keep]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    if doomed:
+        log.info("local retention: deleted %s, kept %s", [p.name for p in doomed],
+                 [p.name for p in confirmed[-keep:]])
+    return doomed
+
+
+class LocalCheckpointSaver(CheckpointSaver):
+    """A CheckpointSaver for a local folder whose keep-N counts the checkpoints already there.
+
+    Composer's counts only the checkpoints this launch saved: every resume would leave up to
+    `num_checkpoints_to_keep` of the earlier launch's behind. After each save, each rank prunes its
+    own files on disk instead (`prune_local_checkpoints`).
+    """
+
+    def _rotate_checkpoints(self, sharding_enabled: bool = False) -> None:
+        if sharding_enabled or self.num_checkpoints_to_keep < 1:
+            super()._rotate_checkpoints(sharding_enabled=sharding_enabled)
+            return
+        folder = Path(self.saved_checkpoints[-1]).parent  # the folder with {run_name} filled in
+        self.saved_checkpoints = []  # the folder on disk is the record
+        prune_local_checkpoints(folder, self.num_checkpoints_to_keep, dist.get_global_rank())
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -23,7 +24,8 @@ import zstandard
 from modernbert_train.data.corpus import embedded_documents
 from modernbert_train.data.packing import split_document
 from modernbert_train.data.schema import META_FILENAME, read_meta
-from modernbert_train.data.shard import ShardConfig, doc_hash, is_val_document, main, shard
+from modernbert_train.data.shard import (ShardConfig, _parse_shard_args, doc_hash, is_val_document,
+                                         main, shard)
 from modernbert_train.data.tokenizer import TextTokenizer, train_bpe
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +77,13 @@ def read_pieces(local: Path, remote: str | None = None) -> Counter:
     """Read a split with StreamingDataset and cut each packed sequence into its pieces."""
     from streaming import StreamingDataset
 
-    ds = StreamingDataset(local=str(local), remote=remote, shuffle=False, batch_size=1)
+    from modernbert_train.data.shm_registration import streaming_registration_lock
+
+    # Under the node's registration lock, as the trainer's datasets: a dataset registered in the
+    # middle of another test's two-rank registration made that run fail (FileExistsError on
+    # /dev/shm/<prefix>_locals, seen in `make test` on 2026-12-04).
+    with streaming_registration_lock():
+        ds = StreamingDataset(local=str(local), remote=remote, shuffle=False, batch_size=1)
     pieces = Counter()
     for i in range(ds.num_samples):
         sample = ds[i]
@@ -170,7 +178,9 @@ def test_jobs_and_workers_give_the_same_documents_as_one_run(tmp_path, tokenizer
         extra = ["--num-jobs", "3", "--job-index", str(job)] + (["--workers", "2"] if job == 0 else [])
         assert main(shard_args(files, tokenizer, tmp_path / "multi", *extra)) == 0
     parts = sorted(p.name for p in (tmp_path / "multi" / "train" / "job-00000").iterdir())
-    assert parts == ["index.json", META_FILENAME, "part-00000", "part-00001"], parts
+    assert parts == ["index.json", "modernbert_job.json", META_FILENAME, "part-00000", "part-00001"], parts
+    job = json.loads((tmp_path / "multi" / "train" / "job-00000" / "modernbert_job.json").read_text())
+    assert job == {"num_jobs": 3, "job_index": 0}, job
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "data_prep" / "shard.py"), "merge",
                            str(tmp_path / "multi"), "--expect-jobs", "3"],
                           capture_output=True, text=True, timeout=300,
@@ -225,17 +235,120 @@ def test_bad_input_is_counted_with_file_and_line(tmp_path, tokenizer, paragraphs
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-@pytest.mark.parametrize("case", ["missing_input", "bad_tokenizer", "bad_job_index"])
+def test_unencodable_or_too_deep_records_are_skipped_with_file_and_line(tmp_path, tokenizer,
+                                                                       paragraphs, capsys):
+    """Valid JSON the tokenizer cannot take (a lone surrogate) or the parser cannot nest (deep
+    arrays) is a counted skip, or the strict-mode stop, never a traceback."""
+    src = tmp_path / "docs.jsonl"
+    good = paragraphs[:20]
+    lines = [json.dumps({"text": t}) for t in good]
+    lines.insert(2, '{"text": "bad \\ud800 x"}')
+    lines.insert(5, "[" * 100_000 + "]" * 100_000)
+    src.write_text("\n".join(lines) + "\n")
+    assert main(shard_args([src], tokenizer, tmp_path / "ds")) == 0
+    out = capsys.readouterr().out
+    assert f"{src}:3: invalid_unicode" in out and f"{src}:6: invalid_json" in out, out
+    assert_round_trip(tmp_path / "ds", tokenizer, good)
+
+    rc = main(shard_args([src], tokenizer, tmp_path / "strict", "--strict"))
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{src}:3: invalid_unicode" in err and "Traceback" not in err, err
+    assert not (tmp_path / "strict").exists()
+
+
+def bad_jsonl(path: Path) -> Path:
+    path.write_text('{"text": "fine"}\n{not json\n')
+    return path
+
+
+def test_failed_overwrite_keeps_the_old_output_and_merged_index(tmp_path, tokenizer, paragraphs,
+                                                                 caplog, capsys):
+    """--if-exists overwrite replaces output only once the new output is complete: a run that
+    fails keeps the old dataset (and a job keeps the merged index of the earlier jobs), and says
+    nothing about removing it."""
+    src = write_jsonl(tmp_path / "docs.jsonl", paragraphs[:100])
+    bad = bad_jsonl(tmp_path / "bad.jsonl")
+    assert main(shard_args([src], tokenizer, tmp_path / "ds")) == 0
+    before = read_pieces(tmp_path / "ds" / "train")
+    caplog.clear()
+    assert main(shard_args([bad], tokenizer, tmp_path / "ds", "--strict", "--if-exists", "overwrite")) == 2
+    assert "bad.jsonl:2: invalid_json" in capsys.readouterr().err
+    assert read_pieces(tmp_path / "ds" / "train") == before
+    assert not [r.message for r in caplog.records if "existing output" in r.message], caplog.text
+
+    jobs = tmp_path / "jobs"
+    for job in range(2):
+        assert main(shard_args([src], tokenizer, jobs, "--num-jobs", "2", "--job-index", str(job))) == 0
+    assert main(["merge", str(jobs), "--expect-jobs", "2"]) == 0
+    merged = read_pieces(jobs / "train")
+    caplog.clear()
+    assert main(shard_args([bad], tokenizer, jobs, "--num-jobs", "2", "--job-index", "0",
+                           "--strict", "--if-exists", "overwrite")) == 2
+    assert (jobs / "train" / "index.json").is_file(), "a failed job removed the merged index"
+    assert read_pieces(jobs / "train") == merged
+    assert not [r.message for r in caplog.records if "existing output" in r.message], caplog.text
+    # A job that succeeds does invalidate the merged index (it no longer matches the jobs).
+    assert main(shard_args([src], tokenizer, jobs, "--num-jobs", "2", "--job-index", "0",
+                           "--if-exists", "overwrite")) == 0
+    assert not (jobs / "train" / "index.json").exists()
+    assert any("index.json" in r.message for r in caplog.records), caplog.text
+
+
+def test_merge_refuses_job_folders_of_another_run(tmp_path, tokenizer, paragraphs, caplog, capsys):
+    """Job folders left by an earlier run with more --num-jobs would duplicate documents: the
+    job that sees them warns, and merge refuses them by name."""
+    files = [write_jsonl(tmp_path / f"part{i}.jsonl", paragraphs[i * 30:(i + 1) * 30]) for i in range(3)]
+    out = tmp_path / "jobs"
+    for job in range(3):
+        assert main(shard_args(files, tokenizer, out, "--num-jobs", "3", "--job-index", str(job))) == 0
+    caplog.clear()
+    for job in range(2):
+        assert main(shard_args(files, tokenizer, out, "--num-jobs", "2", "--job-index", str(job),
+                               "--if-exists", "overwrite")) == 0
+    warned = [r.message for r in caplog.records if "job-00002" in r.message]
+    assert warned, caplog.text
+    capsys.readouterr()
+    assert main(["merge", str(out), "--expect-jobs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "job-00002" in err and "Traceback" not in err, err
+    assert main(["merge", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "job-00002" in err and "num_jobs" in err, err
+    assert not (out / "train" / "index.json").exists()
+
+
+def test_readme_shard_command_parses(tmp_path):
+    """The README's `modernbert-shard --input ...` line is a valid command line (parsed only), and
+    inputs come either positionally or with --input, never both or neither."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    match = re.search(r"^modernbert-shard --input .*?[^\\]$", readme, re.M | re.S)
+    assert match, "README has no `modernbert-shard --input` command"
+    argv = shlex.split(match.group(0).replace("\\\n", " "))[1:]
+    args = _parse_shard_args(argv)
+    assert args["inputs"] == ["corpus/**/*.jsonl.zst"] and args["text_field"] == "text", args
+    base = ["--tokenizer", "t", "--out", "o"]
+    assert _parse_shard_args(["a", "b", *base])["inputs"] == ["a", "b"]
+    assert _parse_shard_args([*base, "--input", "a", "b"])["inputs"] == ["a", "b"]
+    for argv in (base, ["a", *base, "--input", "b"]):
+        with pytest.raises(SystemExit) as info:
+            _parse_shard_args(argv)
+        assert info.value.code == 2, argv
+
+
+@pytest.mark.parametrize("case", ["missing_input", "bad_tokenizer", "bad_job_index",
+                                  "bad_pack_buffer"])
 def test_user_errors_exit_2_with_a_message(tmp_path, tokenizer, case, capsys):
     src = write_jsonl(tmp_path / "docs.jsonl", ["hello world"])
     args = {"missing_input": [str(tmp_path / "nope.jsonl"), "--tokenizer", str(tokenizer.path)],
             "bad_tokenizer": [str(src), "--tokenizer", str(tmp_path / "no_tokenizer")],
             "bad_job_index": [str(src), "--tokenizer", str(tokenizer.path), "--num-jobs", "2",
-                              "--job-index", "2"]}[case]
+                              "--job-index", "2"],
+            "bad_pack_buffer": [str(src), "--tokenizer", str(tokenizer.path),
+                                "--pack-buffer-docs", "0"]}[case]
     assert main([*args, "--out", str(tmp_path / "ds"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     needle = {"missing_input": "nope.jsonl", "bad_tokenizer": "no_tokenizer",
-              "bad_job_index": "--job-index"}[case]
+              "bad_job_index": "--job-index", "bad_pack_buffer": "--pack-buffer-docs"}[case]
     assert err.startswith("error: ") and needle in err, err
     assert not (tmp_path / "ds").exists()
 
@@ -271,6 +384,39 @@ def test_s3_round_trip(s3_server, tmp_path, tokenizer, paragraphs, capsys):
     assert remote in capsys.readouterr().err
     assert main(shard_args([src], tokenizer, remote, "--if-exists", "overwrite")) == 0
     assert read_pieces(tmp_path / "cache2" / "train", f"{remote}/train") == expected["train"]
+
+
+def s3_objects(s3_server, prefix: str) -> list[str]:
+    root = s3_server.root / "test-bucket"
+    return sorted(str(p.relative_to(root)) for p in (root / prefix).rglob("*") if p.is_file())
+
+
+def test_s3_overwrite_replaces_only_after_success(s3_server, tmp_path, tokenizer, paragraphs, capsys):
+    """On S3 as locally, a failed --if-exists overwrite run keeps the old dataset whole; a
+    successful one leaves only the new dataset's objects."""
+    old, new = paragraphs[:100], paragraphs[100:160]
+    remote = "s3://test-bucket/ds"
+    assert main(shard_args([write_jsonl(tmp_path / "old.jsonl", old)], tokenizer, remote)) == 0
+    objects = s3_objects(s3_server, "ds")
+    bad = bad_jsonl(tmp_path / "bad.jsonl")
+    assert main(shard_args([bad], tokenizer, remote, "--strict", "--if-exists", "overwrite")) == 2
+    assert "bad.jsonl:2: invalid_json" in capsys.readouterr().err
+    assert s3_objects(s3_server, "ds") == objects
+    got = read_pieces(tmp_path / "cache" / "train", f"{remote}/train")
+    assert got == expected_pieces(tokenizer, old)["train"], (sum(got.values()),)
+
+    assert main(shard_args([write_jsonl(tmp_path / "new.jsonl", new)], tokenizer, remote,
+                           "--if-exists", "overwrite")) == 0
+    expected = expected_pieces(tokenizer, new)
+    for split in ("train", "val"):
+        got = read_pieces(tmp_path / "cache2" / split, f"{remote}/{split}")
+        assert got == expected[split], (split, sum(got.values()), sum(expected[split].values()))
+        index = json.loads((s3_server.root / "test-bucket" / "ds" / split / "index.json").read_text())
+        shards = {s["zip_data"]["basename"] for s in index["shards"]}
+        parts = {name.split("/")[0] for name in shards}
+        allowed = shards | {f"{p}/index.json" for p in parts} | {"index.json", META_FILENAME}
+        stored = {o[len(f"ds/{split}/"):] for o in s3_objects(s3_server, f"ds/{split}")}
+        assert shards <= stored <= allowed, (split, sorted(stored - allowed), sorted(shards - stored))
 
 
 def test_s3_jobs_merge(s3_server, tmp_path, tokenizer, paragraphs):

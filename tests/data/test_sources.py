@@ -97,6 +97,19 @@ def test_parquet_rows_across_record_batches(tmp_path, monkeypatch):
     assert [(e.line, e.reason) for e in skips.examples] == [(2, "missing_field"), (4, "empty_document")]
 
 
+def test_parquet_string_that_is_not_utf8_is_a_skip_with_its_row(tmp_path, monkeypatch):
+    """Arrow reads a string column's bytes unchecked: a row that does not decode is skipped with
+    its row number, the rest of its batch kept."""
+    monkeypatch.setattr(sources, "_RECORD_BATCH_ROWS", 2)
+    raw = pa.array([b"a", b"b", b"bad \xff", b"d"], pa.binary())
+    column = pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())  # no validation
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": column}), path)
+    docs, skips = read_all(InputFile(str(path), "parquet"))
+    assert [(d.text, d.line) for d in docs] == [("a", 0), ("b", 1), ("d", 3)], docs
+    assert [(e.line, e.reason) for e in skips.examples] == [(2, "invalid_utf8")], skips.examples
+
+
 def test_parquet_missing_or_non_string_column_raises_in_any_mode(tmp_path):
     path = tmp_path / "d.parquet"
     pq.write_table(pa.table({"text": [1, 2], "body": ["x", "y"]}), path)
@@ -125,6 +138,29 @@ def test_hf_dataset_on_disk(tmp_path):
         read_all(f, text_field="n")
 
 
+def test_hf_dataset_dict_folder_is_refused_naming_its_splits(tmp_path):
+    """A DatasetDict folder is one HF input (not a folder of splits plus a JSON file to read as
+    JSONL), and reading it asks for one split, forced format or not."""
+    datasets = pytest.importorskip("datasets", reason="HF datasets reader needs `datasets` (dev extra)")
+    path = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a", "b"]}),
+                          "test": datasets.Dataset.from_dict({"text": ["c"]})}).save_to_disk(str(path))
+    for fmt in ("auto", "hf"):
+        found = expand_inputs([str(path)], fmt=fmt)
+        assert found == [InputFile(str(path), "hf")], (fmt, found)
+        with pytest.raises(BadInputError, match=r"dd: is a DatasetDict; pass one split's folder "
+                                                r"\(splits: \['test', 'train'\]\)"):
+            read_all(found[0])
+
+
+def test_hf_format_on_a_file_says_why(tmp_path):
+    path = write(tmp_path / "d.jsonl", jsonl_bytes([GOOD]))
+    with pytest.raises(BadInputError) as info:
+        read_all(InputFile(str(path), "hf"))
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "None" not in message and "Dataset" in message, message
+
+
 # ---------------------------------------------------------------------------------------------
 # Finding inputs
 
@@ -141,6 +177,18 @@ def test_expand_directory_recursively_sorted_with_formats(tmp_path):
     found = [(str(Path(f.path).relative_to(root)), f.format) for f in expand_inputs([str(root)])]
     assert found == [("a.txt", "text"), ("b.jsonl.gz", "jsonl"), ("sub/c.parquet", "parquet"),
                      ("sub/deeper/d.ndjson.zst", "jsonl"), ("sub/hf", "hf")]
+
+
+def test_expand_dedupes_one_file_under_several_spellings(tmp_path, monkeypatch):
+    """Relative, absolute and symlinked names of one file are one input (read once), named as
+    first given."""
+    write(tmp_path / "in" / "a.txt", b"x")
+    write(tmp_path / "in" / "b.txt", b"y")
+    (tmp_path / "link").symlink_to(tmp_path / "in")
+    monkeypatch.chdir(tmp_path)
+    found = expand_inputs(["in/a.txt", str(tmp_path / "in" / "a.txt"), "link/a.txt", "in/*.txt",
+                           "link"])
+    assert [f.path for f in found] == ["in/a.txt", "in/b.txt"], found
 
 
 def test_expand_globs_dedupes_and_keeps_argument_order(tmp_path):
@@ -190,6 +238,12 @@ BAD_CASES = {
     "non_string_field": ("d.jsonl", jsonl_bytes([GOOD, {"text": 5}, GOOD]), "non_string_field", 2),
     "empty_document": ("d.jsonl.gz", jsonl_bytes([GOOD, {"text": " \n\t"}, GOOD]), "empty_document", 2),
     "empty_file_unit": ("d.txt", b"\n  \n", "empty_document", 1),
+    # Valid JSON whose string cannot be encoded (a lone surrogate): the tokenizer raises on it.
+    "lone_surrogate": ("d.jsonl", jsonl_bytes([GOOD]) + b'{"text": "bad \\ud800 x"}\n' + jsonl_bytes([GOOD]),
+                       "invalid_unicode", 2),
+    # Nesting past the interpreter's recursion limit: json raises RecursionError, not a decode error.
+    "deep_json": ("d.jsonl", jsonl_bytes([GOOD]) + b"[" * 100_000 + b"]" * 100_000 + b"\n" + jsonl_bytes([GOOD]),
+                  "invalid_json", 2),
 }
 
 
@@ -215,6 +269,19 @@ def test_bad_record_raises_in_strict_mode(tmp_path, case):
     unit = "file" if case == "empty_file_unit" else "paragraph"
     with pytest.raises(BadInputError, match=f"{path}:{line}: {reason}"):
         read_all(f, text_unit=unit, strict=True)
+
+
+@pytest.mark.parametrize("name", ["bom.jsonl", "bom.jsonl.gz", "bom.txt"])
+def test_leading_utf8_bom_is_dropped(tmp_path, name):
+    """Editors on Windows start UTF-8 files with a byte order mark: it is not part of the first
+    record (a JSONL record would fail to parse; a text document would carry an invisible char)."""
+    body = jsonl_bytes([{"text": t} for t in TEXTS[:2]]) if ".jsonl" in name else b"one\n\ntwo\n"
+    path = write(tmp_path / name, b"\xef\xbb\xbf" + body)
+    [f] = expand_inputs([str(path)])
+    docs, skips = read_all(f, strict=True)
+    expected = TEXTS[:2] if ".jsonl" in name else ["one", "two"]
+    assert [d.text for d in docs] == expected, [d.text for d in docs]
+    assert skips.total == 0, skips.summary_lines()
 
 
 def many_records(n: int) -> bytes:

@@ -2,21 +2,30 @@
 real S3 server (rclone)."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import signal
 import stat
+import subprocess
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import boto3
 import pytest
+import torch
+from composer.callbacks import CheckpointSaver
+from composer.core import Callback
 
 from modernbert_train.train.checkpointing import (CheckpointStorageError, RemoteRetention,
                                                   _s3_store, checkpoint_saver, list_remote_checkpoints,
-                                                  preflight_save_folder,
+                                                  preflight_save_folder, prune_local_checkpoints,
                                                   prune_remote_checkpoints, read_latest_target)
 from modernbert_train.train.config import CheckpointConfig
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _client():
@@ -53,15 +62,18 @@ def test_saver_for_a_bucket_stages_each_launch_in_a_fresh_folder_outside_the_cwd
 
 
 class _Uploader:
-    """Stands in for Composer's RemoteUploader at close: wait_and_close succeeds or raises."""
+    """Stands in for Composer's RemoteUploader at close: waiting for the uploads succeeds or raises."""
 
     def __init__(self, error: Exception | None):
-        self.error, self.closed = error, False
+        self.error, self.waited = error, False
 
-    def wait_and_close(self):
-        self.closed = True
+    def wait(self):
+        self.waited = True
         if self.error is not None:
             raise self.error
+
+    def wait_and_close(self):
+        self.wait()
 
 
 @pytest.mark.parametrize("upload_error", [None, OSError("connection reset")], ids=["uploaded", "upload-failed"])
@@ -77,7 +89,7 @@ def test_bucket_saver_removes_its_staging_folder_only_after_every_upload_finishe
         (Path(saver.folder) / "ep0-ba4-rank0.pt").write_bytes(b"weights")
         saver.remote_uploader = uploader = _Uploader(upload_error)
         saver.post_close()
-        assert uploader.closed
+        assert uploader.waited
         if upload_error is None:
             assert not staging.exists(), f"staging folder {staging} left behind after the uploads finished"
         else:
@@ -87,9 +99,92 @@ def test_bucket_saver_removes_its_staging_folder_only_after_every_upload_finishe
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def test_local_save_folder_uses_composers_saver_as_is(tmp_path):
+class _Preempt(Callback):
+    """SIGTERMs its own process at the checkpoint event of `batch`, right after the saver (listed
+    before it) wrote that checkpoint: Composer's handler exits, so no BATCH_END or FIT_END follows,
+    and the trainer closes from the atexit hook, as in a preemption."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def batch_checkpoint(self, state, logger) -> None:
+        if int(state.timestamp.batch) == self.batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _toy_trainer(saver, *callbacks, max_batches: int = 12, **kwargs):
+    from composer import Trainer
+    from composer.models import ComposerClassifier
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    return Trainer(model=ComposerClassifier(torch.nn.Linear(4, 2), num_classes=2),
+                   train_dataloader=DataLoader(data, batch_size=2), max_duration=f"{max_batches}ba",
+                   callbacks=[saver, *callbacks], run_name="toy", progress_bar=False,
+                   log_to_console=False, **kwargs)
+
+
+def _preempted_bucket_launch() -> None:
+    """Run in a child process: checkpoints every 2 batches to the bucket, SIGTERM after the 6th."""
+    logging.basicConfig(level=logging.INFO)
+    saver = checkpoint_saver(CheckpointConfig(save_folder="s3://test-bucket/runs/toy", save_interval="2ba",
+                                              latest_poll_s=0.2))
+    print(f"staging folder: {saver.staging_folder}", flush=True)
+    _toy_trainer(saver, _Preempt(batch=6)).fit()
+
+
+def test_preempted_bucket_run_moves_latest_to_its_last_uploaded_checkpoint_at_close(s3_server, tmp_path):
+    """A preemption (SIGTERM -> sys.exit) skips FIT_END, where Composer uploads the final `latest`:
+    close must do it once the last upload finished, or the next launch resumes from an older one."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "from tests.train.test_checkpointing import _preempted_bucket_launch as launch; "
+                               "launch()"],
+        cwd=REPO, env={**os.environ, "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    latest = read_latest_target(_s3_store("test-bucket"), "runs/toy")
+    assert latest == (0, 6), (latest, _keys(prefix="runs/toy"), log[-3000:])
+    staging = Path(log.split("staging folder: ", 1)[1].split("\n", 1)[0])
+    assert not staging.exists(), f"staging folder {staging} kept: {log[-3000:]}"
+
+
+def test_local_save_folder_is_composers_folder_as_given(tmp_path):
     saver = checkpoint_saver(CheckpointConfig(save_folder=str(tmp_path / "ckpt"), save_interval="4ba"))
-    assert type(saver).__name__ == "CheckpointSaver" and saver.folder == str(tmp_path / "ckpt")
+    assert isinstance(saver, CheckpointSaver) and saver.folder == str(tmp_path / "ckpt")
+
+
+def _local_checkpoints(folder: Path) -> list[str]:
+    return sorted((p.name for p in folder.glob("ep*-ba*-rank*.pt")),
+                  key=lambda n: (n.rsplit("-rank", 1)[1], int(n.split("-ba")[1].split("-")[0])))
+
+
+def test_keep_local_counts_the_checkpoints_of_earlier_launches(tmp_path):
+    """Composer counts only the current launch's saves: each resume left keep_local more behind."""
+    ck = CheckpointConfig(save_folder=str(tmp_path / "ckpt"), save_interval="2ba", keep_local=2)
+    for max_batches in (6, 12):  # the second launch resumes at ba6
+        trainer = _toy_trainer(checkpoint_saver(ck), max_batches=max_batches, autoresume=True)
+        trainer.fit()
+        trainer.close()
+    assert _local_checkpoints(tmp_path / "ckpt") == ["ep0-ba10-rank0.pt", "ep0-ba12-rank0.pt"]
+    assert os.readlink(tmp_path / "ckpt" / "latest-rank0.pt") == "ep0-ba12-rank0.pt"
+
+
+def test_local_prune_keeps_latest_and_newer_and_other_ranks(tmp_path):
+    for rank in (0, 1):
+        for batch in (2, 4, 6, 8, 10):
+            (tmp_path / f"ep0-ba{batch}-rank{rank}.pt").write_bytes(b"w")
+    (tmp_path / "notes.txt").write_text("keep me")
+    os.symlink("ep0-ba6-rank0.pt", tmp_path / "latest-rank0.pt")  # 8 and 10: a crashed launch's
+    deleted = prune_local_checkpoints(tmp_path, keep=2, rank=0)
+    assert [p.name for p in deleted] == ["ep0-ba2-rank0.pt"], deleted
+    assert _local_checkpoints(tmp_path) == [f"ep0-ba{b}-rank0.pt" for b in (4, 6, 8, 10)] + \
+        [f"ep0-ba{b}-rank1.pt" for b in (2, 4, 6, 8, 10)]
+    assert (tmp_path / "notes.txt").exists()
+    # No `latest` for rank 1 (or a dangling one): nothing is known good, nothing is deleted.
+    assert prune_local_checkpoints(tmp_path, keep=1, rank=1) == []
+    os.symlink("ep0-ba12-rank1.pt", tmp_path / "latest-rank1.pt")
+    assert prune_local_checkpoints(tmp_path, keep=1, rank=1) == []
 
 
 # ---------------------------------------------------------------- pre-flight: local

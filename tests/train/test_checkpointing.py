@@ -119,7 +119,8 @@ def _toy_trainer(saver, *callbacks, max_batches: int = 12, **kwargs):
 
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
-    return Trainer(model=ComposerClassifier(torch.nn.Linear(4, 2), num_classes=2),
+    model = ComposerClassifier(torch.nn.Linear(4, 2), num_classes=2)
+    return Trainer(model=model, optimizers=torch.optim.SGD(model.parameters(), lr=0.1),
                    train_dataloader=DataLoader(data, batch_size=2), max_duration=f"{max_batches}ba",
                    callbacks=[saver, *callbacks], run_name="toy", progress_bar=False,
                    log_to_console=False, **kwargs)

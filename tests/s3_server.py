@@ -1,7 +1,6 @@
 """A real S3-compatible server (rclone serve s3) on 127.0.0.1 for object-storage tests."""
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess

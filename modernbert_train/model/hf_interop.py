@@ -14,7 +14,6 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Optional
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from modernbert_train.model.config import EXECUTION_OPTIONS, ModernBertConfig

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from dataclasses import replace
 from functools import partial
 from pathlib import Path

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modernbert_train.model.attention import (dense_allowed_mask, document_bounds, flex_cpu_training_missing, get_backend,
-                                              sdpa_attention, token_document_ids, unavailable_reason)
+                                              token_document_ids, unavailable_reason)
 from modernbert_train.model.modernbert import positions_from_cu_seqlens
 
 DOC_LAYOUTS = {

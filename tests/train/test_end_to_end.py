@@ -204,7 +204,7 @@ def test_two_processes_with_sync_free_multi_rank_train_and_log_as_stock(tmp_path
                         for r in rows if "loss/train/total" in r)
         state = torch.load(work / "ckpt" / "ep0-ba6-rank0.pt", map_location="cpu", weights_only=False)
         runs[mode] = log, losses, state["state"]["model"]
-    (stock_log, stock_losses, stock_weights), (free_log, free_losses, free_weights) = runs["stock"], runs["sync_free"]
+    (_, stock_losses, stock_weights), (free_log, free_losses, free_weights) = runs["stock"], runs["sync_free"]
     assert "sync_free_steps on 2 processes" in free_log and "applies to one process" not in free_log, free_log[-3000:]
     assert [b for b, *_ in stock_losses] == list(range(6)), stock_losses
     assert free_losses == stock_losses

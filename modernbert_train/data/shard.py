@@ -26,10 +26,10 @@ from modernbert_train.data.packing import BestFitPacker, PackedSequence, split_d
 from modernbert_train.data.schema import (DOC_IDS_COLUMN, DOC_LENS_COLUMN, INPUT_IDS_COLUMN,
                                           SPLITS, DatasetMeta, is_remote, mds_columns,
                                           token_dtype_for, write_meta)
-from modernbert_train.data.shard_output import (JOB_FILENAME, ShardError, existing_output, join,
-                                                merge_jobs, merge_parts, publish_local,
-                                                publish_remote, remote_delete, remove_replaced,
-                                                warn_stale_jobs)
+from modernbert_train.data.shard_output import (JOB_FILENAME, REMOTE_INDEX_FILES, REMOTE_METADATA_FILES,
+                                                ShardError, existing_output, join, merge_jobs,
+                                                merge_parts, publish_local, publish_remote,
+                                                remote_delete, remove_replaced, warn_stale_jobs)
 from modernbert_train.data.sources import (DEFAULT_TEXT_UNIT, BadInputError, Document, InputFile,
                                            SkipReport, expand_inputs, read_documents)
 from modernbert_train.data.tokenizer import TextTokenizer
@@ -404,10 +404,12 @@ def shard(cfg: ShardConfig) -> ShardSummary:
             s.documents = sum(r.documents[split] for r in results)
             s.sequences = sum(r.sequences[split] for r in results)
             s.sequence_tokens = sum(r.sequence_tokens[split] for r in results)
-        published = True
         if remote:
-            publish_remote(staged, targets)
+            publish_remote(staged, targets, REMOTE_METADATA_FILES)
+            published = True  # the new index goes up next: from here this run's parts must stay
+            publish_remote(staged, targets, REMOTE_INDEX_FILES)
         else:
+            published = True
             publish_local(cfg.out, cfg.num_jobs, staging, targets)
         remove_replaced(cfg.out, replaced, targets, run_parts)
         if cfg.num_jobs > 1:

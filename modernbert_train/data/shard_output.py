@@ -245,17 +245,22 @@ def merge_parts(split_local: str, split_remote: str | None, part_names: list[str
         return len(json.load(fh)["shards"])
 
 
-def publish_remote(staged: dict[str, str], targets: dict[str, str]) -> None:
-    """Upload each split's small files next to its (already uploaded) parts: metadata first, the
-    index.json files last, so a reader never sees a new index over missing shards or metadata."""
+# What publish_remote uploads, in this order: metadata first, the index.json files last, so a reader
+# never sees a new index over missing shards or metadata (an upload failing in between can leave
+# the old index under the new metadata).
+REMOTE_METADATA_FILES = (JOB_FILENAME, META_FILENAME)
+REMOTE_INDEX_FILES = (INDEX_FILENAME,)
+
+
+def publish_remote(staged: dict[str, str], targets: dict[str, str], names: tuple[str, ...]) -> None:
+    """Upload each split's `names` (small files) next to its already uploaded parts."""
     client = s3_client()
-    for group in ((JOB_FILENAME, META_FILENAME), (INDEX_FILENAME,)):
-        for split, target in targets.items():
-            bucket, prefix = split_s3_url(target)
-            for name in group:
-                local = Path(staged[split], name)
-                if local.is_file():
-                    client.upload_file(str(local), bucket, f"{prefix}/{name}")
+    for split, target in targets.items():
+        bucket, prefix = split_s3_url(target)
+        for name in names:
+            local = Path(staged[split], name)
+            if local.is_file():
+                client.upload_file(str(local), bucket, f"{prefix}/{name}")
 
 
 def publish_local(out: str, num_jobs: int, staging: Path, targets: dict[str, str]) -> None:

@@ -170,11 +170,7 @@ def _mask_token_id(folder: Path, config: ModernBertConfig) -> int:
     """transformers' ModernBertConfig has no mask_token_id: the folder's tokenizer names the mask."""
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
-        if config.mask_token_id < config.vocab_size:
-            return config.mask_token_id
-        raise ValueError(f"{folder}: no mask_token_id in config.json and no tokenizer.json, and the default "
-                         f"{config.mask_token_id} is outside vocab_size={config.vocab_size}; "
-                         "pass mask_token_id=... to import_hf")
+        return config.mask_token_id  # the default; import_hf checks it is in the vocabulary
     tokenizer_config = folder / "tokenizer_config.json"
     token = json.loads(tokenizer_config.read_text()).get("mask_token") if tokenizer_config.is_file() else None
     if isinstance(token, dict):  # a serialized AddedToken

@@ -60,7 +60,7 @@ class PhaseStart(Callback):
             return  # autoresumed from this run's own checkpoint, or nothing loaded
         if not self.weights_only:
             self._apply_hyperparameters(state)
-        if not self.reset_time:
+        if not self.reset_time and not self.weights_only:  # a weights-only load has no clock to go on
             samples = int(state.timestamp.sample)
             self.batcher.state = replace(self.batcher.state, samples_seen=samples)
             log.info("continuing %s without reset_time: the batch-size warmup goes on from sample %d",

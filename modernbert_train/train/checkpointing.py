@@ -151,7 +151,7 @@ class BucketCheckpointSaver(CheckpointSaver):
         uploaded = True
         if uploader is not None:
             try:
-                uploader.wait()  # every upload, and every check that one is on the bucket
+                uploader.wait()  # every upload (the checks that they landed: _upload_pending_latest)
                 self._upload_pending_latest()
                 uploader.wait_and_close()
             except Exception as e:  # noqa: BLE001 - Composer logs and carries on here, too

@@ -16,10 +16,9 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
-from composer.callbacks import CheckpointSaver
 from composer.core import Callback
 
-from modernbert_train.train.checkpointing import (CheckpointStorageError, RemoteRetention,
+from modernbert_train.train.checkpointing import (CheckpointStorageError, LocalCheckpointSaver, RemoteRetention,
                                                   _s3_store, checkpoint_saver, list_remote_checkpoints,
                                                   preflight_save_folder, prune_local_checkpoints,
                                                   prune_remote_checkpoints, read_latest_target)
@@ -152,7 +151,7 @@ def test_preempted_bucket_run_moves_latest_to_its_last_uploaded_checkpoint_at_cl
 
 def test_local_save_folder_is_composers_folder_as_given(tmp_path):
     saver = checkpoint_saver(CheckpointConfig(save_folder=str(tmp_path / "ckpt"), save_interval="4ba"))
-    assert isinstance(saver, CheckpointSaver) and saver.folder == str(tmp_path / "ckpt")
+    assert type(saver) is LocalCheckpointSaver and saver.folder == str(tmp_path / "ckpt"), type(saver)
 
 
 def _local_checkpoints(folder: Path) -> list[str]:

@@ -388,8 +388,8 @@ def read_documents(f: InputFile, *, text_field: str = "text",
                    text_unit: TextUnit = DEFAULT_TEXT_UNIT, strict: bool = False,
                    skips: SkipReport) -> Iterator[Document]:
     """Documents of one input. Bad records (invalid UTF-8, invalid JSON, missing or non-string
-    field, text with a lone surrogate, empty text, a truncated or corrupt compressed stream) are counted in `skips` with file,
-    line and reason, or raise BadInputError when `strict`. A file that cannot be read at all
+    field, text with a lone surrogate, empty text, a truncated or corrupt compressed stream) are
+    counted in `skips` with file, line and reason, or raise BadInputError when `strict`. A file that cannot be read at all
     (missing column, not Parquet) raises BadInputError in either mode."""
     if f.format == "text":
         items = _read_text(f, text_unit)
